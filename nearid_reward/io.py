@@ -1,0 +1,185 @@
+"""Crash-safe file writing and safetensors reading with clear errors.
+
+Every file the project writes goes through these helpers: content is written to a temporary file in the
+destination folder, flushed and fsynced, then renamed over the destination, so a crash leaves either the old
+file or the new one, never a torn one. Histories are appended line by line and fsynced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+__all__ = [
+    "atomic_write",
+    "write_json_atomic",
+    "write_text_atomic",
+    "append_jsonl",
+    "read_jsonl",
+    "save_safetensors_atomic",
+    "load_safetensors",
+    "CheckpointError",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder is missing, unreadable or inconsistent."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path``; on success it replaces ``path`` atomically.
+
+    Args:
+        path: destination file.
+        mode: ``"w"`` for text or ``"wb"`` for bytes.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically (UTF-8)."""
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as JSON (``indent=2, sort_keys=True``) to ``path`` atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
+    """Append one JSON line to ``path`` and fsync it, so a crash never loses an earlier line.
+
+    A torn last line left by a crash in the middle of an earlier write is tolerated by :func:`read_jsonl`.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(dict(record), sort_keys=True, default=_json_default)
+    with open(dest, "a+", encoding="utf-8") as handle:
+        # If the previous writer died mid-line, start on a fresh line so this record stays parseable.
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() > 0:
+            handle.seek(handle.tell() - 1)
+            if handle.read(1) != "\n":
+                handle.write("\n")
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read the complete records of a JSONL history; a torn line (from a crash mid-write) is skipped."""
+    records: list[dict[str, Any]] = []
+    file = Path(path)
+    if not file.exists():
+        return records
+    for raw in file.read_text(encoding="utf-8").splitlines():
+        raw = raw.strip()
+        if not raw:
+            continue
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            records.append(value)
+    return records
+
+
+def save_safetensors_atomic(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Save ``tensors`` to a safetensors file atomically (contiguous CPU copies are written)."""
+    from safetensors.torch import save
+
+    payload = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    data = save(payload, metadata=dict(metadata) if metadata else None)
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+
+
+def load_safetensors(
+    path: str | os.PathLike[str], *, key_filter: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
+    """Load a safetensors file (or a sharded set via its ``*.index.json``) onto the CPU.
+
+    Args:
+        path: a ``.safetensors`` file or a ``.safetensors.index.json`` index.
+        key_filter: keep only the keys for which this returns True (skips reading the others).
+
+    Raises:
+        CheckpointError: the file is missing, truncated or not a safetensors file.
+    """
+    from safetensors import safe_open
+
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"weights file not found: {file}")
+    if file.name.endswith(".index.json"):
+        try:
+            index = json.loads(file.read_text(encoding="utf-8"))
+            shards = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{file} is not a valid safetensors index (expected a 'weight_map'): {exc}") from exc
+        merged: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            merged.update(load_safetensors(file.parent / shard, key_filter=key_filter))
+        return merged
+    try:
+        out: dict[str, torch.Tensor] = {}
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                if key_filter is None or key_filter(key):
+                    out[key] = handle.get_tensor(key)
+        return out
+    except Exception as exc:  # safetensors raises several error types for corrupt files
+        size = file.stat().st_size
+        raise CheckpointError(
+            f"could not read safetensors file {file} ({size} bytes): it is truncated or corrupt ({exc})"
+        ) from exc

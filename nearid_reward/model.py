@@ -1,0 +1,359 @@
+"""``NearIDModel``: a frozen SigLIP vision backbone (transformers) plus the NearID MAP head."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedConfig, PreTrainedModel, Siglip2VisionModel, SiglipVisionModel
+
+from .checkpoint import (
+    RELEASE_PREFIX,
+    RELEASE_VISION_FIELDS,
+    BackboneType,
+    LoadedCheckpoint,
+    check_state,
+    expected_head_shapes,
+    read_checkpoint,
+)
+from .config import HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME, NearIDConfig, PreprocessConfig
+from .head import MAPHead
+from .images import ImageInput, check_image_tensor, to_pil_list
+from .io import save_safetensors_atomic, write_json_atomic
+from .preprocess import PixelInputs, preprocess_pil, preprocess_tensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NearIDModel"]
+
+SaveFormat = Literal["head", "release"]
+
+
+def _build_backbone(
+    kind: BackboneType, vision_config: PreTrainedConfig, *, attn_implementation: str, dtype: torch.dtype | None
+) -> PreTrainedModel:
+    """A transformers SigLIP vision model *without* its pooling head (so the original head never runs)."""
+    config = vision_config.__class__.from_dict(vision_config.to_dict())
+    config.vision_use_head = False
+    model_cls = SiglipVisionModel if kind == "siglip" else Siglip2VisionModel
+    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:  # skip random initialisation: every weight is overwritten from the checkpoint
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older transformers
+        return model_cls._from_config(config, **kwargs)
+    with no_init_weights():
+        return model_cls._from_config(config, **kwargs)
+
+
+class NearIDModel(nn.Module):
+    """Frozen SigLIP/SigLIP2 vision backbone + MAP head, producing L2-normalised identity embeddings.
+
+    Load with :meth:`from_pretrained` (release layout, head-only format or a plain SigLIP checkpoint) and call
+    :meth:`embed`. Higher cosine similarity between embeddings means "more likely the same identity".
+    All parameters are frozen (``requires_grad=False``) and the backbone stays in eval mode; a trainer that wants
+    to train the head calls ``model.head.requires_grad_(True)`` explicitly.
+
+    Example:
+        >>> model = NearIDModel.from_pretrained("path/to/nearid")        # doctest: +SKIP
+        >>> emb = model.embed(torch.rand(2, 3, 512, 512))                 # doctest: +SKIP
+        >>> (emb[0] @ emb[1]).item()                                      # cosine in [-1, 1]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        head: MAPHead,
+        preprocess: PreprocessConfig,
+        *,
+        backbone_type: BackboneType,
+        vision_config: PreTrainedConfig,
+        backbone_ref: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.preprocess = preprocess
+        self.backbone_type: BackboneType = backbone_type
+        self.vision_config = vision_config
+        self.backbone_ref = backbone_ref
+        self.extra: dict[str, Any] = dict(extra or {})
+        self.chunk_size: int | None = None
+        self._checkpointing = False
+        self.requires_grad_(False)
+        self.eval()
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        torch_dtype: torch.dtype | None = None,
+        head_dtype: torch.dtype | None = None,
+        attn_implementation: str = "sdpa",
+        backbone: str | os.PathLike[str] | None = None,
+    ) -> NearIDModel:
+        """Load any supported checkpoint folder (or hub id) with the project's own code.
+
+        Args:
+            path: a release-layout folder (``config.json`` with ``model_type: "nearid"``), a head-only folder
+                (``nearid_config.json`` + ``head.safetensors``) or a plain SigLIP/SigLIP2 folder (frozen baseline).
+            torch_dtype: dtype of the backbone (and of the head unless ``head_dtype`` is given); default float32.
+            head_dtype: dtype of the head, e.g. ``torch.float32`` with a bf16 backbone.
+            attn_implementation: transformers attention backend of the backbone (``"sdpa"`` or ``"eager"``).
+            backbone: override the backbone folder/hub id referenced by a head-only checkpoint.
+
+        Raises:
+            CheckpointError: unknown format, missing/corrupt files, missing or mis-shaped tensors.
+        """
+        loaded = read_checkpoint(path, backbone=backbone)
+        return cls._from_loaded(
+            loaded, torch_dtype=torch_dtype, head_dtype=head_dtype, attn_implementation=attn_implementation
+        )
+
+    @classmethod
+    def _from_loaded(
+        cls,
+        loaded: LoadedCheckpoint,
+        *,
+        torch_dtype: torch.dtype | None,
+        head_dtype: torch.dtype | None,
+        attn_implementation: str,
+    ) -> NearIDModel:
+        backbone = _build_backbone(
+            loaded.backbone_type, loaded.vision_config, attn_implementation=attn_implementation, dtype=torch_dtype
+        )
+        expected = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
+        check_state(loaded.backbone_state, expected, f"backbone weights in {loaded.folder}")
+        backbone.load_state_dict({k: loaded.backbone_state[k] for k in expected}, strict=True)
+        head = MAPHead(loaded.head_config)
+        check_state(loaded.head_state, expected_head_shapes(loaded.head_config), f"head weights in {loaded.folder}")
+        head.load_state_dict({k: loaded.head_state[k] for k in head.state_dict()}, strict=True)
+        head_dtype = head_dtype or torch_dtype
+        if head_dtype is not None:
+            head.to(head_dtype)
+        return cls(
+            backbone,
+            head,
+            loaded.preprocess,
+            backbone_type=loaded.backbone_type,
+            vision_config=loaded.vision_config,
+            backbone_ref=loaded.backbone_ref,
+            extra=loaded.extra,
+        )
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        *,
+        format: SaveFormat = "head",
+        backbone: str | os.PathLike[str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
+        """Save the model.
+
+        Args:
+            save_directory: output folder (created). Files are written atomically.
+            format: ``"head"`` writes ``nearid_config.json`` + ``head.safetensors`` (the backbone is referenced);
+                ``"release"`` writes the official release layout (``config.json``, fp16 ``model.safetensors`` with
+                ``backbone.vision_model.*`` keys, ``preprocessor_config.json``) readable by the official loader.
+            backbone: for ``"head"``, the backbone folder or hub id to reference (default: where it was loaded from).
+            extra: metadata stored in the head config's ``extra`` (merged over the model's own).
+
+        Returns:
+            The output folder.
+        """
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        if format == "head":
+            self._save_head(out, backbone=backbone, extra=extra)
+        elif format == "release":
+            self._save_release(out)
+        else:
+            raise ValueError(f"format must be 'head' or 'release', got {format!r}")
+        return out
+
+    def _save_head(self, out: Path, *, backbone: str | os.PathLike[str] | None, extra: dict[str, Any] | None) -> None:
+        ref = str(backbone) if backbone is not None else self.backbone_ref
+        if ref is None:
+            raise ValueError("this model does not know where its backbone comes from; pass backbone=<folder or hub id>")
+        local = Path(ref).expanduser()
+        if local.is_dir():
+            absolute = str(local.resolve())
+            stored = os.path.relpath(absolute, out.resolve())
+        else:
+            absolute, stored = None, ref
+        config = NearIDConfig(
+            backbone=stored,
+            backbone_absolute=absolute,
+            backbone_type=self.backbone_type,
+            head=self.head.config,
+            preprocess=self.preprocess,
+            extra={**self.extra, **(extra or {})},
+        )
+        save_safetensors_atomic(self.head.state_dict(), out / HEAD_WEIGHTS_NAME, metadata={"format": "pt"})
+        write_json_atomic(out / HEAD_CONFIG_NAME, config.to_dict())
+
+    def _save_release(self, out: Path) -> None:
+        if self.backbone_type != "siglip":
+            raise ValueError(
+                "the official release layout holds a fixed-resolution SigLIP backbone (SiglipVisionModel); this model "
+                f"has a {self.backbone_type!r} (NaFlex) backbone: save it with format='head'"
+            )
+        if self.head.proj is not None:
+            raise ValueError("the release layout has no output projection; this head has out_dim set: use format='head'")
+        tensors = {RELEASE_PREFIX + k: v.to(torch.float16) for k, v in self.backbone.state_dict().items()}
+        tensors.update({f"{RELEASE_PREFIX}head.{k}": v.to(torch.float16) for k, v in self.head.state_dict().items()})
+        vision = self.vision_config.to_dict()
+        import transformers
+
+        config = {
+            "model_type": "nearid",
+            "architectures": ["NearIDModel"],
+            # Lets the official remote code load this folder: AutoModel.from_pretrained(dir, trust_remote_code=True).
+            "auto_map": {
+                "AutoConfig": "Aleksandar/nearid-siglip2--configuration_nearid.NearIDConfig",
+                "AutoModel": "Aleksandar/nearid-siglip2--modeling_nearid.NearIDModel",
+            },
+            "vision_config": {k: vision[k] for k in RELEASE_VISION_FIELDS},
+            "embed_dim": self.embed_dim,
+            "normalize_embeddings": True,
+            "transformers_version": transformers.__version__,
+        }
+        save_safetensors_atomic(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        write_json_atomic(out / "config.json", config)
+        write_json_atomic(out / "preprocessor_config.json", self.preprocess.to_processor_dict())
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def embed_dim(self) -> int:
+        """Width E of the embeddings returned by :meth:`embed`."""
+        return self.head.config.embed_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.head.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the backbone's weights."""
+        return next(self.backbone.parameters()).dtype
+
+    # ------------------------------------------------------------------ modes and memory options
+    def train(self, mode: bool = True) -> NearIDModel:
+        """The backbone always stays in eval mode; the head follows ``mode`` (it has no dropout)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute backbone layers in the backward pass (saves activation memory when pixels need gradients).
+
+        transformers only checkpoints modules in training mode; this backbone stays in eval mode, so each encoder
+        layer's forward is wrapped with ``torch.utils.checkpoint`` directly. Numerics are unchanged.
+        """
+        if self._checkpointing:
+            return
+        for layer in self.backbone.encoder.layers:
+            layer.forward = _checkpointed(layer.forward)
+        self._checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        if not self._checkpointing:
+            return
+        for layer in self.backbone.encoder.layers:
+            del layer.forward  # back to the class's forward
+        self._checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._checkpointing
+
+    # ------------------------------------------------------------------ inference
+    def prepare(
+        self, images: ImageInput, *, value_range: tuple[float, float] = (0.0, 1.0), check_inputs: bool = True
+    ) -> PixelInputs:
+        """Validate and preprocess ``images`` into model inputs on the model's device (see :meth:`embed`)."""
+        if isinstance(images, torch.Tensor):
+            check_image_tensor(images, value_range=value_range, check_values=check_inputs)
+            return preprocess_tensor(images.to(self.device), self.preprocess, value_range=value_range)
+        return preprocess_pil(to_pil_list(images), self.preprocess).to(self.device)
+
+    def encode_tokens(self, inputs: PixelInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the frozen backbone: final (post-LayerNorm) tokens ``[B, N, D]`` and the token mask ``[B, N]``."""
+        if self.backbone_type == "siglip":
+            out = self.backbone(pixel_values=inputs.pixel_values)
+            return out.last_hidden_state, None
+        out = self.backbone(
+            pixel_values=inputs.pixel_values,
+            pixel_attention_mask=inputs.pixel_attention_mask,
+            spatial_shapes=inputs.spatial_shapes,
+        )
+        return out.last_hidden_state, inputs.pixel_attention_mask
+
+    def pool(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Head + L2 normalisation: tokens ``[B, N, D]`` -> float32 embeddings ``[B, E]`` with unit norm."""
+        return F.normalize(self.head(tokens, token_mask).float(), dim=-1)
+
+    def forward(self, inputs: PixelInputs) -> torch.Tensor:
+        """Embeddings ``[B, E]`` (float32, unit norm) of already preprocessed inputs."""
+        chunk = self.chunk_size
+        if chunk is None or len(inputs) <= chunk:
+            return self.pool(*self.encode_tokens(inputs))
+        parts = [self.pool(*self.encode_tokens(inputs.slice(i, i + chunk))) for i in range(0, len(inputs), chunk)]
+        return torch.cat(parts)
+
+    def embed(
+        self,
+        images: ImageInput,
+        *,
+        value_range: tuple[float, float] = (0.0, 1.0),
+        chunk_size: int | None = None,
+        check_inputs: bool = True,
+    ) -> torch.Tensor:
+        """L2-normalised identity embeddings.
+
+        Args:
+            images: a float tensor ``[B, 3, H, W]`` of any H, W with values in ``value_range`` (differentiable
+                w.r.t. the pixels: resized and normalised with tensor ops); or PIL images, uint8 numpy arrays
+                ``[H, W, 3]``, file paths or folders (processed exactly like the HF image processor).
+            value_range: ``(low, high)`` of tensor pixel values, e.g. ``(0, 1)`` or ``(-1, 1)``; ignored for
+                PIL/numpy/path inputs, which are 8-bit.
+            chunk_size: run the backbone on at most this many images at a time (default: the model's
+                ``chunk_size`` attribute, None = whole batch).
+            check_inputs: check tensors for NaN/Inf and for values contradicting ``value_range`` (one device sync).
+
+        Returns:
+            ``[B, E]`` float32 embeddings with unit L2 norm; cosine similarity is their dot product.
+        """
+        inputs = self.prepare(images, value_range=value_range, check_inputs=check_inputs)
+        if chunk_size is None:
+            return self(inputs)
+        previous, self.chunk_size = self.chunk_size, chunk_size
+        try:
+            return self(inputs)
+        finally:
+            self.chunk_size = previous
+
+    def extra_repr(self) -> str:
+        return f"backbone_type={self.backbone_type!r}, embed_dim={self.embed_dim}, backbone_ref={self.backbone_ref!r}"
+
+
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    def run(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() and hidden_states.requires_grad:
+            return checkpoint(forward, hidden_states, *args, use_reentrant=False, **kwargs)
+        return forward(hidden_states, *args, **kwargs)
+
+    return run
+
