@@ -107,8 +107,8 @@ def resolve_checkpoint_dir(path: str | os.PathLike[str]) -> Path:
         return Path(snapshot_download(repo_id=text, allow_patterns=_HUB_PATTERNS))
     except Exception as exc:  # offline, unknown repo, auth: all mean "cannot use this id here"
         raise CheckpointError(
-            f"{text!r} is not a local folder and could not be fetched from the Hugging Face hub ({exc.__class__.__name__}: "
-            f"{exc}). On an offline machine, download it elsewhere and pass the local folder."
+            f"{text!r} is not a local folder and could not be fetched from the Hugging Face hub "
+            f"({exc.__class__.__name__}: {exc}). On an offline machine, download it elsewhere and pass the folder."
         ) from exc
 
 
@@ -141,9 +141,9 @@ def detect_format(folder: Path) -> CheckpointFormat:
         if "vision_config" in config:
             return "release"
         raise CheckpointError(
-            f"{config_file} has model_type 'nearid' but no 'vision_config': this looks like an official NearID *training* "
-            "checkpoint (keys encoder_wrapper.* / head.map_pooler.*), not the release layout. Convert it with the official "
-            "convert_checkpoint.py first, or save the head with this library."
+            f"{config_file} has model_type 'nearid' but no 'vision_config': this looks like an official NearID "
+            "*training* checkpoint (keys encoder_wrapper.* / head.map_pooler.*), not the release layout. Convert it "
+            "with the official convert_checkpoint.py first, or save the head with this library."
         )
     if model_type in _SIGLIP_TYPES:
         return "siglip"
@@ -160,8 +160,8 @@ def _weights_file(folder: Path) -> Path:
     pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (folder / n).is_file()]
     if pickled:
         raise CheckpointError(
-            f"{folder} only has pickled weights ({pickled[0]}); this library loads safetensors only. Convert them with "
-            "`transformers` (save_pretrained(..., safe_serialization=True))."
+            f"{folder} only has pickled weights ({pickled[0]}); this library loads safetensors only. Convert them "
+            "with `transformers` (save_pretrained(..., safe_serialization=True))."
         )
     raise CheckpointError(f"no weights in {folder}: expected model.safetensors (or model.safetensors.index.json)")
 
@@ -196,7 +196,9 @@ def _preprocess(folder: Path, kind: BackboneType, vision: PreTrainedConfig) -> P
     return PreprocessConfig(mode="fixed", height=int(vision.image_size), width=int(vision.image_size), resample=3)
 
 
-def _split_vision_state(state: dict[str, torch.Tensor], source: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _split_vision_state(
+    state: dict[str, torch.Tensor], source: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Strip the layout's prefix and split backbone tensors from head tensors."""
     for prefix in (RELEASE_PREFIX, "vision_model.", ""):
         if f"{prefix}embeddings.patch_embedding.weight" in state:
@@ -228,8 +230,8 @@ def _read_vision_folder(folder: Path, fmt: CheckpointFormat) -> LoadedCheckpoint
     backbone_state, head_state = _split_vision_state(state, weights)
     if fmt == "siglip" and not head_state:
         raise CheckpointError(
-            f"{folder} has no MAP pooling head (vision_use_head is false or head.* weights are absent); NearID needs a "
-            "backbone with SigLIP's attention-pooling head to initialise from"
+            f"{folder} has no MAP pooling head (vision_use_head is false or head.* weights are absent); NearID "
+            "needs a backbone with SigLIP's attention-pooling head to initialise from"
         )
     return LoadedCheckpoint(
         format=fmt,
@@ -271,7 +273,9 @@ def _resolve_backbone_ref(
     return found, str(found.resolve()) if _is_local(config.backbone) else config.backbone
 
 
-def read_checkpoint(path: str | os.PathLike[str], *, backbone: str | os.PathLike[str] | None = None) -> LoadedCheckpoint:
+def read_checkpoint(
+    path: str | os.PathLike[str], *, backbone: str | os.PathLike[str] | None = None
+) -> LoadedCheckpoint:
     """Detect the format of ``path`` and read its configs and tensors (CPU, stored dtype).
 
     Args:

@@ -73,7 +73,9 @@ class PreprocessConfig:
         if any(s <= 0 for s in self.image_std):
             raise ValueError(f"PreprocessConfig.image_std must be positive, got {self.image_std}")
         if self.resample not in RESAMPLE_NAMES:
-            raise ValueError(f"PreprocessConfig.resample must be a PIL code in {sorted(RESAMPLE_NAMES)}, got {self.resample}")
+            raise ValueError(
+                f"PreprocessConfig.resample must be a PIL code in {sorted(RESAMPLE_NAMES)}, got {self.resample}"
+            )
         for name in ("height", "width", "patch_size", "max_num_patches"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"PreprocessConfig.{name} must be positive, got {getattr(self, name)}")
@@ -90,7 +92,7 @@ class PreprocessConfig:
             "do_normalize": bool(data.get("do_normalize", True)),
             "image_mean": tuple(_as_list(data.get("image_mean", (0.5, 0.5, 0.5)))),
             "image_std": tuple(_as_list(data.get("image_std", (0.5, 0.5, 0.5)))),
-            "do_convert_rgb": bool(data.get("do_convert_rgb", True) if data.get("do_convert_rgb") is not None else True),
+            "do_convert_rgb": data.get("do_convert_rgb") is not False,
         }
         if "max_num_patches" in data or "Siglip2" in kind:
             return cls(

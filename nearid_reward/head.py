@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from .config import HeadConfig
 
@@ -29,6 +28,8 @@ HEAD_PARAMETER_NAMES = (
 class _HeadMLP(nn.Module):
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
+        from transformers.activations import ACT2FN  # lazily: this import pulls in accelerate when installed
+
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)

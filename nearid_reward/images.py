@@ -6,7 +6,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ __all__ = [
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # A float tensor [B, 3, H, W]; or one/several PIL images, uint8 numpy arrays [H, W, 3] or paths (files or folders).
-ImageInput = Union[torch.Tensor, Image.Image, np.ndarray, str, os.PathLike, Sequence[Any]]
+ImageInput: TypeAlias = "torch.Tensor | Image.Image | np.ndarray | str | os.PathLike[str] | Sequence[Any]"
 
 
 def list_image_files(folder: str | os.PathLike[str]) -> list[Path]:
@@ -98,7 +98,11 @@ def to_pil_list(images: Any, *, name: str = "images") -> list[Image.Image]:
 
 
 def check_image_tensor(
-    images: torch.Tensor, *, value_range: tuple[float, float] = (0.0, 1.0), name: str = "images", check_values: bool = True
+    images: torch.Tensor,
+    *,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    name: str = "images",
+    check_values: bool = True,
 ) -> None:
     """Validate a float image batch; raise ``TypeError``/``ValueError`` naming what was expected and what came.
 
@@ -140,5 +144,6 @@ def check_image_tensor(
         guess = "(0, 255)" if vmax > 2.0 else "(-1, 1)" if vmin < -0.1 else None
         hint = f"; did you mean value_range={guess}?" if guess else ""
         raise ValueError(
-            f"`{name}` has values in [{vmin:.4g}, {vmax:.4g}], which contradicts value_range={tuple(value_range)}{hint}"
+            f"`{name}` has values in [{vmin:.4g}, {vmax:.4g}], which contradicts "
+            f"value_range={tuple(value_range)}{hint}"
         )

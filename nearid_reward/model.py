@@ -6,13 +6,13 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedConfig, PreTrainedModel, Siglip2VisionModel, SiglipVisionModel
+from transformers import PreTrainedConfig
 
 from .checkpoint import (
     RELEASE_PREFIX,
@@ -29,6 +29,9 @@ from .images import ImageInput, check_image_tensor, to_pil_list
 from .io import save_safetensors_atomic, write_json_atomic
 from .preprocess import PixelInputs, preprocess_pil, preprocess_tensor
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["NearIDModel"]
@@ -40,6 +43,9 @@ def _build_backbone(
     kind: BackboneType, vision_config: PreTrainedConfig, *, attn_implementation: str, dtype: torch.dtype | None
 ) -> PreTrainedModel:
     """A transformers SigLIP vision model *without* its pooling head (so the original head never runs)."""
+    # transformers' modeling code is imported here, not at module level: it pulls in accelerate when installed.
+    from transformers import Siglip2VisionModel, SiglipVisionModel
+
     config = vision_config.__class__.from_dict(vision_config.to_dict())
     config.vision_use_head = False
     model_cls = SiglipVisionModel if kind == "siglip" else Siglip2VisionModel
@@ -186,7 +192,7 @@ class NearIDModel(nn.Module):
     def _save_head(self, out: Path, *, backbone: str | os.PathLike[str] | None, extra: dict[str, Any] | None) -> None:
         ref = str(backbone) if backbone is not None else self.backbone_ref
         if ref is None:
-            raise ValueError("this model does not know where its backbone comes from; pass backbone=<folder or hub id>")
+            raise ValueError("this model does not know where its backbone comes from; pass backbone=<folder|hub id>")
         local = Path(ref).expanduser()
         if local.is_dir():
             absolute = str(local.resolve())
@@ -210,10 +216,7 @@ class NearIDModel(nn.Module):
                 "the official release layout holds a fixed-resolution SigLIP backbone (SiglipVisionModel); this model "
                 f"has a {self.backbone_type!r} (NaFlex) backbone: save it with format='head'"
             )
-        if self.head.proj is not None:
-            raise ValueError("the release layout has no output projection; this head has out_dim set: use format='head'")
-        tensors = {RELEASE_PREFIX + k: v.to(torch.float16) for k, v in self.backbone.state_dict().items()}
-        tensors.update({f"{RELEASE_PREFIX}head.{k}": v.to(torch.float16) for k, v in self.head.state_dict().items()})
+        tensors = self.release_state_dict()
         vision = self.vision_config.to_dict()
         import transformers
 
@@ -233,6 +236,14 @@ class NearIDModel(nn.Module):
         save_safetensors_atomic(tensors, out / "model.safetensors", metadata={"format": "pt"})
         write_json_atomic(out / "config.json", config)
         write_json_atomic(out / "preprocessor_config.json", self.preprocess.to_processor_dict())
+
+    def release_state_dict(self) -> dict[str, torch.Tensor]:
+        """The official release layout's tensors: fp16, keys ``backbone.vision_model.*``, the head under ``head.*``."""
+        if self.head.proj is not None:
+            raise ValueError("the release layout has no output projection, but this head has one: use format='head'")
+        tensors = {RELEASE_PREFIX + k: v.to(torch.float16) for k, v in self.backbone.state_dict().items()}
+        tensors.update({f"{RELEASE_PREFIX}head.{k}": v.to(torch.float16) for k, v in self.head.state_dict().items()})
+        return tensors
 
     # ------------------------------------------------------------------ properties
     @property

@@ -100,7 +100,14 @@ def _affine(config: PreprocessConfig, device: torch.device) -> tuple[torch.Tenso
 
 
 def _resize(images: torch.Tensor, size: tuple[int, int], resample: int) -> torch.Tensor:
-    if tuple(images.shape[-2:]) == tuple(size):
+    """Resize ``[B, C, H, W]`` values in [0, 1] the way PIL resizes 8-bit images, minus the rounding.
+
+    PIL resamples in two 1-D passes, width first, and stores the intermediate image as 8 bits, which clips the
+    overshoot of the cubic filter. Doing the same two antialiased passes with a clamp in between reproduces the
+    HF image processor to within its 8-bit rounding (one level) instead of several levels at sharp edges.
+    """
+    height, width = int(images.shape[-2]), int(images.shape[-1])
+    if (height, width) == tuple(size):
         return images
     mode = _TORCH_MODES.get(resample)
     if mode is None:
@@ -111,7 +118,12 @@ def _resize(images: torch.Tensor, size: tuple[int, int], resample: int) -> torch
     if mode == "nearest-exact":
         return F.interpolate(images, size=size, mode=mode)
     # antialias=True gives PIL's filters (cubic a=-0.5, support widened when downsampling).
-    return F.interpolate(images, size=size, mode=mode, align_corners=False, antialias=True)
+    x = images
+    if width != size[1]:
+        x = F.interpolate(x, size=(height, size[1]), mode=mode, align_corners=False, antialias=True).clamp(0.0, 1.0)
+    if height != size[0]:
+        x = F.interpolate(x, size=(size[0], size[1]), mode=mode, align_corners=False, antialias=True)
+    return x
 
 
 def preprocess_tensor(
@@ -138,6 +150,8 @@ def preprocess_tensor(
         target = naflex_target_size(height, width, config.patch_size, config.max_num_patches)
     if config.do_resize or config.mode == "naflex":
         x = _resize(x, target, config.resample)
+    # 8-bit images cannot leave [0, 1]: clip like PIL does after resampling (bicubic overshoots at sharp edges).
+    x = x.clamp(0.0, 1.0)
     scale, shift = _affine(config, x.device)
     x = x * scale + shift  # [B, 3, h, w] normalised
     if config.mode == "fixed":

@@ -17,7 +17,9 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
 
 
-def reference_scores(embeddings: torch.Tensor, references: torch.Tensor, aggregate: Aggregate = "mean") -> torch.Tensor:
+def reference_scores(
+    embeddings: torch.Tensor, references: torch.Tensor, aggregate: Aggregate = "mean"
+) -> torch.Tensor:
     """Identity score of each embedding against a reference set, in [-1, 1] (higher = closer to the subject).
 
     Args:
@@ -59,6 +61,8 @@ def leave_one_out_oracle(references: torch.Tensor, aggregate: Aggregate = "mean"
     r = references.shape[0]
     if r < 2:
         raise ValueError(f"the leave-one-out oracle needs at least 2 references, got {r}")
-    scores = [reference_scores(references[i : i + 1], torch.cat([references[:i], references[i + 1 :]]), aggregate)
-              for i in range(r)]
+    scores = [
+        reference_scores(references[i : i + 1], torch.cat([references[:i], references[i + 1 :]]), aggregate)
+        for i in range(r)
+    ]
     return torch.cat(scores)

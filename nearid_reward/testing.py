@@ -17,15 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from transformers import (
-    PreTrainedConfig,
-    Siglip2VisionConfig,
-    Siglip2VisionModel,
-    SiglipConfig,
-    SiglipModel,
-    SiglipVisionConfig,
-    SiglipVisionModel,
-)
+from transformers import PreTrainedConfig, Siglip2VisionConfig, SiglipConfig, SiglipVisionConfig
 
 from .model import NearIDModel
 
@@ -71,7 +63,9 @@ def _save_processor(folder: Path, kind: str, config: PreTrainedConfig, resample:
         )
     else:
         proc = Siglip2ImageProcessorPil(
-            patch_size=config.patch_size, max_num_patches=config.num_patches, resample=2 if resample is None else resample
+            patch_size=config.patch_size,
+            max_num_patches=config.num_patches,
+            resample=2 if resample is None else resample,
         )
     proc.save_pretrained(str(folder))
 
@@ -94,6 +88,8 @@ def save_tiny_siglip(
         seed: weight seed.
         resample: PIL resample code of the processor (default: bicubic for SigLIP, bilinear for SigLIP2).
     """
+    from transformers import Siglip2VisionModel, SiglipModel, SiglipVisionModel
+
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     vision = tiny_vision_config(kind, **config_overrides)

@@ -36,14 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nearid-score", description="Score images against a subject's reference photos with a NearID model."
     )
-    parser.add_argument("--model", required=True, help="NearID checkpoint folder (release, head-only or SigLIP) or hub id")
+    parser.add_argument(
+        "--model", required=True, help="NearID checkpoint folder (release, head-only or SigLIP) or hub id"
+    )
     parser.add_argument("--references", nargs="+", required=True, help="reference image files or folders")
     parser.add_argument("--images", nargs="+", required=True, help="image files or folders to score")
-    parser.add_argument("--aggregate", choices=["mean", "max", "centroid"], default="mean",
-                        help="how an image's similarities to the references are combined (default: mean)")
+    parser.add_argument(
+        "--aggregate",
+        choices=["mean", "max", "centroid"],
+        default="mean",
+        help="how an image's similarities to the references are combined (default: mean)",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="backbone dtype (default: float32)")
+    parser.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default="float32", help="backbone dtype (default: float32)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -83,8 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     width = max(len("image"), *(len(Path(r["image"]).name) for r in rows))
     print(f"{'image':<{width}}  {'score':>8}  {'nearest':>8}  nearest reference")
     for r in rows:
-        print(f"{Path(r['image']).name:<{width}}  {r['score']:>8.4f}  {r['nearest_similarity']:>8.4f}  "
-              f"{Path(r['nearest_reference']).name}")
+        print(
+            f"{Path(r['image']).name:<{width}}  {r['score']:>8.4f}  {r['nearest_similarity']:>8.4f}  "
+            f"{Path(r['nearest_reference']).name}"
+        )
     if oracle is not None:
         print(f"reference oracle (leave-one-out, {args.aggregate}): {oracle:.4f}")
     return 0

@@ -1,0 +1,86 @@
+"""Bad inputs to ``embed`` raise clear errors naming the input, what was expected and what came."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nearid_reward import NearIDModel
+
+
+@pytest.fixture(scope="module")
+def model(tiny_head: Path) -> NearIDModel:
+    return NearIDModel.from_pretrained(tiny_head)
+
+
+def test_wrong_rank(model: NearIDModel) -> None:
+    with pytest.raises(ValueError, match=r"must be \[B, 3, H, W\], got shape \(3, 32, 32\).*images\[None\]"):
+        model.embed(torch.rand(3, 32, 32))
+
+
+def test_wrong_channel_count(model: NearIDModel) -> None:
+    with pytest.raises(ValueError, match=r"3 \(RGB\) channels.*\(2, 4, 32, 32\)"):
+        model.embed(torch.rand(2, 4, 32, 32))
+
+
+def test_integer_images(model: NearIDModel) -> None:
+    with pytest.raises(TypeError, match=r"float tensor, got dtype torch.uint8.*value_range=\(0, 255\)"):
+        model.embed(torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("bad,word", [(float("nan"), "NaN"), (float("inf"), "infinite"), (float("-inf"), "infinite")])
+def test_nan_and_inf(model: NearIDModel, bad: float, word: str) -> None:
+    x = torch.rand(2, 3, 32, 32)
+    x[1, 0, 3, 4] = bad
+    with pytest.raises(ValueError, match=word):
+        model.embed(x)
+
+
+def test_empty_batch(model: NearIDModel) -> None:
+    with pytest.raises(ValueError, match="empty batch"):
+        model.embed(torch.rand(0, 3, 32, 32))
+    with pytest.raises(ValueError, match="empty"):
+        model.embed([])
+
+
+def test_value_range_contradicted_by_the_data(model: NearIDModel) -> None:
+    with pytest.raises(ValueError, match=r"contradicts value_range=\(0.0, 1.0\); did you mean value_range=\(0, 255\)"):
+        model.embed(torch.rand(1, 3, 32, 32) * 255)
+    with pytest.raises(ValueError, match=r"did you mean value_range=\(-1, 1\)"):
+        model.embed(torch.rand(1, 3, 32, 32) * 2 - 1)
+    with pytest.raises(ValueError, match="high > low"):
+        model.embed(torch.rand(1, 3, 32, 32), value_range=(1.0, 0.0))
+
+
+def test_small_overshoot_is_accepted(model: NearIDModel) -> None:
+    x = torch.rand(1, 3, 32, 32) * 1.04 - 0.02  # an unclamped VAE decode slightly outside [0, 1]
+    assert model.embed(x).shape == (1, 32)
+
+
+def test_missing_file(model: NearIDModel, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="image file not found.*nope.png"):
+        model.embed([str(tmp_path / "nope.png")])
+
+
+def test_unreadable_image_file(model: NearIDModel, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(ValueError, match="could not read image file.*broken.png"):
+        model.embed([bad])
+
+
+def test_empty_folder(model: NearIDModel, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="contains no images"):
+        model.embed(tmp_path)
+
+
+def test_float_numpy_and_unknown_types(model: NearIDModel) -> None:
+    with pytest.raises(TypeError, match="numpy images must be uint8"):
+        model.embed([np.random.rand(32, 32, 3)])
+    with pytest.raises(TypeError, match="must be a PIL image"):
+        model.embed([3.14])
+    with pytest.raises(TypeError, match="stack tensors"):
+        model.embed([torch.rand(3, 32, 32)])

@@ -1,0 +1,35 @@
+"""Packaging contracts: import isolation, typed package, the README's commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nearid_reward
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_pulls_in_no_trainer_integration_or_heavy_optional_dependency() -> None:
+    code = (
+        "import sys, nearid_reward, nearid_reward.testing, nearid_reward.cli.score\n"
+        "bad = [m for m in ('train_head', 'integrations', 'diffusers', 'accelerate', 'datasets', 'peft') "
+        "if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "", f"imported: {out.stdout.strip()}"
+
+
+def test_package_is_typed_and_versioned() -> None:
+    assert (Path(nearid_reward.__file__).parent / "py.typed").is_file()
+    assert nearid_reward.__version__.count(".") == 2
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()[:8]]
+    assert any(line.startswith("make demo") for line in lines)
+    assert any(line.startswith("make test") for line in lines)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
