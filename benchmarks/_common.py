@@ -1,0 +1,83 @@
+"""Helpers shared by the benchmark scripts: medians over repeats, peak memory of a call, environment line."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def median_time(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs (after ``warmup`` runs)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _RssSampler:
+    def __init__(self, interval: float = 0.002) -> None:
+        import psutil
+
+        self._proc = psutil.Process(os.getpid())
+        self._interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> _RssSampler:
+        self.base = self._proc.memory_info().rss
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self._interval)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def peak_memory_mib(fn: Callable[[], Any]) -> tuple[float, str]:
+    """Peak memory of one call of ``fn``: CUDA allocator peak on GPU, else sampled RSS growth (approximate)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20, "CUDA peak allocated above baseline"
+    import gc
+
+    gc.collect()
+    with _RssSampler() as sampler:
+        fn()
+    return (sampler.peak - sampler.base) / 2**20, "sampled RSS growth"
+
+
+def environment() -> str:
+    import transformers
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return (
+        f"{time.strftime('%Y-%m-%d')} | {device} | torch {torch.__version__} threads={torch.get_num_threads()} | "
+        f"transformers {transformers.__version__} | python {platform.python_version()}"
+    )
