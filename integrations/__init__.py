@@ -1,0 +1,1 @@
+"""Adapters that plug nearid-reward into host training scripts (the diffusers DreamBooth family), unforked."""
