@@ -49,6 +49,8 @@ class ScriptListener(Protocol):
 
     def on_step(self, step: int) -> None: ...
 
+    def extra_logs(self) -> dict[str, float]: ...
+
     def on_save_state(self, models: list[Any], weights: list[Any], output_dir: str) -> None: ...
 
     def on_validation(self, family: ValidationFamily, arguments: dict[str, Any], images: list[Any]) -> None: ...
@@ -157,7 +159,8 @@ def make_accelerator_class(base: type, listener: ScriptListener) -> type:
         def log(self, values: dict[str, Any], step: int | None = None, *args: Any, **kwargs: Any) -> Any:
             if step is not None:
                 _report(listener, "step tracking", lambda: listener.on_step(int(step)))
-            return super().log(values, step, *args, **kwargs)
+            extra = listener.extra_logs()
+            return super().log({**values, **extra} if extra else values, step, *args, **kwargs)
 
         def end_training(self) -> None:
             _report(listener, "end-of-training report", listener.on_end_training)

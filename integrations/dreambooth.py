@@ -1,0 +1,420 @@
+"""``nearid-dreambooth``: run an unmodified diffusers DreamBooth / DreamBooth-LoRA script with NearID validation.
+
+Usage::
+
+    nearid-dreambooth --script train_dreambooth_lora.py --nearid_model NEARID_DIR \\
+        --nearid_reference_dir SUBJECT_PHOTOS [--nearid_* options] -- <the script's own arguments>
+
+    accelerate launch -m integrations.dreambooth --script ... -- ...      # several GPUs
+
+The script file is imported as a module and its ``main`` called in this process (see
+:mod:`integrations.script_hooks`). In the script's ``--output_dir`` the launcher writes:
+
+* at each of the script's validations: the script's own images and NearID's prompt set (plus the base model with the
+  adapter disabled, and class prompts when the script has ``--class_prompt``) scored; scalars logged to the script's
+  trackers at the true global step; one line appended to ``identity_history.jsonl``;
+* at each checkpoint: ``checkpoint-N/identity_scores.json`` (rendered and scored at that very step with
+  ``--nearid_score_checkpoints``, the default) and the best weights in ``best_identity/``, which checkpoint pruning
+  never touches;
+* at the end: ``identity_summary.md`` and ``identity_summary.png``, and with ``--nearid_select_after`` a
+  ``nearid-select`` pass over every remaining checkpoint.
+
+Scoring runs on the main process only and makes no collective call. Errors while scoring are logged and training
+continues (``--nearid_strict`` re-raises).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nearid_reward.io import read_jsonl, write_text_atomic
+
+from .script_hooks import ValidationFamily, install_hooks, load_script, split_argv
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DreamBoothOptions", "DreamBoothSession", "build_parser", "main", "derive_token_and_class"]
+
+HISTORY_NAME = "identity_history.jsonl"
+SUMMARY_NAME = "identity_summary"
+
+
+@dataclass
+class DreamBoothOptions:
+    """The launcher's own options (the ``--nearid_*`` flags)."""
+
+    script: str
+    model: str
+    reference_dir: str
+    negative_dir: str | None = None
+    prompts: str | None = None
+    instance_token: str | None = None
+    class_noun: str | None = None
+    num_inference_steps: int = 25
+    guidance_scale: float | None = None
+    images_per_prompt: int = 1
+    resolution: int | None = None
+    render_base: bool = True
+    score_checkpoints: bool = True
+    monitor: str = "identity_mean"
+    mode: str = "max"
+    patience: int | None = None
+    threshold: float = 0.9
+    select_after: bool = False
+    loss_weight: float = 0.0
+    loss_max_timestep: int = 400
+    dtype: str = "float32"
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss_weight < 0:
+            raise ValueError(f"--nearid_loss_weight must be >= 0, got {self.loss_weight}")
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"--nearid_mode must be 'max' or 'min', got {self.mode!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"--nearid_dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nearid-dreambooth",
+        description="Run a diffusers DreamBooth/LoRA training script unmodified, with NearID identity validation, "
+        "checkpoint sidecars, best-identity keeping and an optional identity loss. Put the script's own arguments "
+        "after `--`.",
+    )
+    p.add_argument("--script", required=True, help="path of the diffusers training script (e.g. train_dreambooth_lora.py)")
+    p.add_argument("--nearid_model", required=True, help="NearID checkpoint folder (release, head-only or SigLIP)")
+    p.add_argument("--nearid_reference_dir", required=True, help="folder of the subject's reference photos")
+    p.add_argument("--nearid_negative_dir", default=None,
+                   help="optional folder of near-identity distractors (look-alikes) to penalise")
+    p.add_argument("--nearid_prompts", default=None,
+                   help="prompt file (JSON {'instance': [...], 'class': [...]} or one prompt per line); "
+                   "default: the shipped identity prompt set")
+    p.add_argument("--nearid_instance_token", default=None,
+                   help="fills {token} in the prompt set (default: derived from --instance_prompt)")
+    p.add_argument("--nearid_class_noun", default=None,
+                   help="fills {class} in the prompt set (default: derived from --class_prompt/--instance_prompt)")
+    p.add_argument("--nearid_num_inference_steps", type=int, default=25)
+    p.add_argument("--nearid_guidance_scale", type=float, default=None)
+    p.add_argument("--nearid_images_per_prompt", type=int, default=1)
+    p.add_argument("--nearid_resolution", type=int, default=None, help="render size (default: the pipeline's)")
+    p.add_argument("--nearid_no_base", action="store_true", help="do not render the base model (adapter disabled)")
+    p.add_argument("--nearid_no_score_checkpoints", action="store_true",
+                   help="do not render and score at checkpoint saves (sidecars then carry the last validation)")
+    p.add_argument("--nearid_monitor", default="identity_mean",
+                   help="metric that decides the best step (e.g. identity_mean, relative_mean, identity_gain)")
+    p.add_argument("--nearid_mode", default="max", choices=["max", "min"])
+    p.add_argument("--nearid_patience", type=int, default=None,
+                   help="warn (and set accelerate's trigger) after this many validations without improvement")
+    p.add_argument("--nearid_threshold", type=float, default=0.9,
+                   help="fraction of the reference oracle an image must reach to count as on-identity")
+    p.add_argument("--nearid_select_after", action="store_true",
+                   help="after training, rank every remaining checkpoint with nearid-select")
+    p.add_argument("--nearid_loss_weight", type=float, default=0.0,
+                   help="EXPERIMENTAL: weight of a ReFL-style identity loss on the x0 prediction (0 = off)")
+    p.add_argument("--nearid_loss_max_timestep", type=int, default=400,
+                   help="the identity loss only uses samples with timestep below this (of 1000)")
+    p.add_argument("--nearid_dtype", default="float32", choices=sorted(_DTYPES), help="NearID backbone dtype")
+    p.add_argument("--nearid_strict", action="store_true", help="re-raise scoring errors instead of logging them")
+    return p
+
+
+def parse_options(argv: Sequence[str]) -> DreamBoothOptions:
+    ns = build_parser().parse_args(list(argv))
+    return DreamBoothOptions(
+        script=ns.script, model=ns.nearid_model, reference_dir=ns.nearid_reference_dir,
+        negative_dir=ns.nearid_negative_dir, prompts=ns.nearid_prompts, instance_token=ns.nearid_instance_token,
+        class_noun=ns.nearid_class_noun, num_inference_steps=ns.nearid_num_inference_steps,
+        guidance_scale=ns.nearid_guidance_scale, images_per_prompt=ns.nearid_images_per_prompt,
+        resolution=ns.nearid_resolution, render_base=not ns.nearid_no_base,
+        score_checkpoints=not ns.nearid_no_score_checkpoints, monitor=ns.nearid_monitor, mode=ns.nearid_mode,
+        patience=ns.nearid_patience, threshold=ns.nearid_threshold, select_after=ns.nearid_select_after,
+        loss_weight=ns.nearid_loss_weight, loss_max_timestep=ns.nearid_loss_max_timestep, dtype=ns.nearid_dtype,
+        strict=ns.nearid_strict,
+    )  # fmt: skip
+
+
+def derive_token_and_class(instance_prompt: str | None, class_prompt: str | None) -> tuple[str, str]:
+    """Instance token and class noun from the script's prompts.
+
+    ``("a photo of sks dog", "a photo of dog")`` gives ``("sks", "dog")``: the token is what the instance prompt adds
+    to the class prompt, the class noun the class prompt's last word. Without a class prompt the instance prompt's last
+    two words are taken as token and noun.
+    """
+    words = (instance_prompt or "").split()
+    if not words:
+        return "", ""
+    if class_prompt:
+        class_words = class_prompt.split()
+        extra = [w for w in words if w not in class_words]
+        return " ".join(extra), class_words[-1] if class_words else ""
+    if len(words) == 1:
+        return words[0], ""
+    return words[-2], words[-1]
+
+
+class DreamBoothSession:
+    """Receives the hooks' events and turns them into NearID validation (main process only)."""
+
+    def __init__(self, options: DreamBoothOptions) -> None:
+        self.options = options
+        self.strict = options.strict
+        self.accelerator: Any = None
+        self.args: Any = None
+        self.step = 0
+        self._callback: Any = None
+        self._checkpoint_pipeline: Any = None
+        self._identity_loss: Any = None
+        self.validations = 0
+        self.script_scores: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ set-up
+    def bind_args(self, args: Any) -> None:
+        self.args = args
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(getattr(self.args, "output_dir", "."))
+
+    @property
+    def is_main(self) -> bool:
+        return bool(getattr(self.accelerator, "is_main_process", True))
+
+    def callback(self) -> Any:
+        """The NearID validation callback, built on first use (on the main process only)."""
+        if self._callback is None:
+            from nearid_reward import IdentityValidator, NearIDValidationCallback
+            from nearid_reward.callback import CallbackConfig
+            from nearid_reward.rendering import PromptSet, RenderConfig
+
+            o = self.options
+            token, noun = derive_token_and_class(getattr(self.args, "instance_prompt", None),
+                                                 getattr(self.args, "class_prompt", None))
+            token = o.instance_token if o.instance_token is not None else token
+            noun = o.class_noun if o.class_noun is not None else noun
+            validator = IdentityValidator(
+                o.model, o.reference_dir, negatives=o.negative_dir, history_path=self.output_dir / HISTORY_NAME,
+                accelerator=self.accelerator, monitor=o.monitor, mode=o.mode, patience=o.patience,
+                threshold=o.threshold,
+            )  # fmt: skip
+            render = RenderConfig(
+                num_inference_steps=o.num_inference_steps, guidance_scale=o.guidance_scale,
+                images_per_prompt=o.images_per_prompt, height=o.resolution, width=o.resolution,
+                render_base=o.render_base, render_class=bool(getattr(self.args, "class_prompt", None)),
+            )  # fmt: skip
+            if self.accelerator is not None:
+                validator.scorer.to(self.accelerator.device)
+            self._callback = NearIDValidationCallback(
+                validator, output_dir=self.output_dir, prompts=PromptSet.load(o.prompts),
+                config=CallbackConfig(instance_token=token, class_noun=noun, render=render, strict=o.strict),
+            )  # fmt: skip
+            logger.info("NearID validation: token=%r class=%r, %d instance prompts, references %s", token, noun,
+                        len(self._callback.prompts.instance), o.reference_dir)
+        return self._callback
+
+    # ------------------------------------------------------------------ hook events
+    def on_accelerator(self, accelerator: Any) -> None:
+        self.accelerator = accelerator
+        if self.options.loss_weight > 0:
+            from .identity_loss import attach_identity_loss
+
+            self._identity_loss = attach_identity_loss(accelerator, self)
+
+    def on_step(self, step: int) -> None:
+        self.step = step
+
+    def extra_logs(self) -> dict[str, float]:
+        """Values added to the script's next ``accelerator.log`` call (the identity loss of the last step)."""
+        hook = self._identity_loss
+        if hook is None or hook.last_value is None:
+            return {}
+        value, hook.last_value = hook.last_value, None
+        return {"nearid/train_identity_loss": value}
+
+    def on_validation(self, family: ValidationFamily, arguments: dict[str, Any], images: list[Any]) -> None:
+        if not self.is_main:
+            return
+        args = arguments.get("args", self.args)
+        if self.args is None:
+            self.args = args
+        step = int(arguments["global_step"]) if family == "components" else self.step
+        pipeline = arguments.get("pipeline") if family == "pipeline" else self._pipeline_from_components(arguments)
+        callback = self.callback()
+        extra: dict[str, float] = {}
+        if images:
+            script_metrics = callback.validator.compute(list(images))
+            prefix = callback.validator.config.prefix
+            extra = {prefix + "script/" + k[len(prefix):]: v for k, v in script_metrics.items()}
+            self.script_scores.append({"step": step, **extra})
+        metrics = callback.on_validation(pipeline, step, extra_metrics=extra)
+        if metrics is None and self.strict:  # pragma: no cover - the callback re-raises itself when strict
+            raise RuntimeError("NearID validation failed")
+        self.validations += 1
+
+    def on_save_state(self, models: list[Any], weights: list[Any], output_dir: str) -> None:
+        if not self.is_main or self.args is None:
+            return
+        callback = self.callback()
+        step = _checkpoint_step(output_dir, self.step)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        if self.options.score_checkpoints:
+            pipeline = self._pipeline_for_models(models)
+            if pipeline is not None:
+                callback.on_validation(pipeline, step)
+        callback.on_checkpoint(output_dir, step)
+
+    def on_end_training(self) -> None:
+        if not self.is_main or self._callback is None:
+            return
+        write_summary(self.output_dir, self._callback.validator)
+        if self.options.select_after:
+            self._select_after()
+
+    # ------------------------------------------------------------------ pipelines
+    def _pipeline_from_components(self, arguments: dict[str, Any]) -> Any:
+        """A pipeline over the live models that ``train_dreambooth.py`` passes to its ``log_validation``."""
+        from diffusers import DiffusionPipeline
+
+        args = arguments["args"]
+        unwrap = self.accelerator.unwrap_model if self.accelerator is not None else (lambda m: m)
+        parts = {k: unwrap(arguments[k]) for k in ("unet", "vae", "text_encoder", "tokenizer")
+                 if arguments.get(k) is not None}
+        pipeline = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **parts)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline.to(self.accelerator.device if self.accelerator is not None else "cpu")
+
+    def _pipeline_for_models(self, models: list[Any]) -> Any:
+        """A pipeline (cached) whose trained components are the live models being checkpointed."""
+        from diffusers import DiffusionPipeline
+
+        unwrap = self.accelerator.unwrap_model if self.accelerator is not None else (lambda m: m)
+        live = [unwrap(m) for m in models]
+        base = self.args.pretrained_model_name_or_path
+        index = json.loads((Path(base) / "model_index.json").read_text()) if Path(base).is_dir() else None
+        if self._checkpoint_pipeline is None:
+            parts: dict[str, Any] = {}
+            if index is not None:
+                for model in live:
+                    for name, spec in index.items():
+                        if (isinstance(spec, list) and len(spec) == 2 and spec[1] == type(model).__name__
+                                and name not in parts):
+                            parts[name] = model
+                            break
+            if not any(k in parts for k in ("unet", "transformer")):
+                logger.warning("could not match the checkpointed models %s to pipeline components; checkpoint "
+                               "scoring is skipped", [type(m).__name__ for m in live])
+                return None
+            pipeline = DiffusionPipeline.from_pretrained(base, **parts)
+            pipeline.set_progress_bar_config(disable=True)
+            device = self.accelerator.device if self.accelerator is not None else torch.device("cpu")
+            for name, component in pipeline.components.items():  # never move or cast the shared trained models
+                if isinstance(component, torch.nn.Module) and component not in live:
+                    component.to(device)
+            self._checkpoint_pipeline = pipeline
+        return self._checkpoint_pipeline
+
+    def _select_after(self) -> None:
+        from nearid_reward.cli.select import main as select_main
+
+        argv = ["--output_dir", str(self.output_dir), "--pipeline", str(self.args.pretrained_model_name_or_path),
+                "--model", self.options.model, "--references", self.options.reference_dir,
+                "--num_inference_steps", str(self.options.num_inference_steps)]
+        if self._callback is not None:
+            argv += ["--instance_token", self._callback.config.instance_token,
+                     "--class_noun", self._callback.config.class_noun]
+        select_main(argv)
+
+
+def _checkpoint_step(output_dir: str, fallback: int) -> int:
+    name = Path(output_dir).name
+    if name.startswith("checkpoint-"):
+        try:
+            return int(name.split("-", 1)[1])
+        except ValueError:
+            pass
+    return fallback
+
+
+def write_summary(output_dir: Path, validator: Any) -> tuple[Path, Path | None]:
+    """Write ``identity_summary.md`` (a table of every validation) and ``identity_summary.png`` (score vs step)."""
+    records = read_jsonl(output_dir / HISTORY_NAME) or list(validator.history)
+    prefix = validator.config.prefix
+    keys = [k for k in ("identity_mean", "relative_mean", "base_identity_mean", "identity_gain",
+                        "class_leakage_mean", "copy_suspicion", "script/identity_mean") if any(prefix + k in r
+                                                                                              for r in records)]
+    lines = [f"# NearID identity summary: {output_dir}", "",
+             f"Best step: **{validator.best_step}** ({validator.monitor_key} = {validator.best_value})", "",
+             "| step | " + " | ".join(keys) + " | best so far |", "|---|" + "---|" * (len(keys) + 1)]
+    for r in records:
+        cells = [f"{r[prefix + k]:.4f}" if isinstance(r.get(prefix + k), (int, float)) else "" for k in keys]
+        lines.append(f"| {r.get('step')} | " + " | ".join(cells) + f" | {'yes' if r.get('is_best') else ''} |")
+    md = output_dir / f"{SUMMARY_NAME}.md"
+    write_text_atomic(md, "\n".join(lines) + "\n")
+    png = _plot_summary(output_dir / f"{SUMMARY_NAME}.png", records, prefix, validator)
+    logger.info("NearID summary written to %s", md)
+    print("\n".join(lines))
+    return md, png
+
+
+def _plot_summary(path: Path, records: list[dict[str, Any]], prefix: str, validator: Any) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is optional
+        logger.warning("matplotlib is not installed: no identity plot (pip install matplotlib)")
+        return None
+    points = [(r["step"], r[prefix + "identity_mean"]) for r in records if prefix + "identity_mean" in r]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps, values = zip(*sorted(points))
+    ax.plot(steps, values, "o-", label="identity (adapter)")
+    base = [(r["step"], r[prefix + "base_identity_mean"]) for r in records if prefix + "base_identity_mean" in r]
+    if base:
+        bs, bv = zip(*sorted(base))
+        ax.plot(bs, bv, "--", color="grey", label="base model")
+    oracle = validator.scorer.oracle
+    if oracle == oracle:  # not NaN
+        ax.axhline(oracle, color="green", alpha=0.4, label="reference oracle")
+    if validator.best_step is not None:
+        ax.axvline(validator.best_step, color="red", alpha=0.5, label=f"best step {validator.best_step}")
+    ax.set_xlabel("global step")
+    ax.set_ylabel("NearID identity (cosine)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ours, theirs = split_argv(sys.argv[1:] if argv is None else argv)
+    options = parse_options(ours)
+    module = load_script(options.script)
+    session = DreamBoothSession(options)
+    install_hooks(module, session)
+    args = module.parse_args(theirs)
+    session.bind_args(args)
+    module.main(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
