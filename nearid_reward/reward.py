@@ -300,12 +300,14 @@ class IdentityReward(nn.Module):
 
     def score_embeddings(self, embeddings: torch.Tensor) -> RewardOutput:
         """Score precomputed unit-norm embeddings ``[B, E]`` (the single scoring path of the package)."""
-        refs = self.reference_embeddings.float()
+        dtype = torch.promote_types(embeddings.dtype, torch.float32)  # at least float32, float64 when given
+        embeddings = embeddings.to(dtype)
+        refs = self.reference_embeddings.to(dtype)
         identity = reference_scores(embeddings, refs, self.config.aggregate)  # [B]
-        scaled = identity / self.reference_oracle if self.config.kind == "relative" else identity
+        scaled = identity / self.reference_oracle.to(dtype) if self.config.kind == "relative" else identity
         negative = None
         if self.num_negatives > 0:
-            negative = reference_scores(embeddings, self.negative_embeddings.float(), "max")  # [B]
+            negative = reference_scores(embeddings, self.negative_embeddings.to(dtype), "max")  # [B]
         reward = penalised_reward(scaled, negative, self.config.negative_weight)
         return RewardOutput(reward=reward, identity=identity, negative=negative, embeddings=embeddings)
 
