@@ -37,7 +37,7 @@ from .run_checkpoints import (
     replace_directory,
 )
 from .similarity import leave_one_out_oracle
-from .validation import IdentityValidator
+from .validation import IdentityValidator, identity_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,22 @@ class CheckpointSelector:
             rows[BASE_NAME] = data["base"]
         return rows
 
+    def _check_monitor(self) -> None:
+        """Fail before rendering anything when the monitor is not a metric this configuration produces."""
+        scorer = self.validator.scorer
+        refs = scorer.reference_embeddings.float()
+        with_class = self.config.render.render_class and bool(self.prompts.class_prompts)
+        names = set(identity_metrics(
+            scorer, refs, threshold=self.validator.threshold, class_embeddings=refs if with_class else None,
+        ))  # fmt: skip
+        if self.config.render.render_base:
+            names.add("identity_gain")
+        if self.config.monitor not in names:
+            raise ValueError(
+                f"monitor {self.config.monitor!r} is not available with these settings (identity_gain needs the base "
+                f"model, class_leakage_* class prompts, relative/copy metrics 2 references); available: {sorted(names)}"
+            )
+
     # ------------------------------------------------------------------ loading
     @contextlib.contextmanager
     def _loaded(self, checkpoint: RunCheckpoint, timing: dict[str, float]) -> Iterator[None]:
@@ -277,6 +293,7 @@ class CheckpointSelector:
                 ``skip_invalid``), or weights that do not fit the pipeline.
         """
         root = Path(output_dir)
+        self._check_monitor()
         entries = find_checkpoints(root, names=checkpoints, skip_invalid=self.config.skip_invalid,
                                    weight_name=self.config.weight_name)
         fingerprint = self.fingerprint()
@@ -300,6 +317,8 @@ class CheckpointSelector:
         self._prepare_hotswap([c for _, c in work if c is not None])
         mine_rows: list[dict[str, Any]] = []
         with self._split(work) as mine:
+            logger.info("process %d/%d scores %s", getattr(self.state, "process_index", 0),
+                        getattr(self.state, "num_processes", 1), [name for name, _ in mine])
             for item in mine:
                 row = self._score(item, fingerprint)
                 if item[1] is not None:

@@ -91,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from accelerate import PartialState
 
-    state = PartialState()
+    # On CPU, accelerate needs cpu=True to see a multi-process (gloo) launch such as torchrun --nproc_per_node 2.
+    state = PartialState(cpu=args.device == "cpu")
     device = torch.device(args.device) if args.device else state.device
     try:
         render = RenderConfig(
