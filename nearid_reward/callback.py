@@ -83,7 +83,8 @@ def save_pipeline_adapter(pipeline: Any, folder: str | os.PathLike[str]) -> list
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers: dict[str, Any] = {f"{attr}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))}
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+    layers: dict[str, Any] = {f"{attr}_lora_layers": state}
     params = inspect.signature(type(pipeline).save_lora_weights).parameters
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipeline, name, None)
@@ -105,9 +106,10 @@ class NearIDValidationCallback:
         config: a :class:`CallbackConfig`; keyword ``overrides`` replace its fields.
 
     Example:
-        >>> callback = NearIDValidationCallback(validator, output_dir=args.output_dir, class_noun="dog")  # doctest: +SKIP
-        >>> callback.on_validation(pipeline, global_step)          # renders, scores, logs, keeps the best  # doctest: +SKIP
-        >>> accelerator.save_state(ckpt); callback.on_checkpoint(args.output_dir, global_step)           # doctest: +SKIP
+        >>> callback = NearIDValidationCallback(validator, output_dir=out_dir, class_noun="dog")  # doctest: +SKIP
+        >>> callback.on_validation(pipeline, global_step)  # renders, scores, logs, keeps the best  # doctest: +SKIP
+        >>> accelerator.save_state(ckpt_dir)                                                       # doctest: +SKIP
+        >>> callback.on_checkpoint(out_dir, global_step)                                           # doctest: +SKIP
     """
 
     def __init__(
@@ -126,7 +128,9 @@ class NearIDValidationCallback:
             known = {f.name for f in dataclasses.fields(CallbackConfig)}
             unknown = sorted(set(overrides) - known)
             if unknown:
-                raise TypeError(f"NearIDValidationCallback got unknown options {unknown}; valid options: {sorted(known)}")
+                raise TypeError(
+                    f"NearIDValidationCallback got unknown options {unknown}; valid options: {sorted(known)}"
+                )
             base = dataclasses.replace(base, **overrides)
         self.config = base
         self.validator = validator

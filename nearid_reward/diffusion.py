@@ -49,7 +49,9 @@ class SamplerConfig:
                 f"got {self.grad_steps}"
             )
         if self.guidance_scale < 1.0:
-            raise ValueError(f"SamplerConfig.guidance_scale must be >= 1.0 (1.0 disables guidance), got {self.guidance_scale}")
+            raise ValueError(
+                f"SamplerConfig.guidance_scale must be >= 1.0 (1.0 disables guidance), got {self.guidance_scale}"
+            )
         if self.eta < 0:
             raise ValueError(f"SamplerConfig.eta must be >= 0, got {self.eta}")
 

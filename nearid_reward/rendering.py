@@ -286,7 +286,7 @@ def _to_unit_tensor(images: Any) -> torch.Tensor:
     if isinstance(images, (list, tuple)) and images:
         arrays = [np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0 for img in images]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    raise TypeError(f"unexpected pipeline output {type(images).__name__}; expected tensors, numpy arrays or PIL images")
+    raise TypeError(f"unexpected pipeline output {type(images).__name__}; expected tensors, numpy arrays or PIL")
 
 
 def render_images(

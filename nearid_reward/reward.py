@@ -125,13 +125,20 @@ class RewardConfig:
         if isinstance(self.backbone_dtype, torch.dtype):
             names = {v: k for k, v in _DTYPES.items()}
             if self.backbone_dtype not in names:
-                raise ValueError(f"RewardConfig.backbone_dtype must be one of {sorted(_DTYPES)}, got {self.backbone_dtype}")
+                raise ValueError(
+                    f"RewardConfig.backbone_dtype must be one of {sorted(_DTYPES)}, got {self.backbone_dtype}"
+                )
             self.backbone_dtype = names[self.backbone_dtype]
         if self.backbone_dtype is not None and self.backbone_dtype not in _DTYPES:
-            raise ValueError(f"RewardConfig.backbone_dtype must be one of {sorted(_DTYPES)} or None, got {self.backbone_dtype!r}")
+            raise ValueError(
+                f"RewardConfig.backbone_dtype must be one of {sorted(_DTYPES)} or None, got {self.backbone_dtype!r}"
+            )
         low_high = tuple(float(v) for v in self.reference_value_range)
         if len(low_high) != 2 or not low_high[1] > low_high[0]:
-            raise ValueError(f"RewardConfig.reference_value_range must be (low, high) with high > low, got {self.reference_value_range}")
+            raise ValueError(
+                "RewardConfig.reference_value_range must be (low, high) with high > low, "
+                f"got {self.reference_value_range}"
+            )
         self.reference_value_range = (low_high[0], low_high[1])
 
     @property
@@ -261,7 +268,8 @@ class IdentityReward(nn.Module):
         emb = self.embed_images(references, value_range=self.config.reference_value_range, name="references")
         if self.config.kind == "relative" and emb.shape[0] < 2:
             raise ValueError(
-                f"kind='relative' divides by the reference oracle, which needs at least 2 references; got {emb.shape[0]}"
+                "kind='relative' divides by the reference oracle, which needs at least 2 references; "
+                f"got {emb.shape[0]}"
             )
         self.set_reference_embeddings(emb)
 

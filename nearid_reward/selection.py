@@ -203,7 +203,8 @@ class CheckpointSelector:
         if self.config.monitor not in names:
             raise ValueError(
                 f"monitor {self.config.monitor!r} is not available with these settings (identity_gain needs the base "
-                f"model, class_leakage_* class prompts, relative/copy metrics 2 references); available: {sorted(names)}"
+                f"model, class_leakage_* class prompts, relative/copy metrics 2 references); "
+                f"available: {sorted(names)}"
             )
 
     # ------------------------------------------------------------------ loading
@@ -215,7 +216,9 @@ class CheckpointSelector:
         else:
             denoiser, attr = denoiser_of(self.pipeline)
             if attr != checkpoint.kind:
-                raise CheckpointError(f"{checkpoint.path} holds a {checkpoint.kind}/ but the pipeline's denoiser is `{attr}`")
+                raise CheckpointError(
+                    f"{checkpoint.path} holds a {checkpoint.kind}/ folder but the pipeline's denoiser is `{attr}`"
+                )
             index = next((f for f in checkpoint.files if f.name.endswith(".index.json")), None)
             state = load_safetensors(index or next(f for f in checkpoint.files if f.suffix == ".safetensors"))
             missing, unexpected = denoiser.load_state_dict(state, strict=False)
@@ -242,7 +245,8 @@ class CheckpointSelector:
                 self.pipeline.load_lora_weights(str(checkpoint.path), hotswap=True, **kwargs)
                 return
             except Exception as exc:  # e.g. different target modules, or text-encoder LoRA
-                logger.warning("hotswap of %s failed (%s); deleting and loading the adapter instead", checkpoint.name, exc)
+                logger.warning("hotswap of %s failed (%s); deleting and loading the adapter instead",
+                               checkpoint.name, exc)
                 self.pipeline.delete_adapters(name)
                 self._adapter_loaded = False
         self.pipeline.load_lora_weights(str(checkpoint.path), **kwargs)
@@ -421,7 +425,8 @@ class CheckpointSelector:
             tmp = dest.parent / f".{dest.name}.link-{os.getpid()}"
             if tmp.is_symlink() or tmp.exists():
                 tmp.unlink()
-            os.symlink(os.path.relpath(checkpoint.path.resolve(), dest.parent.resolve()), tmp, target_is_directory=True)
+            target = os.path.relpath(checkpoint.path.resolve(), dest.parent.resolve())
+            os.symlink(target, tmp, target_is_directory=True)
             if dest.exists() and not dest.is_symlink():  # a previously copied winner: move it aside first
                 old = dest.parent / f".{dest.name}.old-{os.getpid()}"
                 os.replace(dest, old)

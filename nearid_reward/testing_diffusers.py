@@ -246,7 +246,8 @@ def add_lora_adapter(
 
 def lora_parameters(denoiser: torch.nn.Module, adapter_name: str = "default") -> list[torch.nn.Parameter]:
     """The LoRA tensors (``lora_A``/``lora_B``) of ``adapter_name`` in ``denoiser``, in module order."""
-    return [p for n, p in denoiser.named_parameters() if f"lora_A.{adapter_name}." in n or f"lora_B.{adapter_name}." in n]
+    keys = (f"lora_A.{adapter_name}.", f"lora_B.{adapter_name}.")
+    return [p for n, p in denoiser.named_parameters() if any(k in n for k in keys)]
 
 
 def diffusers_lora_state_dict(denoiser: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from .images import ImageInput
 from .io import append_jsonl, read_jsonl
 from .model import NearIDModel
 from .reward import IdentityReward
-from .similarity import Aggregate, cosine_matrix, leave_one_out_oracle
+from .similarity import Aggregate, cosine_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +63,13 @@ class ValidationConfig:
 
     def __post_init__(self) -> None:
         if self.aggregate is not None and self.aggregate not in ("mean", "max", "centroid"):
-            raise ValueError(f"ValidationConfig.aggregate must be 'mean', 'max', 'centroid' or None, got {self.aggregate!r}")
+            raise ValueError(
+                f"ValidationConfig.aggregate must be 'mean', 'max', 'centroid' or None, got {self.aggregate!r}"
+            )
         if self.threshold_kind not in ("relative", "cosine"):
-            raise ValueError(f"ValidationConfig.threshold_kind must be 'relative' or 'cosine', got {self.threshold_kind!r}")
+            raise ValueError(
+                f"ValidationConfig.threshold_kind must be 'relative' or 'cosine', got {self.threshold_kind!r}"
+            )
         if self.mode not in ("max", "min"):
             raise ValueError(f"ValidationConfig.mode must be 'max' or 'min', got {self.mode!r}")
         if not self.min_delta >= 0:
@@ -184,9 +188,9 @@ class IdentityValidator:
     are cosines in [-1, 1], higher is better (except ``class_leakage_*`` and ``copy_*``, lower is better).
 
     Example:
-        >>> validator = IdentityValidator("nearid/", "subject/", history_path="out/identity_history.jsonl")  # doctest: +SKIP
-        >>> metrics = validator.validate(images, step=global_step)     # images [B, 3, H, W] in [0, 1]  # doctest: +SKIP
-        >>> validator.best_step, validator.should_stop                                                  # doctest: +SKIP
+        >>> validator = IdentityValidator("nearid/", "subject/", history_path="out/history.jsonl")  # doctest: +SKIP
+        >>> metrics = validator.validate(images, step=global_step)  # [B, 3, H, W] in [0, 1]    # doctest: +SKIP
+        >>> validator.best_step, validator.should_stop                                          # doctest: +SKIP
     """
 
     def __init__(
@@ -212,7 +216,9 @@ class IdentityValidator:
         self.config = base
         if isinstance(model, IdentityReward):
             if references is not None or negatives is not None:
-                raise ValueError("pass `references`/`negatives` to the IdentityReward, not to the validator, when reusing one")
+                raise ValueError(
+                    "pass `references`/`negatives` to the IdentityReward, not to the validator, when reusing one"
+                )
             if base.aggregate is not None and base.aggregate != model.config.aggregate:
                 raise ValueError(
                     f"ValidationConfig.aggregate={base.aggregate!r} differs from the reward's aggregate "
@@ -275,7 +281,9 @@ class IdentityValidator:
         return None
 
     # ------------------------------------------------------------------ scoring
-    def embed(self, images: ImageInput, *, value_range: tuple[float, float] = (0.0, 1.0), name: str = "images") -> torch.Tensor:
+    def embed(
+        self, images: ImageInput, *, value_range: tuple[float, float] = (0.0, 1.0), name: str = "images"
+    ) -> torch.Tensor:
         """Embeddings ``[N, E]`` without gradients; NaN/Inf and value-range mistakes raise ``ValueError``."""
         return self.scorer.embed_images(images, value_range=value_range, name=name, check_inputs=True)
 
@@ -289,8 +297,11 @@ class IdentityValidator:
     ) -> dict[str, float]:
         """Metrics of one set of generations without touching the history (flat ``dict[str, float]``, prefixed)."""
         emb = self.embed(images, value_range=value_range, name="images")
-        class_emb = None if class_images is None else self.embed(class_images, value_range=value_range, name="class_images")
-        base_emb = None if base_images is None else self.embed(base_images, value_range=value_range, name="base_images")
+        class_emb = base_emb = None
+        if class_images is not None:
+            class_emb = self.embed(class_images, value_range=value_range, name="class_images")
+        if base_images is not None:
+            base_emb = self.embed(base_images, value_range=value_range, name="base_images")
         with torch.no_grad():
             metrics = identity_metrics(
                 self.scorer, emb, threshold=self.threshold, copy_margin=self.config.copy_margin,
@@ -342,7 +353,8 @@ class IdentityValidator:
         if self.should_stop:
             logger.warning(
                 "identity early stop: %s has not improved for %d validations (best %.4f at step %s)",
-                self.monitor_key, self.validations_without_improvement, self.best_value or float("nan"), self.best_step,
+                self.monitor_key, self.validations_without_improvement, self.best_value or float("nan"),
+                self.best_step,
             )  # fmt: skip
         return metrics
 
@@ -386,7 +398,8 @@ class IdentityValidator:
         self.accelerator.log(metrics, step=step)
         if not self.config.log_images or not isinstance(images, torch.Tensor) or not self.is_main_process:
             return
-        trackers = [t for t in getattr(self.accelerator, "trackers", []) if getattr(t, "name", None) in ("tensorboard", "wandb")]
+        names = ("tensorboard", "wandb")
+        trackers = [t for t in getattr(self.accelerator, "trackers", []) if getattr(t, "name", None) in names]
         if not trackers:
             return
         n = min(images.shape[0], self.config.max_logged_images)

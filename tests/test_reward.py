@@ -87,7 +87,8 @@ def test_pure_loss_helpers_hand_worked():
     s = torch.tensor([1.0, 0.25, -0.5])
     torch.testing.assert_close(identity_loss(s), torch.tensor([0.0, 0.75, 1.5]))
     torch.testing.assert_close(hinge_loss(s, 0.5), torch.tensor([0.0, 0.25, 1.0]))
-    torch.testing.assert_close(penalised_reward(s, torch.tensor([0.2, 0.4, 0.0]), 2.0), torch.tensor([0.6, -0.55, -0.5]))
+    penalised = penalised_reward(s, torch.tensor([0.2, 0.4, 0.0]), 2.0)
+    torch.testing.assert_close(penalised, torch.tensor([0.6, -0.55, -0.5]))
     assert penalised_reward(s, None, 3.0) is s
 
 

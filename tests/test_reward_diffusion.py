@@ -74,7 +74,8 @@ def test_only_the_last_k_steps_carry_gradients(pipe):
     assert calls == [False, False, False, True]
     decode_latents(pipe.vae, out).mean().backward()
     assert all(p.grad is not None for p in params)
-    none = ddim_sample(pipe.unet, pipe.scheduler, latents, embeds, config=SamplerConfig(num_inference_steps=2, grad_steps=0))
+    config = SamplerConfig(num_inference_steps=2, grad_steps=0)
+    none = ddim_sample(pipe.unet, pipe.scheduler, latents, embeds, config=config)
     assert not none.requires_grad
     assert pipe.scheduler.num_inference_steps is None  # the pipeline's scheduler was not touched
 
