@@ -235,6 +235,7 @@ class IdentityValidator:
         self.best_step: int | None = None
         self.best_value: float | None = None
         self.last_is_best = False
+        self.last_scores: torch.Tensor | None = None  # [B] identity score of each image of the last compute()
         self.validations_without_improvement = 0
         self._warned_monitor = False
         if base.threshold_kind == "relative" and not math.isfinite(self.scorer.oracle):
@@ -307,6 +308,7 @@ class IdentityValidator:
                 self.scorer, emb, threshold=self.threshold, copy_margin=self.config.copy_margin,
                 class_embeddings=class_emb, base_embeddings=base_emb,
             )  # fmt: skip
+            self.last_scores = self.scorer.score_embeddings(emb).identity.detach().float().cpu()  # [B]
         return {self.config.prefix + k: v for k, v in metrics.items()}
 
     def validate(
@@ -400,11 +402,10 @@ class IdentityValidator:
             return
         names = ("tensorboard", "wandb")
         trackers = [t for t in getattr(self.accelerator, "trackers", []) if getattr(t, "name", None) in names]
-        if not trackers:
+        if not trackers or self.last_scores is None:
             return
         n = min(images.shape[0], self.config.max_logged_images)
-        with torch.no_grad():
-            scores = self.scorer.score_embeddings(self.embed(images[:n], value_range=value_range)).identity.tolist()
+        scores = self.last_scores[:n].tolist()
         captions = [
             f"{i}: {s:.3f}" + (f" | {prompts[i]}" if prompts is not None else "") for i, s in enumerate(scores)
         ]

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,9 @@ def _load_pipeline(path: str, dtype: torch.dtype, device: Any) -> Any:
     if index.is_file() and "safety_checker" in json.loads(index.read_text(encoding="utf-8")):
         # The safety checker blanks images at random, which would corrupt identity scores.
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipeline = DiffusionPipeline.from_pretrained(path, **kwargs)
+    with warnings.catch_warnings():  # newer diffusers prefer `dtype=`; `torch_dtype=` works across versions
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipeline = DiffusionPipeline.from_pretrained(path, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
