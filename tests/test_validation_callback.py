@@ -195,3 +195,30 @@ def test_save_pipeline_adapter_full_model(tmp_path):
     reloaded = UNet2DConditionModel.from_pretrained(tmp_path / "best" / "unet")
     for (name, a), b in zip(pipe.unet.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_tiny_pipelines_round_trip_and_sdxl_base_rendering(tmp_path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from nearid_reward.testing_diffusers import (
+        build_tiny_sdxl_pipeline,
+        save_tiny_sd_pipeline,
+        save_tiny_sdxl_pipeline,
+    )
+
+    prompts = PROMPTS.fill("sks", "dog")
+    seeds = RENDER.seeds(2)
+    built = render_images(build_tiny_sd_pipeline(seed=4), prompts.instance, seeds=seeds, config=RENDER)
+    loaded = StableDiffusionPipeline.from_pretrained(save_tiny_sd_pipeline(tmp_path / "sd", seed=4))
+    torch.testing.assert_close(render_images(loaded, prompts.instance, seeds=seeds, config=RENDER), built)
+    words = [loaded.tokenizer.convert_tokens_to_ids(w + "</w>") for w in ("a", "photo", "of", "sks", "dog")]
+    assert loaded.tokenizer("a photo of sks dog").input_ids[1:-1] == words  # one token per listed word
+    xl = StableDiffusionXLPipeline.from_pretrained(save_tiny_sdxl_pipeline(tmp_path / "sdxl", seed=0))
+    add_lora_adapter(xl.unet, rank=4, seed=2, b_std=0.3)
+    dtypes = {p.dtype for p in xl.unet.parameters()}
+    rendered = render_validation_set(xl, prompts, config=RENDER)
+    assert {p.dtype for p in xl.unet.parameters()} == dtypes == {torch.float32}  # nothing was cast
+    plain = build_tiny_sdxl_pipeline(seed=0)
+    torch.testing.assert_close(rendered.base_images, render_images(plain, prompts.instance, seeds=seeds, config=RENDER),
+                               atol=1e-5, rtol=0)
+    assert (rendered.images - rendered.base_images).abs().mean() > 1e-4
