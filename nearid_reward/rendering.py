@@ -110,13 +110,19 @@ class PromptSet:
         return any(_PLACEHOLDER.search(p) for p in self.instance + self.class_prompts)
 
     def fill(self, token: str, class_noun: str) -> PromptSet:
-        """Substitute ``{token}``, ``{class}`` and ``{}``; whitespace left by an empty token is collapsed."""
+        """Substitute ``{token}``, ``{class}`` and ``{}``; whitespace left by an empty value is collapsed.
+
+        Without a class noun, class prompts that need one are dropped (they would not name any class).
+        """
 
         def sub(prompt: str) -> str:
             text = prompt.replace("{}", "{token} {class}").replace("{token}", token).replace("{class}", class_noun)
             return " ".join(text.split())
 
-        return PromptSet([sub(p) for p in self.instance], [sub(p) for p in self.class_prompts])
+        class_prompts = [p for p in self.class_prompts if class_noun.strip() or not _PLACEHOLDER.search(p)]
+        if len(class_prompts) < len(self.class_prompts):
+            logger.info("no class noun given: %d class prompts dropped", len(self.class_prompts) - len(class_prompts))
+        return PromptSet([sub(p) for p in self.instance], [sub(p) for p in class_prompts])
 
 
 # ---------------------------------------------------------------------------------------------- configs

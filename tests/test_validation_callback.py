@@ -49,6 +49,8 @@ def test_prompt_sets(tmp_path):
     assert not filled.has_placeholders and all("sks dog" in p for p in filled.instance)
     assert all("sks" not in p and "dog" in p for p in filled.class_prompts)
     assert PROMPTS.fill("zwx", "toy").instance == ["a photo of zwx toy", "a zwx toy on the beach"]
+    no_class = default.fill("sks", "")
+    assert no_class.class_prompts == [] and no_class.instance[0] == "a photo of sks"
     text = tmp_path / "prompts.txt"
     text.write_text("# comment\na photo of {}\n\n{token} in the snow\n", encoding="utf-8")
     assert PromptSet.load(text).instance == ["a photo of {}", "{token} in the snow"]
