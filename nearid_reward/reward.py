@@ -99,6 +99,9 @@ class RewardConfig:
             sync per call; shapes are always checked).
         reference_chunk_size: images per encoder call when embedding references and negatives.
         reference_value_range: ``(low, high)`` of reference/negative *tensors* (PIL images and files are 8-bit).
+
+    ``gradient_checkpointing`` and ``backbone_dtype`` are applied to the :class:`~nearid_reward.NearIDModel` itself,
+    so a model object shared with other code is affected too (the reward also freezes it).
     """
 
     aggregate: Aggregate = "mean"
