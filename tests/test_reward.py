@@ -263,3 +263,20 @@ def test_import_stays_light():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.gpu
+def test_reward_follows_the_module_to_cuda(model, refs):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    images = random_images(2, 48, seed=3)
+    reward = IdentityReward(model, refs)
+    expected = reward(images)
+    reward.to("cuda")
+    assert reward.reference_embeddings.device.type == "cuda" and reward.reference_oracle.device.type == "cuda"
+    x = images.cuda().requires_grad_()
+    out = reward(x)
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=0)
+    out.sum().backward()
+    assert x.grad is not None and all(p.grad is None for p in reward.parameters())
