@@ -259,7 +259,12 @@ def test_two_processes_split_and_gather(cli_setup, nearid, run, tmp_path):
     double = _copy_run(run[0], tmp_path / "double")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "nearid_reward.cli.select", *_cli_args(cli_setup, nearid[0], cli_setup / "refs", double),
            "--verbose"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
