@@ -7,15 +7,32 @@ Importing this package never imports ``train_head``, ``integrations``, diffusers
 from __future__ import annotations
 
 from ._version import __version__
+from .callback import CallbackConfig, NearIDValidationCallback
 from .config import HeadConfig, NearIDConfig, PreprocessConfig
+from .diffusion import SamplerConfig
 from .io import CheckpointError
 from .model import NearIDModel
+from .rendering import PromptSet, RenderConfig
+from .reward import IdentityReward, RewardConfig
+from .selection import CheckpointSelector, SelectionConfig
+from .validation import IdentityValidator, ValidationConfig
 
 __all__ = [
     "__version__",
+    "CallbackConfig",
     "CheckpointError",
+    "CheckpointSelector",
     "HeadConfig",
+    "IdentityReward",
+    "IdentityValidator",
     "NearIDConfig",
     "NearIDModel",
+    "NearIDValidationCallback",
     "PreprocessConfig",
+    "PromptSet",
+    "RenderConfig",
+    "RewardConfig",
+    "SamplerConfig",
+    "SelectionConfig",
+    "ValidationConfig",
 ]

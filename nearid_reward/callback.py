@@ -1,0 +1,271 @@
+"""``NearIDValidationCallback``: identity validation and best-adapter keeping for custom training loops.
+
+Call :meth:`NearIDValidationCallback.on_validation` where the loop validates (with the pipeline, or with images
+already rendered) and :meth:`NearIDValidationCallback.on_checkpoint` after each ``accelerator.save_state``. The
+callback never stops a training run: an exception while rendering, scoring or saving is logged with its traceback
+and the loop continues (``strict=True`` re-raises instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .images import ImageInput
+from .io import write_json_atomic
+from .rendering import PromptSet, RenderConfig, denoiser_of, render_validation_set
+from .run_checkpoints import CHECKPOINT_PATTERN, copy_checkpoint_weights, inspect_checkpoint, replace_directory
+from .validation import IdentityValidator
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CallbackConfig", "NearIDValidationCallback", "save_pipeline_adapter"]
+
+SCORES_FILE_NAME = "identity_scores.json"
+BEST_DIR_NAME = "best_identity"
+
+
+@dataclass
+class CallbackConfig:
+    """Options of :class:`NearIDValidationCallback`.
+
+    Attributes:
+        instance_token: fills ``{token}`` in the prompt set (e.g. ``"sks"``).
+        class_noun: fills ``{class}`` (e.g. ``"dog"``).
+        render: how validation images are rendered from a pipeline.
+        save_best: keep the best adapter in ``output_dir/best_identity/``.
+        best_dir_name: folder name of the best adapter inside ``output_dir``.
+        strict: re-raise exceptions instead of logging them.
+    """
+
+    instance_token: str = "sks"
+    class_noun: str = ""
+    render: RenderConfig = field(default_factory=RenderConfig)
+    save_best: bool = True
+    best_dir_name: str = BEST_DIR_NAME
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.render, RenderConfig):
+            raise TypeError(f"CallbackConfig.render must be a RenderConfig, got {type(self.render).__name__}")
+        if not self.best_dir_name or "/" in self.best_dir_name or self.best_dir_name.startswith("checkpoint-"):
+            raise ValueError(
+                f"CallbackConfig.best_dir_name must be a plain folder name not starting with 'checkpoint-' (so "
+                f"checkpoint pruning never removes it), got {self.best_dir_name!r}"
+            )
+
+
+def _is_pipeline(obj: Any) -> bool:
+    return callable(obj) and any(isinstance(getattr(obj, a, None), torch.nn.Module) for a in ("unet", "transformer"))
+
+
+def save_pipeline_adapter(pipeline: Any, folder: str | os.PathLike[str]) -> list[Path]:
+    """Save the pipeline's trained weights the way diffusers' training scripts do.
+
+    With a PEFT adapter on the UNet/transformer (and optionally the text encoders) this writes
+    ``pytorch_lora_weights.safetensors`` with the pipeline class's ``save_lora_weights``; a denoiser without
+    adapter is saved whole with ``save_pretrained`` into ``folder/unet`` or ``folder/transformer``.
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    denoiser, attr = denoiser_of(pipeline)
+    denoiser = getattr(denoiser, "module", denoiser)  # DDP-wrapped
+    if not getattr(denoiser, "_hf_peft_config_loaded", False):
+        denoiser.save_pretrained(str(out / attr))
+        return sorted(p for p in (out / attr).rglob("*") if p.is_file())
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+    layers: dict[str, Any] = {f"{attr}_lora_layers": state}
+    params = inspect.signature(type(pipeline).save_lora_weights).parameters
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipeline, name, None)
+        if encoder is not None and getattr(encoder, "peft_config", None) and f"{name}_lora_layers" in params:
+            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+    type(pipeline).save_lora_weights(str(out), **layers)
+    return sorted(p for p in out.iterdir() if p.is_file())
+
+
+class NearIDValidationCallback:
+    """Identity validation for a custom diffusers training loop.
+
+    Args:
+        validator: the :class:`~nearid_reward.IdentityValidator` (references, metrics, history, trackers).
+        output_dir: the run's output folder (holds ``checkpoint-N/`` and ``best_identity/``); None disables
+            saving the best adapter.
+        prompts: a :class:`~nearid_reward.PromptSet` (default: the shipped identity prompt set), filled with
+            ``config.instance_token`` and ``config.class_noun`` when it has placeholders.
+        config: a :class:`CallbackConfig`; keyword ``overrides`` replace its fields.
+
+    Example:
+        >>> callback = NearIDValidationCallback(validator, output_dir=out_dir, class_noun="dog")  # doctest: +SKIP
+        >>> callback.on_validation(pipeline, global_step)  # renders, scores, logs, keeps the best  # doctest: +SKIP
+        >>> accelerator.save_state(ckpt_dir)                                                       # doctest: +SKIP
+        >>> callback.on_checkpoint(out_dir, global_step)                                           # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        validator: IdentityValidator,
+        *,
+        output_dir: str | os.PathLike[str] | None = None,
+        prompts: PromptSet | None = None,
+        config: CallbackConfig | None = None,
+        **overrides: Any,
+    ) -> None:
+        if not isinstance(validator, IdentityValidator):
+            raise TypeError(f"`validator` must be an IdentityValidator, got {type(validator).__name__}")
+        base = config if config is not None else CallbackConfig()
+        if overrides:
+            known = {f.name for f in dataclasses.fields(CallbackConfig)}
+            unknown = sorted(set(overrides) - known)
+            if unknown:
+                raise TypeError(
+                    f"NearIDValidationCallback got unknown options {unknown}; valid options: {sorted(known)}"
+                )
+            base = dataclasses.replace(base, **overrides)
+        self.config = base
+        self.validator = validator
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        template = prompts if prompts is not None else PromptSet.default()
+        self.prompts = template.fill(base.instance_token, base.class_noun) if template.has_placeholders else template
+        self.best_saved_step: int | None = None
+        self.last_error: BaseException | None = None
+
+    @property
+    def best_dir(self) -> Path | None:
+        return None if self.output_dir is None else self.output_dir / self.config.best_dir_name
+
+    # ------------------------------------------------------------------ hooks
+    def on_validation(
+        self,
+        pipeline_or_images: Any,
+        step: int,
+        *,
+        prompts: list[str] | None = None,
+        class_images: ImageInput | None = None,
+        base_images: ImageInput | None = None,
+        value_range: tuple[float, float] = (0.0, 1.0),
+    ) -> dict[str, float] | None:
+        """Validate at global step ``step``.
+
+        Args:
+            pipeline_or_images: a diffusers pipeline (the prompt set is rendered with fixed seeds, plus the base
+                model when an adapter is active and the class prompts), or generated images
+                (``[B, 3, H, W]`` in ``value_range``, PIL images or paths).
+            step: the global training step.
+            prompts, class_images, base_images, value_range: as in :meth:`IdentityValidator.validate` (images only).
+
+        Returns:
+            The metrics, or None when validation failed (the error is logged; see ``strict``).
+        """
+        try:
+            if _is_pipeline(pipeline_or_images):
+                rendered = render_validation_set(pipeline_or_images, self.prompts, config=self.config.render)
+                metrics = self.validator.validate(
+                    rendered.images, step=step, prompts=rendered.prompts, class_images=rendered.class_images,
+                    base_images=rendered.base_images,
+                )  # fmt: skip
+                if self._should_save(step):
+                    self._save_best(step, lambda tmp: save_pipeline_adapter(pipeline_or_images, tmp), "pipeline")
+            else:
+                metrics = self.validator.validate(
+                    pipeline_or_images, step=step, prompts=prompts, class_images=class_images,
+                    base_images=base_images, value_range=value_range,
+                )  # fmt: skip
+                checkpoint = None if self.output_dir is None else self.output_dir / f"checkpoint-{step}"
+                if self._should_save(step) and checkpoint is not None and checkpoint.is_dir():
+                    self._save_from_checkpoint(checkpoint, step)
+            return metrics
+        except Exception as exc:
+            return self._failed("validation", step, exc)
+
+    def on_checkpoint(self, output_dir: str | os.PathLike[str], step: int) -> Path | None:
+        """After a checkpoint save: write ``identity_scores.json`` into it; keep it as best when it is.
+
+        Args:
+            output_dir: the run's output folder (the checkpoint is ``output_dir/checkpoint-{step}``), or the
+                ``checkpoint-{step}`` folder itself (what accelerate's save-state hooks receive).
+            step: the global step of the checkpoint.
+
+        Returns:
+            The written ``identity_scores.json``, or None on failure (logged; see ``strict``).
+        """
+        try:
+            folder = Path(output_dir)
+            match = CHECKPOINT_PATTERN.match(folder.name)
+            if match is not None and int(match.group(1)) == int(step):
+                checkpoint, run_dir = folder, folder.parent
+            else:
+                checkpoint, run_dir = folder / f"checkpoint-{step}", folder
+            if self.output_dir is None:
+                self.output_dir = run_dir
+            if not checkpoint.is_dir():
+                raise FileNotFoundError(f"checkpoint folder not found: {checkpoint}")
+            record = self.validator.last_validation(at_or_before=int(step))
+            path = checkpoint / SCORES_FILE_NAME
+            write_json_atomic(path, self._scores_payload(int(step), record))
+            if record is not None and int(record["step"]) == int(step) and self._should_save(int(step)):
+                self._save_from_checkpoint(checkpoint, int(step))
+            return path
+        except Exception as exc:
+            return self._failed("checkpoint", step, exc)
+
+    # ------------------------------------------------------------------ internals
+    def _should_save(self, step: int) -> bool:
+        return (
+            self.config.save_best
+            and self.output_dir is not None
+            and self.validator.best_step == step
+            and self.validator.last_validation(at_or_before=step) is not None
+            and bool(self.validator.last_validation(at_or_before=step).get("is_best"))  # type: ignore[union-attr]
+            and self.best_saved_step != step
+            and self.validator.is_main_process
+        )
+
+    def _scores_payload(self, step: int, record: dict[str, Any] | None) -> dict[str, Any]:
+        cfg = self.validator.config
+        return {
+            "step": step,
+            "validation_step": None if record is None else int(record["step"]),
+            "metrics": {} if record is None else {k: v for k, v in record.items() if k not in ("step", "time")},
+            "monitor": self.validator.monitor_key,
+            "mode": cfg.mode,
+            "best_step": self.validator.best_step,
+            "best_value": self.validator.best_value,
+        }
+
+    def _save_from_checkpoint(self, checkpoint: Path, step: int) -> None:
+        found = inspect_checkpoint(checkpoint)
+        self._save_best(step, lambda tmp: copy_checkpoint_weights(found, tmp), str(checkpoint))
+
+    def _save_best(self, step: int, write: Any, source: str) -> None:
+        if self.best_dir is None:
+            return
+        record = self.validator.last_validation(at_or_before=step)
+
+        def build(tmp: Path) -> None:
+            write(tmp)
+            payload = self._scores_payload(step, record)
+            payload["source"] = source
+            write_json_atomic(tmp / SCORES_FILE_NAME, payload)
+
+        replace_directory(self.best_dir, build)
+        self.best_saved_step = step
+        logger.info("kept the best identity weights (step %d, %s=%.4f) in %s", step, self.validator.monitor_key,
+                    self.validator.best_value or float("nan"), self.best_dir)
+
+    def _failed(self, what: str, step: int, exc: BaseException) -> None:
+        self.last_error = exc
+        if self.config.strict:
+            raise exc
+        logger.exception("NearID %s at step %s failed; training continues (strict=True re-raises)", what, step)
+        return None

@@ -1,0 +1,415 @@
+"""``IdentityReward``: a differentiable identity reward against a subject's reference photos.
+
+The reward of a generated image is its NearID similarity to the subject's references (mean, max or centroid
+aggregation), optionally expressed relative to the reference oracle and penalised by its similarity to
+near-identity distractors. Higher is better. The NearID encoder stays frozen and in eval mode; gradients flow to
+the pixels only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from .images import ImageInput
+from .model import NearIDModel
+from .similarity import Aggregate, leave_one_out_oracle, reference_scores
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RewardConfig",
+    "RewardOutput",
+    "IdentityReward",
+    "identity_loss",
+    "hinge_loss",
+    "penalised_reward",
+]
+
+RewardKind = Literal["cosine", "relative"]
+
+_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------- stateless maths
+def identity_loss(scores: torch.Tensor) -> torch.Tensor:
+    """``1 - s`` per image: 0 for a perfect match, larger is worse (lower is better).
+
+    Args:
+        scores: ``[B]`` rewards (cosine similarities in [-1, 1], or oracle-relative scores).
+
+    Returns:
+        ``[B]`` losses.
+
+    Example:
+        >>> identity_loss(torch.tensor([1.0, 0.25]))
+        tensor([0.0000, 0.7500])
+    """
+    return 1.0 - scores
+
+
+def hinge_loss(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``relu(threshold - s)`` per image: no loss (and no gradient) once a score reaches ``threshold``.
+
+    Example:
+        >>> hinge_loss(torch.tensor([0.9, 0.5]), 0.7)
+        tensor([0.0000, 0.2000])
+    """
+    return torch.relu(threshold - scores)
+
+
+def penalised_reward(identity: torch.Tensor, negative: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """``identity - weight * negative``: the near-identity penalty (``negative`` = max similarity to distractors).
+
+    Args:
+        identity: ``[B]`` similarity to the subject's references.
+        negative: ``[B]`` maximum similarity to the negative references, or ``None`` (no penalty).
+        weight: lambda >= 0.
+    """
+    if negative is None or weight == 0.0:
+        return identity
+    return identity - weight * negative
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class RewardConfig:
+    """Options of :class:`IdentityReward`.
+
+    Attributes:
+        aggregate: how an image's similarities to the R references combine: ``"mean"``, ``"max"`` or ``"centroid"``.
+        kind: ``"cosine"`` returns the aggregated cosine similarity in [-1, 1]; ``"relative"`` divides it by the
+            reference oracle (the mean leave-one-out reference-to-reference score, needs R >= 2), so 1.0 means "as
+            close to the references as they are to each other".
+        negative_weight: lambda of the near-identity penalty ``reward = s - lambda * max_k cos(image, negative_k)``;
+            used only when negative references are given.
+        chunk_size: run the encoder on at most this many images at a time (None: whole batch).
+        gradient_checkpointing: recompute encoder layers in the backward pass (less activation memory).
+        backbone_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the frozen backbone (the head and the
+            similarities stay float32); None keeps the model's dtype.
+        check_inputs: check image tensors for NaN/Inf and value-range mistakes on every call (costs one device
+            sync per call; shapes are always checked).
+        reference_chunk_size: images per encoder call when embedding references and negatives.
+        reference_value_range: ``(low, high)`` of reference/negative *tensors* (PIL images and files are 8-bit).
+
+    ``gradient_checkpointing`` and ``backbone_dtype`` are applied to the :class:`~nearid_reward.NearIDModel` itself,
+    so a model object shared with other code is affected too (the reward also freezes it).
+    """
+
+    aggregate: Aggregate = "mean"
+    kind: RewardKind = "cosine"
+    negative_weight: float = 1.0
+    chunk_size: int | None = None
+    gradient_checkpointing: bool = False
+    backbone_dtype: str | None = None
+    check_inputs: bool = False
+    reference_chunk_size: int = 32
+    reference_value_range: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.aggregate not in ("mean", "max", "centroid"):
+            raise ValueError(f"RewardConfig.aggregate must be 'mean', 'max' or 'centroid', got {self.aggregate!r}")
+        if self.kind not in ("cosine", "relative"):
+            raise ValueError(f"RewardConfig.kind must be 'cosine' or 'relative', got {self.kind!r}")
+        if not self.negative_weight >= 0.0:
+            raise ValueError(f"RewardConfig.negative_weight must be >= 0, got {self.negative_weight}")
+        if self.chunk_size is not None and int(self.chunk_size) < 1:
+            raise ValueError(f"RewardConfig.chunk_size must be >= 1 or None, got {self.chunk_size}")
+        if int(self.reference_chunk_size) < 1:
+            raise ValueError(f"RewardConfig.reference_chunk_size must be >= 1, got {self.reference_chunk_size}")
+        if isinstance(self.backbone_dtype, torch.dtype):
+            names = {v: k for k, v in _DTYPES.items()}
+            if self.backbone_dtype not in names:
+                raise ValueError(
+                    f"RewardConfig.backbone_dtype must be one of {sorted(_DTYPES)}, got {self.backbone_dtype}"
+                )
+            self.backbone_dtype = names[self.backbone_dtype]
+        if self.backbone_dtype is not None and self.backbone_dtype not in _DTYPES:
+            raise ValueError(
+                f"RewardConfig.backbone_dtype must be one of {sorted(_DTYPES)} or None, got {self.backbone_dtype!r}"
+            )
+        low_high = tuple(float(v) for v in self.reference_value_range)
+        if len(low_high) != 2 or not low_high[1] > low_high[0]:
+            raise ValueError(
+                "RewardConfig.reference_value_range must be (low, high) with high > low, "
+                f"got {self.reference_value_range}"
+            )
+        self.reference_value_range = (low_high[0], low_high[1])
+
+    @property
+    def torch_backbone_dtype(self) -> torch.dtype | None:
+        return None if self.backbone_dtype is None else _DTYPES[self.backbone_dtype]
+
+
+@dataclass
+class RewardOutput:
+    """Everything one scoring pass computes (all tensors on the reward's device).
+
+    Attributes:
+        reward: ``[B]`` the reward (higher is better): ``identity`` (or ``identity / oracle``) minus the penalty.
+        identity: ``[B]`` aggregated cosine similarity to the references, in [-1, 1].
+        negative: ``[B]`` maximum cosine similarity to the negative references, or None without negatives.
+        embeddings: ``[B, E]`` unit-norm float32 embeddings of the images.
+    """
+
+    reward: torch.Tensor
+    identity: torch.Tensor
+    negative: torch.Tensor | None
+    embeddings: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------- module
+class IdentityReward(nn.Module):
+    """Differentiable identity reward: NearID similarity of generated images to a subject's reference photos.
+
+    Reference (and negative) embeddings are computed once without gradients and cached as buffers, so they move
+    with ``.to(device)``; :meth:`set_references` / :meth:`set_negatives` replace them. The encoder is frozen
+    (no parameter ever receives a gradient) and stays in eval mode even when a parent module calls ``.train()``.
+
+    Args:
+        model: a :class:`~nearid_reward.NearIDModel`, or a checkpoint folder / hub id to load one from.
+        references: the subject's reference photos: a float tensor ``[R, 3, H, W]`` (values in
+            ``config.reference_value_range``), PIL images, uint8 arrays, file paths or a folder.
+        negatives: optional near-identity distractors (look-alikes, class images) in the same forms.
+        config: a :class:`RewardConfig`; keyword ``overrides`` replace its fields (e.g. ``aggregate="max"``).
+
+    Shapes and ranges:
+        ``forward(images[B, 3, H, W])`` with values in ``value_range`` (default ``(0, 1)``) returns ``[B]`` float32
+        rewards; higher is better (``higher_is_better = True``). Cosine rewards lie in [-1, 1] (minus the penalty).
+
+    Example:
+        >>> reward = IdentityReward("path/to/nearid", "path/to/subject_photos", aggregate="mean")  # doctest: +SKIP
+        >>> images = pipeline_output.clamp(0, 1).requires_grad_()                                # doctest: +SKIP
+        >>> loss = reward.loss(images).mean(); loss.backward()                                   # doctest: +SKIP
+    """
+
+    higher_is_better: bool = True
+    reference_embeddings: torch.Tensor
+    negative_embeddings: torch.Tensor
+    reference_oracle: torch.Tensor
+
+    def __init__(
+        self,
+        model: NearIDModel | str | os.PathLike[str],
+        references: ImageInput,
+        *,
+        negatives: ImageInput | None = None,
+        config: RewardConfig | None = None,
+        **overrides: Any,
+    ) -> None:
+        super().__init__()
+        base = config if config is not None else RewardConfig()
+        if not isinstance(base, RewardConfig):
+            raise TypeError(f"`config` must be a RewardConfig, got {type(base).__name__}")
+        if overrides:
+            known = {f.name for f in dataclasses.fields(RewardConfig)}
+            unknown = sorted(set(overrides) - known)
+            if unknown:
+                raise TypeError(f"IdentityReward got unknown options {unknown}; valid options: {sorted(known)}")
+            base = dataclasses.replace(base, **overrides)
+        self.config = base
+        self.model = _resolve_model(model, self.config.torch_backbone_dtype)
+        if self.config.torch_backbone_dtype is not None and self.model.dtype != self.config.torch_backbone_dtype:
+            self.model.backbone.to(self.config.torch_backbone_dtype)
+        if any(p.requires_grad for p in self.model.parameters()):
+            logger.info("IdentityReward freezes the NearID model it was given (requires_grad=False on every weight)")
+        self.model.requires_grad_(False)
+        if self.config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.register_buffer("reference_embeddings", torch.zeros(0, self.model.embed_dim), persistent=False)
+        self.register_buffer("negative_embeddings", torch.zeros(0, self.model.embed_dim), persistent=False)
+        self.register_buffer("reference_oracle", torch.tensor(float("nan")), persistent=False)
+        self.to(self.model.device)
+        self.set_references(references)
+        if negatives is not None:
+            self.set_negatives(negatives)
+        self.train(False)
+
+    # ------------------------------------------------------------------ modes
+    def train(self, mode: bool = True) -> IdentityReward:
+        """Sets this module's flag; the NearID encoder always stays in eval mode."""
+        super().train(mode)
+        self.model.train(False)
+        return self
+
+    # ------------------------------------------------------------------ references
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def num_references(self) -> int:
+        return int(self.reference_embeddings.shape[0])
+
+    @property
+    def num_negatives(self) -> int:
+        return int(self.negative_embeddings.shape[0])
+
+    def embed_images(self, images: ImageInput, *, value_range: tuple[float, float] = (0.0, 1.0), name: str = "images",
+                     chunk_size: int | None = None, check_inputs: bool = True) -> torch.Tensor:
+        """Embeddings ``[N, E]`` (float32, unit norm) of any accepted image input, without gradients."""
+        _check_not_empty(images, name)
+        with torch.no_grad():
+            try:
+                return self.model.embed(
+                    images, value_range=value_range, chunk_size=chunk_size or self.config.reference_chunk_size,
+                    check_inputs=check_inputs,
+                ).float()
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"invalid `{name}`: {exc}") from exc
+
+    def set_references(self, references: ImageInput) -> None:
+        """Embed (without gradients) and cache new references; also refreshes the reference oracle."""
+        emb = self.embed_images(references, value_range=self.config.reference_value_range, name="references")
+        if self.config.kind == "relative" and emb.shape[0] < 2:
+            raise ValueError(
+                "kind='relative' divides by the reference oracle, which needs at least 2 references; "
+                f"got {emb.shape[0]}"
+            )
+        self.set_reference_embeddings(emb)
+
+    def set_reference_embeddings(self, embeddings: torch.Tensor) -> None:
+        """Cache precomputed reference embeddings ``[R, E]`` (e.g. shared between several scorers)."""
+        emb = _check_embeddings(embeddings, self.model.embed_dim, "reference embeddings")
+        buffer_dtype = self.reference_embeddings.dtype
+        self.reference_embeddings = emb.detach().to(device=self.reference_embeddings.device, dtype=buffer_dtype)
+        oracle = leave_one_out_oracle(emb.float(), self.config.aggregate).mean() if emb.shape[0] >= 2 else float("nan")
+        self.reference_oracle = torch.as_tensor(oracle, dtype=torch.float32, device=self.reference_oracle.device)
+
+    def set_negatives(self, negatives: ImageInput | None) -> None:
+        """Embed and cache near-identity negatives (None or an empty list removes them)."""
+        if negatives is None or (isinstance(negatives, (list, tuple)) and len(negatives) == 0):
+            emb = torch.zeros(0, self.model.embed_dim)
+        else:
+            emb = self.embed_images(negatives, value_range=self.config.reference_value_range, name="negatives")
+        self.negative_embeddings = emb.to(device=self.negative_embeddings.device, dtype=self.negative_embeddings.dtype)
+
+    @property
+    def oracle(self) -> float:
+        """The reference oracle: mean leave-one-out reference-to-reference score (NaN with a single reference)."""
+        return float(self.reference_oracle)
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, images: ImageInput, *, value_range: tuple[float, float] = (0.0, 1.0)) -> RewardOutput:
+        """Score images; differentiable w.r.t. tensor ``images`` ``[B, 3, H, W]`` (see :class:`RewardOutput`)."""
+        if isinstance(images, torch.Tensor):
+            embeddings = self.model.embed(
+                images, value_range=value_range, chunk_size=self.config.chunk_size,
+                check_inputs=self.config.check_inputs,
+            )  # [B, E]
+        else:
+            embeddings = self.embed_images(images, name="images", chunk_size=self.config.chunk_size)
+        return self.score_embeddings(embeddings)
+
+    def score_embeddings(self, embeddings: torch.Tensor) -> RewardOutput:
+        """Score precomputed unit-norm embeddings ``[B, E]`` (the single scoring path of the package)."""
+        dtype = torch.promote_types(embeddings.dtype, torch.float32)  # at least float32, float64 when given
+        embeddings = embeddings.to(dtype)
+        refs = self.reference_embeddings.to(dtype)
+        identity = reference_scores(embeddings, refs, self.config.aggregate)  # [B]
+        scaled = identity / self.reference_oracle.to(dtype) if self.config.kind == "relative" else identity
+        negative = None
+        if self.num_negatives > 0:
+            negative = reference_scores(embeddings, self.negative_embeddings.to(dtype), "max")  # [B]
+        reward = penalised_reward(scaled, negative, self.config.negative_weight)
+        return RewardOutput(reward=reward, identity=identity, negative=negative, embeddings=embeddings)
+
+    def forward(self, images: torch.Tensor, *, value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+        """Rewards ``[B]`` (float32, higher is better) of images ``[B, 3, H, W]`` with values in ``value_range``.
+
+        Differentiable w.r.t. ``images``; resizing and normalisation happen inside.
+        """
+        return self.score(images, value_range=value_range).reward
+
+    def loss(
+        self,
+        images: torch.Tensor,
+        *,
+        value_range: tuple[float, float] = (0.0, 1.0),
+        hinge_threshold: float | None = None,
+    ) -> torch.Tensor:
+        """Per-image loss ``[B]`` (lower is better): ``1 - reward``, or ``relu(hinge_threshold - reward)``."""
+        reward = self(images, value_range=value_range)
+        return identity_loss(reward) if hinge_threshold is None else hinge_loss(reward, hinge_threshold)
+
+    def reward_fn(
+        self,
+        images: ImageInput,
+        prompts: Sequence[str] | None = None,
+        metadata: Any = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Adapter for DDPO / AlignProp / Flow-GRPO-style loops: ``(images, prompts, metadata) -> (rewards, info)``.
+
+        Args:
+            images: float ``[B, 3, H, W]`` in [0, 1] (what ``output_type="pt"`` pipelines return), uint8
+                ``[B, H, W, 3]`` numpy arrays or tensors, or a list of PIL images. Float tensors keep their
+                gradient (AlignProp); the others are scored without one.
+            prompts: the prompts (unused; identity does not depend on the prompt).
+            metadata: per-prompt metadata (unused).
+
+        Returns:
+            ``rewards [B]`` and ``info`` with detached ``identity``, ``negative`` (when negatives are set) and the
+            ``reference_oracle``.
+        """
+        batch = _as_unit_tensor(images)
+        out = self.score(batch) if batch is not None else self.score(images)
+        info: dict[str, Any] = {"identity": out.identity.detach(), "reference_oracle": self.oracle}
+        if out.negative is not None:
+            info["negative"] = out.negative.detach()
+        return out.reward, info
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"references={self.num_references}, negatives={self.num_negatives}, aggregate={c.aggregate!r}, "
+            f"kind={c.kind!r}, negative_weight={c.negative_weight}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _resolve_model(model: Any, dtype: torch.dtype | None) -> NearIDModel:
+    if isinstance(model, NearIDModel):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return NearIDModel.from_pretrained(model, torch_dtype=dtype, head_dtype=torch.float32)
+    raise TypeError(f"`model` must be a NearIDModel or a checkpoint path, got {type(model).__name__}")
+
+
+def _check_not_empty(images: Any, name: str) -> None:
+    empty = (isinstance(images, torch.Tensor) and images.ndim >= 1 and images.shape[0] == 0) or (
+        isinstance(images, (list, tuple)) and len(images) == 0
+    )
+    if empty:
+        raise ValueError(f"`{name}` is empty: pass at least one image (a tensor [N, 3, H, W], PIL images or paths)")
+
+
+def _check_embeddings(embeddings: Any, dim: int, name: str) -> torch.Tensor:
+    if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2 or embeddings.shape[1] != dim:
+        shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+        raise ValueError(f"{name} must be a tensor [R, {dim}], got {shape}")
+    if embeddings.shape[0] == 0:
+        raise ValueError(f"{name} are empty: the reference set needs at least one image")
+    if not torch.isfinite(embeddings).all():
+        raise ValueError(f"{name} contain NaN or infinite values")
+    return embeddings
+
+
+def _as_unit_tensor(images: Any) -> torch.Tensor | None:
+    """uint8 batches ``[B, H, W, 3]`` (numpy or torch) -> float ``[B, 3, H, W]`` in [0, 1]; float tensors pass."""
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4:
+        images = torch.from_numpy(images)
+    if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"uint8 image batches must be [B, H, W, 3], got shape {tuple(images.shape)}")
+        return images.permute(0, 3, 1, 2).float() / 255.0
+    if isinstance(images, torch.Tensor):
+        return images
+    return None

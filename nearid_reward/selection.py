@@ -1,0 +1,533 @@
+"""Checkpoint selection by identity score: render a fixed prompt/seed set for every ``checkpoint-N`` of a run
+with ONE pipeline (LoRA load/delete or hotswap; full UNet/transformer weights loaded in place), score, rank, and
+write ``identity_selection.json`` / ``.csv`` / ``.png``.
+
+A rerun skips checkpoints whose weights (SHA-256) and scoring settings are unchanged. Under ``accelerate launch``
+the work is split between processes with ``PartialState.split_between_processes``; the main process gathers
+(``accelerate.utils.gather_object``), ranks and writes. accelerate and matplotlib are imported lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ._version import __version__
+from .io import CheckpointError, atomic_write, load_safetensors, write_json_atomic, write_text_atomic
+from .rendering import PromptSet, RenderConfig, denoiser_of, render_validation_set
+from .run_checkpoints import (
+    LORA_WEIGHT_NAME,
+    RunCheckpoint,
+    content_hash,
+    copy_checkpoint_weights,
+    find_checkpoints,
+    replace_directory,
+)
+from .similarity import leave_one_out_oracle
+from .validation import IdentityValidator, identity_metrics
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SelectionConfig", "SelectionResult", "CheckpointSelector", "format_table", "SELECTION_JSON"]
+
+SELECTION_JSON = "identity_selection.json"
+SELECTION_CSV = "identity_selection.csv"
+SELECTION_PNG = "identity_selection.png"
+SELECTION_FORMAT = "nearid-selection"
+BASE_NAME = "base"
+
+
+@dataclass
+class SelectionConfig:
+    """Options of :class:`CheckpointSelector`.
+
+    Attributes:
+        monitor: metric that ranks checkpoints (e.g. ``"identity_mean"``, ``"relative_mean"``, ``"identity_gain"``).
+        mode: ``"max"`` or ``"min"``.
+        render: rendering of the prompt set (steps, guidance, size, seeds, class prompts, base model).
+        hotswap: replace LoRA weights in place (``load_lora_weights(..., hotswap=True)``) instead of deleting and
+            loading an adapter per checkpoint; falls back to delete + load when a checkpoint cannot be hotswapped.
+        use_cache: reuse results of checkpoints already scored with the same weights and settings.
+        skip_invalid: skip checkpoint folders without usable weights (with a warning) instead of failing.
+        weight_name: LoRA weights file name inside ``checkpoint-N``.
+        adapter_name: adapter name used while a checkpoint is loaded.
+        plot: write ``identity_selection.png``.
+        winner: ``"copy"`` or ``"symlink"`` the winner's weights to ``winner_dir`` (None: leave them).
+        winner_dir: where the winner goes (default ``output_dir/best_identity``).
+    """
+
+    monitor: str = "identity_mean"
+    mode: Literal["max", "min"] = "max"
+    render: RenderConfig = field(default_factory=RenderConfig)
+    hotswap: bool = False
+    use_cache: bool = True
+    skip_invalid: bool = False
+    weight_name: str = LORA_WEIGHT_NAME
+    adapter_name: str = "nearid_select"
+    plot: bool = True
+    winner: Literal["copy", "symlink"] | None = None
+    winner_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"SelectionConfig.mode must be 'max' or 'min', got {self.mode!r}")
+        if self.winner not in (None, "copy", "symlink"):
+            raise ValueError(f"SelectionConfig.winner must be 'copy', 'symlink' or None, got {self.winner!r}")
+        if not isinstance(self.render, RenderConfig):
+            raise TypeError(f"SelectionConfig.render must be a RenderConfig, got {type(self.render).__name__}")
+
+
+@dataclass
+class SelectionResult:
+    """Outcome of a selection run (identical on every process).
+
+    Attributes:
+        rows: one dict per checkpoint, best first (``rank`` 1 is the winner): name, step, kind, hash, cached,
+            metrics (unprefixed, e.g. ``identity_mean``), ``identity_gain`` when the base model was rendered, and
+            ``time_load_s`` / ``time_render_s`` / ``time_score_s`` (0 for cached rows).
+        base: metrics of the base model (adapter-free pipeline), or None.
+        reference_oracle: mean leave-one-out reference score (None with one reference); ``reference_oracle_std``
+            its standard deviation over references.
+        files: written files by role (``json``, ``csv``, ``png``, ``winner``); empty on non-main processes.
+    """
+
+    rows: list[dict[str, Any]]
+    base: dict[str, Any] | None
+    monitor: str
+    mode: str
+    reference_oracle: float | None
+    reference_oracle_std: float | None
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def winner(self) -> dict[str, Any] | None:
+        return self.rows[0] if self.rows else None
+
+
+class CheckpointSelector:
+    """Score every checkpoint of a training run with one pipeline and rank them by identity.
+
+    Args:
+        pipeline: a diffusers pipeline holding the *base* model (the one the run started from). It is loaded once;
+            checkpoints are swapped into it.
+        validator: scores images (its references, aggregation and thresholds); its history is not touched.
+        prompts: a filled :class:`~nearid_reward.PromptSet`.
+        config: a :class:`SelectionConfig`.
+        state: an ``accelerate.PartialState`` (created when None and accelerate is installed).
+
+    Example:
+        >>> selector = CheckpointSelector(pipe, validator, PromptSet.default().fill("sks", "dog"))   # doctest: +SKIP
+        >>> result = selector.run("runs/dog-lora"); result.winner["name"]                           # doctest: +SKIP
+        'checkpoint-800'
+    """
+
+    def __init__(
+        self,
+        pipeline: Any,
+        validator: IdentityValidator,
+        prompts: PromptSet,
+        *,
+        config: SelectionConfig | None = None,
+        state: Any = None,
+    ) -> None:
+        if prompts.has_placeholders:
+            raise ValueError("`prompts` still has {token}/{class} placeholders: call prompts.fill(token, class_noun)")
+        self.pipeline = pipeline
+        self.validator = validator
+        self.prompts = prompts
+        self.config = config or SelectionConfig()
+        self.state = state if state is not None else _partial_state()
+        self._hotswap_ready = False
+        self._adapter_loaded = False
+
+    # ------------------------------------------------------------------ settings and cache
+    def settings(self) -> dict[str, Any]:
+        """Everything that changes scores besides the checkpoint weights (the cache is keyed by it)."""
+        refs = self.validator.scorer.reference_embeddings.detach().float().cpu().contiguous()
+        vcfg = self.validator.config
+        render = dataclasses.replace(self.config.render, render_base=False)
+        return {
+            "references_sha256": hashlib.sha256(refs.numpy().tobytes()).hexdigest(),
+            "num_references": int(refs.shape[0]),
+            "aggregate": self.validator.scorer.config.aggregate,
+            "threshold": self.validator.threshold,
+            "copy_margin": vcfg.copy_margin,
+            "prompts": self.prompts.to_dict(),
+            "render": render.to_dict(),
+            "base_model": str(getattr(self.pipeline, "name_or_path", "") or type(self.pipeline).__name__),
+            "denoiser_dtype": str(denoiser_of(self.pipeline)[0].dtype),
+        }
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()
+
+    @staticmethod
+    def _read_cache(path: Path, fingerprint: str) -> dict[str, dict[str, Any]]:
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            logger.warning("ignoring unreadable selection cache %s: %s", path, exc)
+            return {}
+        if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
+            return {}
+        rows = {r["name"]: r for r in data.get("checkpoints", []) if isinstance(r, dict) and "name" in r}
+        if isinstance(data.get("base"), dict):
+            rows[BASE_NAME] = data["base"]
+        return rows
+
+    def _check_monitor(self) -> None:
+        """Fail before rendering anything when the monitor is not a metric this configuration produces."""
+        scorer = self.validator.scorer
+        refs = scorer.reference_embeddings.float()
+        with_class = self.config.render.render_class and bool(self.prompts.class_prompts)
+        names = set(identity_metrics(
+            scorer, refs, threshold=self.validator.threshold, class_embeddings=refs if with_class else None,
+        ))  # fmt: skip
+        if self.config.render.render_base:
+            names.add("identity_gain")
+        if self.config.monitor not in names:
+            raise ValueError(
+                f"monitor {self.config.monitor!r} is not available with these settings (identity_gain needs the base "
+                f"model, class_leakage_* class prompts, relative/copy metrics 2 references); "
+                f"available: {sorted(names)}"
+            )
+
+    # ------------------------------------------------------------------ loading
+    @contextlib.contextmanager
+    def _loaded(self, checkpoint: RunCheckpoint, timing: dict[str, float]) -> Iterator[None]:
+        start = time.perf_counter()
+        if checkpoint.kind == "lora":
+            self._load_lora(checkpoint)
+        else:
+            denoiser, attr = denoiser_of(self.pipeline)
+            if attr != checkpoint.kind:
+                raise CheckpointError(
+                    f"{checkpoint.path} holds a {checkpoint.kind}/ folder but the pipeline's denoiser is `{attr}`"
+                )
+            index = next((f for f in checkpoint.files if f.name.endswith(".index.json")), None)
+            state = load_safetensors(index or next(f for f in checkpoint.files if f.suffix == ".safetensors"))
+            missing, unexpected = denoiser.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"{checkpoint.weights_dir} does not fit the pipeline's {attr}: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}"
+                )
+        timing["load"] = time.perf_counter() - start
+        try:
+            yield
+        finally:
+            if checkpoint.kind == "lora" and not self.config.hotswap:
+                start = time.perf_counter()
+                self.pipeline.delete_adapters(self.config.adapter_name)
+                self._adapter_loaded = False
+                timing["load"] += time.perf_counter() - start
+
+    def _load_lora(self, checkpoint: RunCheckpoint) -> None:
+        name = self.config.adapter_name
+        kwargs = {"weight_name": checkpoint.files[0].name, "adapter_name": name}
+        if self.config.hotswap and self._adapter_loaded:
+            try:
+                self.pipeline.load_lora_weights(str(checkpoint.path), hotswap=True, **kwargs)
+                return
+            except Exception as exc:  # e.g. different target modules, or text-encoder LoRA
+                logger.warning("hotswap of %s failed (%s); deleting and loading the adapter instead",
+                               checkpoint.name, exc)
+                self.pipeline.delete_adapters(name)
+                self._adapter_loaded = False
+        self.pipeline.load_lora_weights(str(checkpoint.path), **kwargs)
+        self.pipeline.set_adapters([name])
+        self._adapter_loaded = True
+
+    def _prepare_hotswap(self, checkpoints: Sequence[RunCheckpoint]) -> None:
+        if not self.config.hotswap or self._hotswap_ready:
+            return
+        ranks = [_lora_rank(c.files[0]) for c in checkpoints if c.kind == "lora"]
+        if ranks and hasattr(self.pipeline, "enable_lora_hotswap"):
+            self.pipeline.enable_lora_hotswap(target_rank=max(ranks))
+        self._hotswap_ready = True
+
+    # ------------------------------------------------------------------ scoring
+    def _score(self, item: tuple[str, RunCheckpoint | None], fingerprint: str) -> dict[str, Any]:
+        name, checkpoint = item
+        timing = {"load": 0.0, "render": 0.0, "score": 0.0}
+        render_cfg = dataclasses.replace(self.config.render, render_base=False)
+        with contextlib.ExitStack() as stack:
+            if checkpoint is not None:
+                stack.enter_context(self._loaded(checkpoint, timing))
+            start = time.perf_counter()
+            rendered = render_validation_set(self.pipeline, self.prompts, config=render_cfg)
+            timing["render"] = time.perf_counter() - start
+        start = time.perf_counter()
+        metrics = self.validator.compute(rendered.images, class_images=rendered.class_images)
+        timing["score"] = time.perf_counter() - start
+        prefix = self.validator.config.prefix
+        row: dict[str, Any] = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in metrics.items()}
+        row.update(name=name, cached=False, fingerprint=fingerprint)
+        if checkpoint is not None:
+            row.update(step=checkpoint.step, kind=checkpoint.kind, path=str(checkpoint.path))
+        row.update({f"time_{k}_s": v for k, v in timing.items()})
+        logger.info("scored %s: %s=%.4f (load %.3fs, render %.3fs, score %.3fs)", name, self.config.monitor,
+                    row.get(self.config.monitor, float("nan")), timing["load"], timing["render"], timing["score"])
+        return row
+
+    def run(self, output_dir: str | os.PathLike[str], *, checkpoints: Sequence[str] | None = None) -> SelectionResult:
+        """Select the best checkpoint of the run in ``output_dir`` (see the module docstring).
+
+        Args:
+            output_dir: the training run's output folder with ``checkpoint-N`` subfolders.
+            checkpoints: only these checkpoint folder names (each must exist).
+
+        Raises:
+            CheckpointError: no checkpoints, missing named checkpoints, folders without weights (unless
+                ``skip_invalid``), or weights that do not fit the pipeline.
+        """
+        root = Path(output_dir)
+        self._check_monitor()
+        entries = find_checkpoints(root, names=checkpoints, skip_invalid=self.config.skip_invalid,
+                                   weight_name=self.config.weight_name)
+        fingerprint = self.fingerprint()
+        cache = self._read_cache(root / SELECTION_JSON, fingerprint) if self.config.use_cache else {}
+        hashes = {c.name: content_hash(c) for c in entries}
+        work: list[tuple[str, RunCheckpoint | None]] = []
+        cached_rows: list[dict[str, Any]] = []
+        if self.config.render.render_base:
+            if BASE_NAME in cache:
+                cached_rows.append({**cache[BASE_NAME], "cached": True})
+            else:
+                work.append((BASE_NAME, None))  # first item: process 0 renders the base before swapping anything in
+        for entry in entries:
+            old = cache.get(entry.name)
+            if old is not None and old.get("hash") == hashes[entry.name] and old.get("step") == entry.step:
+                cached_rows.append({**old, "cached": True, **{k: 0.0 for k in ("time_load_s", "time_render_s",
+                                                                                "time_score_s")}})
+            else:
+                work.append((entry.name, entry))
+        logger.info("%d checkpoints (%d cached), %d items to render", len(entries), len(cached_rows), len(work))
+        self._prepare_hotswap([c for _, c in work if c is not None])
+        mine_rows: list[dict[str, Any]] = []
+        with self._split(work) as mine:
+            logger.info("process %d/%d scores %s", getattr(self.state, "process_index", 0),
+                        getattr(self.state, "num_processes", 1), [name for name, _ in mine])
+            for item in mine:
+                row = self._score(item, fingerprint)
+                if item[1] is not None:
+                    row["hash"] = hashes[item[0]]
+                mine_rows.append(row)
+        if self._adapter_loaded:
+            self.pipeline.delete_adapters(self.config.adapter_name)
+            self._adapter_loaded = False
+        all_rows = cached_rows + self._gather(mine_rows)
+        result = self._rank(all_rows)
+        if self._is_main:
+            result.files = self._write(root, result, fingerprint, {c.name: c for c in entries})
+        self._wait()
+        return result
+
+    # ------------------------------------------------------------------ distribution
+    @property
+    def _is_main(self) -> bool:
+        return bool(getattr(self.state, "is_main_process", True))
+
+    @contextlib.contextmanager
+    def _split(self, work: list[Any]) -> Iterator[list[Any]]:
+        if self.state is None or getattr(self.state, "num_processes", 1) <= 1:
+            yield work
+            return
+        with self.state.split_between_processes(work) as mine:
+            yield list(mine)
+
+    def _gather(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.state is None or getattr(self.state, "num_processes", 1) <= 1:
+            return rows
+        from accelerate.utils import gather_object
+
+        return list(gather_object(rows))
+
+    def _wait(self) -> None:
+        if self.state is not None and getattr(self.state, "num_processes", 1) > 1:
+            self.state.wait_for_everyone()
+
+    # ------------------------------------------------------------------ ranking and outputs
+    def _rank(self, rows: list[dict[str, Any]]) -> SelectionResult:
+        base = next((r for r in rows if r["name"] == BASE_NAME), None)
+        ckpts = [dict(r) for r in rows if r["name"] != BASE_NAME]
+        for row in ckpts:
+            if base is not None and "identity_mean" in base:
+                row["identity_gain"] = row["identity_mean"] - base["identity_mean"]
+        monitor = self.config.monitor
+        missing = [r["name"] for r in ckpts if not isinstance(r.get(monitor), (int, float)) or math.isnan(r[monitor])]
+        if missing:
+            known = sorted(k for k, v in ckpts[0].items() if isinstance(v, float)) if ckpts else []
+            raise ValueError(f"monitor {monitor!r} is not available for {missing}; available metrics: {known}")
+        sign = -1.0 if self.config.mode == "max" else 1.0
+        ckpts.sort(key=lambda r: (sign * float(r[monitor]), int(r["step"])))
+        for rank, row in enumerate(ckpts, start=1):
+            row["rank"] = rank
+        refs = self.validator.scorer.reference_embeddings.float()
+        oracle = oracle_std = None
+        if refs.shape[0] >= 2:
+            loo = leave_one_out_oracle(refs, self.validator.scorer.config.aggregate)
+            oracle, oracle_std = float(loo.mean()), float(loo.std(unbiased=False))
+        return SelectionResult(ckpts, base, monitor, self.config.mode, oracle, oracle_std)
+
+    def _write(
+        self, root: Path, result: SelectionResult, fingerprint: str, entries: dict[str, RunCheckpoint]
+    ) -> dict[str, Path]:
+        files: dict[str, Path] = {}
+        winner_path = None
+        if self.config.winner is not None and result.winner is not None:
+            winner_path = self._place_winner(root, result, entries[result.winner["name"]])
+            files["winner"] = winner_path
+        payload = {
+            "format": SELECTION_FORMAT,
+            "version": 1,
+            "library_version": __version__,
+            "fingerprint": fingerprint,
+            "settings": self.settings(),
+            "monitor": result.monitor,
+            "mode": result.mode,
+            "reference_oracle": result.reference_oracle,
+            "reference_oracle_std": result.reference_oracle_std,
+            "base": result.base,
+            "checkpoints": result.rows,
+            "winner": None if result.winner is None else result.winner["name"],
+            "winner_path": None if winner_path is None else str(winner_path),
+        }
+        files["json"] = root / SELECTION_JSON
+        write_json_atomic(files["json"], payload)
+        files["csv"] = root / SELECTION_CSV
+        write_text_atomic(files["csv"], _csv_text(result.rows))
+        if self.config.plot and result.rows:
+            files["png"] = root / SELECTION_PNG
+            _plot(result, files["png"])
+        return files
+
+    def _place_winner(self, root: Path, result: SelectionResult, checkpoint: RunCheckpoint) -> Path:
+        dest = Path(self.config.winner_dir) if self.config.winner_dir else root / "best_identity"
+        summary = {"selected_by": SELECTION_FORMAT, "monitor": result.monitor, "mode": result.mode,
+                   "row": result.winner, "source": str(checkpoint.path)}
+        if self.config.winner == "symlink":
+            tmp = dest.parent / f".{dest.name}.link-{os.getpid()}"
+            if tmp.is_symlink() or tmp.exists():
+                tmp.unlink()
+            target = os.path.relpath(checkpoint.path.resolve(), dest.parent.resolve())
+            os.symlink(target, tmp, target_is_directory=True)
+            if dest.exists() and not dest.is_symlink():  # a previously copied winner: move it aside first
+                old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+                os.replace(dest, old)
+                os.replace(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dest)  # atomically replaces a previous link
+            return dest
+
+        def build(tmp: Path) -> None:
+            copy_checkpoint_weights(checkpoint, tmp)
+            write_json_atomic(tmp / "identity_scores.json", summary)
+
+        return replace_directory(dest, build)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _partial_state() -> Any:
+    try:
+        from accelerate import PartialState
+    except ImportError:  # selection still works in one process
+        return None
+    return PartialState()
+
+
+def _lora_rank(file: Path) -> int:
+    from safetensors import safe_open
+
+    rank = 0
+    with safe_open(str(file), framework="pt", device="cpu") as handle:
+        for key in handle.keys():
+            if "lora.down" in key or "lora_A" in key or "lora_down" in key:
+                rank = max(rank, int(handle.get_slice(key).get_shape()[0]))
+    return rank
+
+
+_CSV_FIRST = ("rank", "name", "step", "kind")
+_CSV_LAST = ("time_load_s", "time_render_s", "time_score_s", "cached", "hash")
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    metric_keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, float) and k not in _CSV_LAST})
+    columns = [*_CSV_FIRST, *metric_keys, *_CSV_LAST]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row.get(k), float) else row.get(k, "")) for k in columns})
+    return buffer.getvalue()
+
+
+def format_table(result: SelectionResult) -> str:
+    """A plain-text ranked table of the result (what ``nearid-select`` prints)."""
+    keys = [k for k in ("identity_mean", "relative_mean", "identity_gain", "class_leakage_mean", "copy_fraction")
+            if any(k in r for r in result.rows)]
+    if result.monitor not in keys:
+        keys.insert(0, result.monitor)
+    width = max([len("checkpoint"), *(len(r["name"]) for r in result.rows)])
+    header = f"{'rank':>4}  {'checkpoint':<{width}}  {'step':>7}  " + "  ".join(f"{k:>18}" for k in keys)
+    lines = [header, "-" * len(header)]
+    for r in result.rows:
+        values = "  ".join(f"{r[k]:>18.4f}" if isinstance(r.get(k), float) else f"{'-':>18}" for k in keys)
+        lines.append(f"{r['rank']:>4}  {r['name']:<{width}}  {r['step']:>7}  {values}")
+    if result.base is not None and "identity_mean" in result.base:
+        lines.append(f"base model identity_mean: {result.base['identity_mean']:.4f}")
+    if result.reference_oracle is not None:
+        lines.append(f"reference oracle: {result.reference_oracle:.4f} +- {result.reference_oracle_std:.4f}")
+    if result.winner is not None:
+        lines.append(f"winner: {result.winner['name']} ({result.monitor}={result.winner[result.monitor]:.4f})")
+    return "\n".join(lines)
+
+
+def _plot(result: SelectionResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    rows = sorted(result.rows, key=lambda r: r["step"])
+    steps = [r["step"] for r in rows]
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    if result.reference_oracle is not None:
+        lo = result.reference_oracle - (result.reference_oracle_std or 0.0)
+        hi = result.reference_oracle + (result.reference_oracle_std or 0.0)
+        ax.axhspan(lo, hi, color="tab:green", alpha=0.15, label="reference oracle (mean +- std)")
+        ax.axhline(result.reference_oracle, color="tab:green", linewidth=1)
+    if result.base is not None and "identity_mean" in result.base:
+        ax.axhline(result.base["identity_mean"], color="tab:gray", linestyle="--", label="base model")
+    ax.plot(steps, [r["identity_mean"] for r in rows], marker="o", color="tab:blue", label="identity_mean")
+    if result.winner is not None and "identity_mean" in result.winner:
+        ax.plot([result.winner["step"]], [result.winner["identity_mean"]], marker="*", markersize=14,
+                color="tab:red", linestyle="none", label=f"winner ({result.winner['name']})")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("NearID identity score (cosine)")
+    ax.set_title(f"identity by checkpoint (ranked by {result.monitor}, {result.mode})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    with atomic_write(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+
