@@ -41,7 +41,8 @@ def _photos(n: int, size: int) -> list[Image.Image]:
     import skimage.data
 
     root = Path(os.path.dirname(skimage.data.__file__))
-    names = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg", "motorcycle_left.png"]
+    names = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg",
+             "motorcycle_left.png"]
     base = [Image.open(root / name).convert("RGB").resize((size, size), Image.BICUBIC) for name in names]
     return [base[i % len(base)].rotate(7 * (i // len(base))) for i in range(n)]
 
@@ -75,16 +76,16 @@ def main() -> None:
             processor = SiglipImageProcessorPil.from_pretrained(folder)
             ours = NearIDModel.from_pretrained(folder)
 
-        def run_official() -> torch.Tensor:
+        def run_official(processor=processor, official=official) -> torch.Tensor:
             with torch.no_grad():
                 inputs = processor(images=photos, return_tensors="pt")
                 return F.normalize(official(**inputs).pooler_output, dim=-1)
 
-        def run_tensor() -> torch.Tensor:
+        def run_tensor(ours=ours) -> torch.Tensor:
             with torch.no_grad():
                 return ours.embed(batch)
 
-        def run_pil() -> torch.Tensor:
+        def run_pil(ours=ours) -> torch.Tensor:
             with torch.no_grad():
                 return ours.embed(photos)
 

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint sidecars, best-identity keeping and an optional identity loss. Put the script's own arguments "
         "after `--`.",
     )
-    p.add_argument("--script", required=True, help="path of the diffusers training script (e.g. train_dreambooth_lora.py)")
+    p.add_argument("--script", required=True, help="the diffusers training script, e.g. train_dreambooth_lora.py")
     p.add_argument("--nearid_model", required=True, help="NearID checkpoint folder (release, head-only or SigLIP)")
     p.add_argument("--nearid_reference_dir", required=True, help="folder of the subject's reference photos")
     p.add_argument("--nearid_negative_dir", default=None,
@@ -151,16 +151,22 @@ def derive_token_and_class(instance_prompt: str | None, class_prompt: str | None
     """Instance token and class noun from the script's prompts.
 
     ``("a photo of sks dog", "a photo of dog")`` gives ``("sks", "dog")``: the token is what the instance prompt adds
-    to the class prompt, the class noun the class prompt's last word. Without a class prompt the instance prompt's last
-    two words are taken as token and noun.
+    to the class prompt, the class noun the word that follows the token (or the class prompt's last word). Without a
+    class prompt the instance prompt's last two words are taken as token and noun. ``--nearid_instance_token`` and
+    ``--nearid_class_noun`` override both.
     """
     words = (instance_prompt or "").split()
     if not words:
         return "", ""
     if class_prompt:
         class_words = class_prompt.split()
-        extra = [w for w in words if w not in class_words]
-        return " ".join(extra), class_words[-1] if class_words else ""
+        extra = [i for i, w in enumerate(words) if w not in class_words]
+        if extra:
+            token = " ".join(words[i] for i in extra)
+            after = extra[-1] + 1
+            noun = words[after] if after < len(words) and words[after] in class_words else class_words[-1]
+            return token, noun
+        return "", class_words[-1] if class_words else ""
     if len(words) == 1:
         return words[0], ""
     return words[-2], words[-1]
@@ -259,9 +265,9 @@ class DreamBoothSession:
             prefix = callback.validator.config.prefix
             extra = {prefix + "script/" + k[len(prefix):]: v for k, v in script_metrics.items()}
             self.script_scores.append({"step": step, **extra})
-        metrics = callback.on_validation(pipeline, step, extra_metrics=extra)
-        if metrics is None and self.strict:  # pragma: no cover - the callback re-raises itself when strict
-            raise RuntimeError("NearID validation failed")
+        final = bool(arguments.get("is_final_validation", False))
+        callback.on_validation(pipeline, step, extra_metrics=extra, source="final" if final else "validation",
+                               reuse_render=True)
         self.validations += 1
 
     def on_save_state(self, models: list[Any], weights: list[Any], output_dir: str) -> None:
@@ -273,7 +279,7 @@ class DreamBoothSession:
         if self.options.score_checkpoints:
             pipeline = self._pipeline_for_models(models)
             if pipeline is not None:
-                callback.on_validation(pipeline, step)
+                callback.on_validation(pipeline, step, source="checkpoint")
         callback.on_checkpoint(output_dir, step)
 
     def on_end_training(self) -> None:
@@ -320,7 +326,7 @@ class DreamBoothSession:
             pipeline = DiffusionPipeline.from_pretrained(base, **parts)
             pipeline.set_progress_bar_config(disable=True)
             device = self.accelerator.device if self.accelerator is not None else torch.device("cpu")
-            for name, component in pipeline.components.items():  # never move or cast the shared trained models
+            for component in pipeline.components.values():  # never move or cast the shared trained models
                 if isinstance(component, torch.nn.Module) and component not in live:
                     component.to(device)
             self._checkpoint_pipeline = pipeline

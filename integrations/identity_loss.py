@@ -58,7 +58,7 @@ class IdentityLossHook:
     def register(self, denoiser: torch.nn.Module) -> None:
         module = getattr(denoiser, "module", denoiser)
         module.register_forward_hook(self._capture, with_kwargs=True)
-        logger.info("NearID identity loss (experimental) attached to %s, weight %s", type(module).__name__, self.weight)
+        logger.info("NearID identity loss (experimental) on %s, weight %s", type(module).__name__, self.weight)
 
     def _capture(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):

@@ -20,7 +20,7 @@ import torch
 
 from .images import ImageInput
 from .io import write_json_atomic
-from .rendering import PromptSet, RenderConfig, denoiser_of, render_validation_set
+from .rendering import PromptSet, RenderConfig, RenderedSet, denoiser_of, render_validation_set
 from .run_checkpoints import CHECKPOINT_PATTERN, copy_checkpoint_weights, inspect_checkpoint, replace_directory
 from .validation import IdentityValidator
 
@@ -139,6 +139,7 @@ class NearIDValidationCallback:
         self.prompts = template.fill(base.instance_token, base.class_noun) if template.has_placeholders else template
         self.best_saved_step: int | None = None
         self.last_error: BaseException | None = None
+        self._last_render: tuple[int, RenderedSet] | None = None
 
     @property
     def best_dir(self) -> Path | None:
@@ -154,6 +155,9 @@ class NearIDValidationCallback:
         class_images: ImageInput | None = None,
         base_images: ImageInput | None = None,
         value_range: tuple[float, float] = (0.0, 1.0),
+        extra_metrics: dict[str, float] | None = None,
+        source: str | None = None,
+        reuse_render: bool = False,
     ) -> dict[str, float] | None:
         """Validate at global step ``step``.
 
@@ -163,23 +167,30 @@ class NearIDValidationCallback:
                 (``[B, 3, H, W]`` in ``value_range``, PIL images or paths).
             step: the global training step.
             prompts, class_images, base_images, value_range: as in :meth:`IdentityValidator.validate` (images only).
+            extra_metrics, source: stored in the same history line (see :meth:`IdentityValidator.validate`).
+            reuse_render: when the pipeline was already rendered at this very step (the weights have not changed
+                since), score those images again instead of rendering the prompt set a second time.
 
         Returns:
             The metrics, or None when validation failed (the error is logged; see ``strict``).
         """
         try:
             if _is_pipeline(pipeline_or_images):
-                rendered = render_validation_set(pipeline_or_images, self.prompts, config=self.config.render)
+                if reuse_render and self._last_render is not None and self._last_render[0] == int(step):
+                    rendered = self._last_render[1]
+                else:
+                    rendered = render_validation_set(pipeline_or_images, self.prompts, config=self.config.render)
+                    self._last_render = (int(step), rendered)
                 metrics = self.validator.validate(
                     rendered.images, step=step, prompts=rendered.prompts, class_images=rendered.class_images,
-                    base_images=rendered.base_images,
+                    base_images=rendered.base_images, extra_metrics=extra_metrics, source=source,
                 )  # fmt: skip
                 if self._should_save(step):
                     self._save_best(step, lambda tmp: save_pipeline_adapter(pipeline_or_images, tmp), "pipeline")
             else:
                 metrics = self.validator.validate(
                     pipeline_or_images, step=step, prompts=prompts, class_images=class_images,
-                    base_images=base_images, value_range=value_range,
+                    base_images=base_images, value_range=value_range, extra_metrics=extra_metrics, source=source,
                 )  # fmt: skip
                 checkpoint = None if self.output_dir is None else self.output_dir / f"checkpoint-{step}"
                 if self._should_save(step) and checkpoint is not None and checkpoint.is_dir():

@@ -19,7 +19,15 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["SamplerConfig", "ddim_sample", "decode_latents", "encode_prompts", "initial_latents", "sample_images"]
+__all__ = [
+    "SamplerConfig",
+    "ddim_sample",
+    "decode_latents",
+    "encode_prompts",
+    "initial_latents",
+    "predict_x0",
+    "sample_images",
+]
 
 
 @dataclass
@@ -119,6 +127,45 @@ def ddim_sample(
                 noise = uncond + cfg.guidance_scale * (cond - uncond)
             x = sched.step(noise, t, x, return_dict=False, **step_kwargs)[0]
     return x
+
+
+def predict_x0(
+    model_output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, scheduler: Any
+) -> torch.Tensor:
+    """One-step estimate of the clean latents from a denoiser prediction (the ReFL / x0 trick), differentiable.
+
+    Args:
+        model_output: ``[B, C, h, w]`` the denoiser's prediction at ``noisy``.
+        noisy: ``[B, C, h, w]`` the noisy latents x_t.
+        timesteps: ``[B]`` training timesteps (0..num_train_timesteps-1 for DDPM-family schedulers; for flow-matching
+            schedulers ``t = 1000 * sigma``).
+        scheduler: the training noise scheduler. DDPM-family: ``prediction_type`` ``"epsilon"``
+            (x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)), ``"v_prediction"`` (x0 = sqrt(a) x_t - sqrt(1 - a) v) or
+            ``"sample"``; flow matching (``FlowMatchEulerDiscreteScheduler``): x_t = (1 - s) x0 + s noise and the model
+            predicts ``noise - x0``, so x0 = x_t - s * prediction.
+
+    Returns:
+        ``[B, C, h, w]`` estimated x0 in the latents' dtype.
+    """
+    if model_output.shape != noisy.shape:
+        raise ValueError(f"model_output {tuple(model_output.shape)} and noisy {tuple(noisy.shape)} must match")
+    shape = (-1,) + (1,) * (noisy.ndim - 1)
+    if type(scheduler).__name__.startswith("FlowMatch"):
+        num = float(getattr(scheduler.config, "num_train_timesteps", 1000))
+        sigma = (timesteps.float() / num).reshape(shape).to(noisy.device)
+        return (noisy.float() - sigma * model_output.float()).to(noisy.dtype)
+    alphas = scheduler.alphas_cumprod.to(noisy.device)[timesteps.long()].float().reshape(shape)  # [B, 1, 1, 1]
+    kind = scheduler.config.prediction_type
+    x, out = noisy.float(), model_output.float()
+    if kind == "epsilon":
+        x0 = (x - (1 - alphas).sqrt() * out) / alphas.sqrt()
+    elif kind == "v_prediction":
+        x0 = alphas.sqrt() * x - (1 - alphas).sqrt() * out
+    elif kind == "sample":
+        x0 = out
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r} (expected epsilon, v_prediction or sample)")
+    return x0.to(noisy.dtype)
 
 
 def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:

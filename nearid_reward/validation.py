@@ -320,6 +320,8 @@ class IdentityValidator:
         class_images: ImageInput | None = None,
         base_images: ImageInput | None = None,
         value_range: tuple[float, float] = (0.0, 1.0),
+        extra_metrics: dict[str, float] | None = None,
+        source: str | None = None,
     ) -> dict[str, float]:
         """Score one validation at training step ``step``, append it to the history, update best and patience.
 
@@ -330,6 +332,9 @@ class IdentityValidator:
             class_images: generations of class prompts with the adapter (class-prompt leakage).
             base_images: the same prompts and seeds rendered by the base model (identity gain).
             value_range: ``(low, high)`` of tensor pixel values.
+            extra_metrics: more scalars to store in the same history line and log (e.g. scores of images the
+                training script rendered itself); they do not take part in best tracking unless monitored.
+            source: what triggered this validation (e.g. ``"validation"``, ``"checkpoint"``), kept in the history.
 
         Returns:
             The flat metrics dict, plus ``{prefix}best_value`` and ``{prefix}is_best``.
@@ -340,7 +345,11 @@ class IdentityValidator:
         if prompts is not None and isinstance(images, torch.Tensor) and len(prompts) != images.shape[0]:
             raise ValueError(f"`prompts` has {len(prompts)} entries but `images` has {images.shape[0]} images")
         metrics = self.compute(images, class_images=class_images, base_images=base_images, value_range=value_range)
+        if extra_metrics:
+            metrics.update({k: float(v) for k, v in extra_metrics.items()})
         record: dict[str, Any] = {"step": step, "time": time.time(), **metrics}
+        if source is not None:
+            record["source"] = str(source)
         self._track(record, replay=False)
         p = self.config.prefix
         if self.best_value is not None:

@@ -1,0 +1,191 @@
+"""``nearid-dreambooth`` hosting an unmodified DreamBooth-LoRA script (our fixture shaped like the diffusers ones)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from integrations import dreambooth
+from integrations.script_hooks import split_argv, validation_family
+from nearid_reward.io import read_jsonl
+from nearid_reward.testing import save_tiny_nearid, write_random_images
+from nearid_reward.testing_diffusers import save_tiny_sd_pipeline
+
+FIXTURE = Path(__file__).parent / "fixtures" / "train_dreambooth_lora_fixture.py"
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dreambooth")
+    write_random_images(root / "instance", 4, 64, seed=1)
+    write_random_images(root / "class", 4, 64, seed=2)
+    write_random_images(root / "references", 3, 64, seed=1)  # the subject's photos
+    return {
+        "sd": save_tiny_sd_pipeline(root / "tiny-sd", seed=0, scheduler="ddpm"),
+        "nearid": save_tiny_nearid(root / "nearid", format="head"),
+        "instance": root / "instance",
+        "class": root / "class",
+        "references": root / "references",
+        "root": root,
+    }
+
+
+def _argv(assets: dict[str, Path], out: Path, *extra_ours: str, steps: int = 4) -> list[str]:
+    return [
+        "--script", str(FIXTURE), "--nearid_model", str(assets["nearid"]),
+        "--nearid_reference_dir", str(assets["references"]), "--nearid_num_inference_steps", "2",
+        "--nearid_prompts", str(assets["root"] / "prompts.json"), *extra_ours, "--",
+        "--pretrained_model_name_or_path", str(assets["sd"]), "--instance_data_dir", str(assets["instance"]),
+        "--instance_prompt", "a photo of sks dog", "--class_data_dir", str(assets["class"]),
+        "--class_prompt", "a photo of dog", "--with_prior_preservation", "--validation_prompt", "a photo of sks dog",
+        "--num_validation_images", "1", "--output_dir", str(out), "--max_train_steps", str(steps),
+        "--train_batch_size", "2", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1", "--seed", "0",
+        "--report_to", "tensorboard",
+    ]  # fmt: skip
+
+
+def _run(argv: list[str]) -> None:
+    _reset_accelerate()
+    try:
+        assert dreambooth.main(argv) == 0
+    finally:
+        _reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def run(assets: dict[str, Path]) -> Path:
+    (assets["root"] / "prompts.json").write_text(json.dumps(
+        {"instance": ["a photo of {token} {class}", "a photo of {token} {class} on the beach"],
+         "class": ["a photo of a {class}"]}))  # fmt: skip
+    out = assets["root"] / "run"
+    _run(_argv(assets, out))
+    return out
+
+
+def test_history_lines_and_their_true_global_steps(run: Path) -> None:
+    records = read_jsonl(run / dreambooth.HISTORY_NAME)
+    # 4 instance images, batch 2 -> 2 steps per epoch: checkpoints at 2 and 4, validations at the end of each epoch
+    # (steps 2 and 4), then the final validation on the reloaded LoRA (step 4)
+    assert [(r["step"], r["source"]) for r in records] == [
+        (2, "checkpoint"), (2, "validation"), (4, "checkpoint"), (4, "validation"), (4, "final"),
+    ]
+    for r in records:
+        assert -1.0 <= r["nearid/identity_mean"] <= 1.0
+        assert "nearid/base_identity_mean" in r and "nearid/class_leakage_mean" in r
+    # the script's own validation images are scored into the same line
+    assert all("nearid/script/identity_mean" in r for r in records if r["source"] != "checkpoint")
+    # a validation at the same step as its checkpoint reuses that render: identical prompt-set scores
+    assert records[0]["nearid/identity_mean"] == records[1]["nearid/identity_mean"]
+
+
+def test_checkpoint_sidecars_and_best_identity_survive_pruning(run: Path) -> None:
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4"]  # checkpoint-2 was pruned
+    sidecar = json.loads((run / "checkpoint-4" / "identity_scores.json").read_text())
+    assert sidecar["step"] == 4 and sidecar["validation_step"] == 4
+    assert sidecar["metrics"]["nearid/identity_mean"] == pytest.approx(
+        read_jsonl(run / dreambooth.HISTORY_NAME)[2]["nearid/identity_mean"])
+    best = run / "best_identity"
+    scores = json.loads((best / "identity_scores.json").read_text())
+    weights = load_file(str(best / "pytorch_lora_weights.safetensors"))
+    assert weights and all(k.startswith("unet.") for k in weights)
+    records = read_jsonl(run / dreambooth.HISTORY_NAME)
+    best_value = max(r["nearid/identity_mean"] for r in records)
+    assert scores["best_value"] == pytest.approx(best_value)
+    if scores["step"] == 4:  # the best adapter is the step-4 one: same weights as the final LoRA
+        final = load_file(str(run / "pytorch_lora_weights.safetensors"))
+        assert all(torch.equal(final[k], weights[k]) for k in final)
+
+
+def test_scalars_reach_the_scripts_tracker_at_the_global_step(run: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted((run / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    steps: list[int] = []
+    for file in events:
+        acc = EventAccumulator(str(file))
+        acc.Reload()
+        if "nearid/identity_mean" in acc.Tags()["scalars"]:
+            steps += [e.step for e in acc.Scalars("nearid/identity_mean")]
+    assert sorted(steps) == [2, 2, 4, 4, 4]
+
+
+def test_summary_written_at_the_end(run: Path) -> None:
+    text = (run / "identity_summary.md").read_text()
+    assert "Best step" in text and "| 4 |" in text
+    assert (run / "identity_summary.png").stat().st_size > 1000
+
+
+def test_scoring_errors_never_kill_the_run(assets: dict[str, Path], tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    bad_refs = tmp_path / "refs"
+    bad_refs.mkdir()
+    (bad_refs / "broken.png").write_bytes(b"not an image")
+    argv = _argv(assets, tmp_path / "out", steps=2)
+    argv[argv.index("--nearid_reference_dir") + 1] = str(bad_refs)
+    with caplog.at_level(logging.ERROR):
+        _run(argv)
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()  # training finished
+    assert "training continues" in caplog.text and "broken.png" in caplog.text
+    with pytest.raises(ValueError, match="broken.png"):
+        _run(["--nearid_strict", *argv])
+
+
+def test_identity_loss_changes_the_trained_lora(assets: dict[str, Path], run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "with_loss"
+    _run(_argv(assets, out, "--nearid_loss_weight", "5.0", "--nearid_loss_max_timestep", "1000",
+               "--nearid_no_score_checkpoints"))
+    plain = load_file(str(run / "pytorch_lora_weights.safetensors"))
+    with_loss = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert plain.keys() == with_loss.keys()
+    assert any(not torch.allclose(plain[k], with_loss[k]) for k in plain)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = []
+    for file in (out / "logs").rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(file))
+        acc.Reload()
+        if "nearid/train_identity_loss" in acc.Tags()["scalars"]:
+            values += [e.value for e in acc.Scalars("nearid/train_identity_loss")]
+    assert values and all(0.0 <= v <= 2.0 for v in values)
+
+
+def test_argv_split_and_token_derivation() -> None:
+    assert split_argv(["--script", "x.py", "--", "--lr", "1"]) == (["--script", "x.py"], ["--lr", "1"])
+    assert split_argv(["--script", "x.py"]) == (["--script", "x.py"], [])
+    assert dreambooth.derive_token_and_class("a photo of sks dog", "a photo of dog") == ("sks", "dog")
+    assert dreambooth.derive_token_and_class("a photo of sks dog", None) == ("sks", "dog")
+    assert dreambooth.derive_token_and_class("a zwx toy in the garden", "a toy in the garden") == ("zwx", "toy")
+    assert dreambooth.derive_token_and_class("a photo of dog", "a photo of dog") == ("", "dog")
+
+
+def test_both_log_validation_signature_families_are_recognised() -> None:
+    def lora(pipeline, args, accelerator, pipeline_args, epoch, torch_dtype, is_final_validation=False): ...
+
+    def full(text_encoder, tokenizer, unet, vae, args, accelerator, weight_dtype, global_step, prompt_embeds,
+             negative_prompt_embeds): ...
+
+    assert validation_family(lora) == "pipeline"
+    assert validation_family(full) == "components"
+    with pytest.raises(ValueError, match="unrecognised log_validation signature"):
+        validation_family(lambda images, step: None)
+
+
+def test_script_without_main_is_rejected(tmp_path: Path) -> None:
+    script = tmp_path / "not_a_trainer.py"
+    script.write_text("x = 1\n")
+    with pytest.raises(ValueError, match="no module-level `main`"):
+        dreambooth.main(["--script", str(script), "--nearid_model", "m", "--nearid_reference_dir", "r"])
