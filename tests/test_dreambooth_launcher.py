@@ -189,3 +189,24 @@ def test_script_without_main_is_rejected(tmp_path: Path) -> None:
     script.write_text("x = 1\n")
     with pytest.raises(ValueError, match="no module-level `main`"):
         dreambooth.main(["--script", str(script), "--nearid_model", "m", "--nearid_reference_dir", "r"])
+
+
+def test_under_accelerate_launch_with_two_processes(assets: dict[str, Path], run: Path, tmp_path: Path) -> None:
+    """Scoring on the main process only must not hang the other rank (no collective inside the main-only block)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    argv = _argv(assets, out, steps=4)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "--main_process_port", "0",
+           "-m", "integrations.dreambooth", *argv]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_jsonl(out / dreambooth.HISTORY_NAME)
+    assert records and all(r["step"] in (2, 4) for r in records)
+    assert [r["source"] for r in records].count("final") == 1  # written once, by the main process only
+    assert (out / "checkpoint-4" / "identity_scores.json").is_file()
+    assert (out / "best_identity" / "pytorch_lora_weights.safetensors").is_file()
