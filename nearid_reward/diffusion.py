@@ -26,6 +26,10 @@ __all__ = [
     "encode_prompts",
     "initial_latents",
     "predict_x0",
+    "ddim_timesteps",
+    "denoising_loss",
+    "reward_weights",
+    "refl_images",
     "sample_images",
 ]
 
@@ -79,6 +83,7 @@ def ddim_sample(
     negative_prompt_embeds: torch.Tensor | None = None,
     unet_kwargs: dict[str, Any] | None = None,
     generator: torch.Generator | None = None,
+    stop_index: int | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``latents``; the last ``config.grad_steps`` steps are differentiable.
 
@@ -92,6 +97,8 @@ def ddim_sample(
         negative_prompt_embeds: ``[B, L, D]`` unconditional embeddings (needed when ``guidance_scale > 1``).
         unet_kwargs: extra UNet arguments (e.g. ``added_cond_kwargs`` for SDXL), for the whole (guided) batch.
         generator: noise generator for ``eta > 0``.
+        stop_index: stop before denoising step ``stop_index`` (0-based) and return the latents x_t of that step
+            (see :func:`ddim_timesteps` for its timestep); None runs every step.
 
     Returns:
         ``[B, C, h, w]`` final latents; they carry gradients when ``grad_steps > 0``.
@@ -115,6 +122,8 @@ def ddim_sample(
         step_kwargs["generator"] = generator
     x = latents
     for i, t in enumerate(timesteps):
+        if stop_index is not None and i >= stop_index:
+            break
         with torch.set_grad_enabled(i >= first_grad and torch.is_grad_enabled()):
             model_in = torch.cat([x, x]) if guided else x
             model_in = sched.scale_model_input(model_in, t)
@@ -168,6 +177,82 @@ def predict_x0(
     return x0.to(noisy.dtype)
 
 
+def ddim_timesteps(scheduler: Any, num_inference_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The timesteps ``[N]`` a DDIM run with ``num_inference_steps`` visits (the scheduler itself is not changed)."""
+    sched = type(scheduler).from_config(scheduler.config)
+    sched.set_timesteps(num_inference_steps, device=device)
+    return sched.timesteps
+
+
+def denoising_loss(
+    unet: torch.nn.Module,
+    noise_scheduler: Any,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    *,
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    unet_kwargs: dict[str, Any] | None = None,
+    target_unet: torch.nn.Module | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-sample diffusion training loss ``[B]`` on clean latents (the DreamBooth objective).
+
+    Noise ``latents`` at ``timesteps`` (uniform random when None), predict with ``unet`` and regress the target of
+    the scheduler's ``prediction_type`` (epsilon or v). With ``target_unet`` the target is instead that module's
+    prediction without gradients (a KL-to-reference term: for Gaussian denoisers the KL between the two reverse
+    steps is proportional to this squared difference).
+
+    Args:
+        unet: the trained denoiser.
+        noise_scheduler: a DDPM-family training scheduler (``add_noise``, ``get_velocity``, ``prediction_type``).
+        latents: ``[B, C, h, w]`` clean latents (already scaled by the VAE's scaling factor).
+        prompt_embeds: ``[B, L, D]`` text conditioning.
+        timesteps, noise: optional fixed draws (``[B]`` and ``[B, C, h, w]``).
+        unet_kwargs: extra UNet arguments (SDXL ``added_cond_kwargs``).
+        target_unet: optional reference denoiser (e.g. the same UNet with its adapter disabled, as a callable).
+        generator: for the random draws.
+
+    Returns:
+        ``[B]`` mean squared errors (float32).
+    """
+    b = latents.shape[0]
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    if timesteps is None:
+        high = int(noise_scheduler.config.num_train_timesteps)
+        timesteps = torch.randint(0, high, (b,), generator=generator).to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    kwargs = dict(unet_kwargs or {})
+    pred = _unet_call(unet, noisy, timesteps, prompt_embeds, kwargs)
+    if target_unet is not None:
+        with torch.no_grad():
+            target = _unet_call(target_unet, noisy, timesteps, prompt_embeds, kwargs)
+    elif noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction_type {noise_scheduler.config.prediction_type!r}")
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def reward_weights(rewards: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Reward-weighted-regression weights ``[B]``: ``B * softmax(standardised rewards / temperature)`` (mean 1).
+
+    Rewards are standardised within the batch (zero mean, unit std; all equal gives uniform weights), so the scale
+    of the reward does not matter and a lower ``temperature`` concentrates the weight on the best samples.
+    """
+    if rewards.ndim != 1 or rewards.numel() == 0:
+        raise ValueError(f"`rewards` must be a non-empty [B] tensor, got shape {tuple(rewards.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"`temperature` must be > 0, got {temperature}")
+    r = rewards.detach().float()
+    std = r.std(unbiased=False)
+    z = (r - r.mean()) / std if float(std) > 1e-8 else torch.zeros_like(r)
+    return torch.softmax(z / temperature, dim=0) * r.numel()
+
+
 def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """VAE decode (differentiable): latents ``[B, C, h, w]`` -> float32 images ``[B, 3, H, W]`` in [0, 1].
 
@@ -213,8 +298,12 @@ def initial_latents(
     height: int | None = None,
     width: int | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    scheduler: Any = None,
 ) -> torch.Tensor:
     """Gaussian starting latents ``[B, C, H/f, W/f]`` in the UNet's dtype, scaled by ``init_noise_sigma``.
+
+    ``scheduler`` is the one that will sample (its ``init_noise_sigma`` is used; default: the pipeline's own; an
+    Euler scheduler's sigma is far from DDIM's 1.0).
 
     Per-image CPU generators give the same noise as the pipelines' own sampling with the same seeds.
     """
@@ -233,7 +322,46 @@ def initial_latents(
         noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype) for g in generator])
     else:
         noise = torch.randn(shape, generator=generator, dtype=dtype)
-    return noise.to(device) * float(pipeline.scheduler.init_noise_sigma)
+    return noise.to(device) * float((scheduler or pipeline.scheduler).init_noise_sigma)
+
+
+def prepare_conditioning(
+    pipeline: Any,
+    prompts: Sequence[str],
+    *,
+    guided: bool,
+    negative_prompt: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """Text conditioning of an SD or SDXL pipeline for :func:`ddim_sample` (no gradients).
+
+    Returns:
+        ``prompt_embeds [B, L, D]``, ``negative_prompt_embeds`` (when ``guided``) and the extra UNet arguments for the
+        (guided) batch: SDXL's ``added_cond_kwargs`` (pooled text embeddings and size/crop time ids), else ``{}``.
+    """
+    if not hasattr(pipeline, "text_encoder_2"):
+        embeds, neg = encode_prompts(pipeline, prompts, negative_prompt=negative_prompt, guidance=guided)
+        return embeds, neg, {}
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError(f"`prompts` must be a non-empty list of strings, got {prompts!r}")
+    device = getattr(pipeline, "_execution_device", pipeline.device)
+    # No negative prompt: the pipeline decides (SDXL's force_zeros_for_empty_prompt uses zero embeddings).
+    negative = [negative_prompt] * len(prompts) if guided and negative_prompt else None
+    with torch.no_grad():
+        embeds, neg, pooled, neg_pooled = pipeline.encode_prompt(
+            list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+            negative_prompt=negative,
+        )  # fmt: skip
+    factor = int(getattr(pipeline, "vae_scale_factor", 8))
+    size = int(pipeline.unet.config.sample_size) * factor
+    h, w = height or size, width or size
+    projection = int(pipeline.text_encoder_2.config.projection_dim)
+    time_ids = pipeline._get_add_time_ids((h, w), (0, 0), (h, w), dtype=embeds.dtype,
+                                          text_encoder_projection_dim=projection).to(device)  # [1, 6]
+    text = torch.cat([neg_pooled, pooled]) if guided else pooled
+    ids = time_ids.repeat(text.shape[0], 1)
+    return embeds, (neg if guided else None), {"added_cond_kwargs": {"text_embeds": text, "time_ids": ids}}
 
 
 def sample_images(
@@ -246,7 +374,7 @@ def sample_images(
     generator: torch.Generator | list[torch.Generator] | None = None,
     negative_prompt: str | None = None,
 ) -> torch.Tensor:
-    """Sample images from an SD-style pipeline with gradients through the last ``grad_steps`` DDIM steps.
+    """Sample images from an SD or SDXL pipeline with gradients through the last ``grad_steps`` DDIM steps.
 
     The pipeline's own scheduler is left untouched (a DDIM scheduler is built from its config). Gradients reach
     every trainable parameter of the UNet used in the grad-carrying steps (e.g. LoRA tensors) and the VAE decode.
@@ -259,8 +387,56 @@ def sample_images(
     cfg = config or SamplerConfig()
     prompts = list(prompts)
     guided = cfg.guidance_scale > 1.0
-    embeds, neg = encode_prompts(pipeline, prompts, negative_prompt=negative_prompt, guidance=guided)
-    latents = initial_latents(pipeline, len(prompts), height=height, width=width, generator=generator)
+    embeds, neg, kwargs = prepare_conditioning(pipeline, prompts, guided=guided, negative_prompt=negative_prompt,
+                                               height=height, width=width)
     scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
-    final = ddim_sample(pipeline.unet, scheduler, latents, embeds, config=cfg, negative_prompt_embeds=neg)
+    latents = initial_latents(pipeline, len(prompts), height=height, width=width, generator=generator,
+                              scheduler=scheduler)
+    final = ddim_sample(pipeline.unet, scheduler, latents, embeds, config=cfg, negative_prompt_embeds=neg,
+                        unet_kwargs=kwargs)
     return decode_latents(pipeline.vae, final)
+
+
+def refl_images(
+    pipeline: Any,
+    prompts: Sequence[str],
+    *,
+    stop_index: int,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 1.0,
+    height: int | None = None,
+    width: int | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    negative_prompt: str | None = None,
+) -> torch.Tensor:
+    """ReFL: denoise without gradients up to DDIM step ``stop_index``, then one differentiable step to x0, decoded.
+
+    Only the last UNet call carries gradients, so one reward step costs one UNet backward (the ImageReward ReFL
+    recipe draws ``stop_index`` late in the schedule, where the one-step x0 is already sharp).
+
+    Returns:
+        float32 ``[B, 3, H, W]`` in [0, 1], differentiable w.r.t. the UNet's trainable parameters.
+    """
+    from diffusers import DDIMScheduler
+
+    if not 0 <= int(stop_index) < int(num_inference_steps):
+        raise ValueError(f"stop_index must be in [0, {num_inference_steps}), got {stop_index}")
+    guided = guidance_scale > 1.0
+    embeds, neg, kwargs = prepare_conditioning(pipeline, list(prompts), guided=guided,
+                                               negative_prompt=negative_prompt, height=height, width=width)
+    scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    latents = initial_latents(pipeline, len(prompts), height=height, width=width, generator=generator,
+                              scheduler=scheduler)
+    cfg = SamplerConfig(num_inference_steps=num_inference_steps, grad_steps=0, guidance_scale=guidance_scale)
+    with torch.no_grad():
+        x = ddim_sample(pipeline.unet, scheduler, latents, embeds, config=cfg, negative_prompt_embeds=neg,
+                        unet_kwargs=kwargs, stop_index=stop_index)
+    t = ddim_timesteps(scheduler, num_inference_steps, device=x.device)[stop_index]
+    model_in = torch.cat([x, x]) if guided else x
+    cond = torch.cat([neg, embeds]) if guided else embeds
+    out = _unet_call(pipeline.unet, scheduler.scale_model_input(model_in, t), t, cond, kwargs)
+    if guided:
+        uncond, text = out.chunk(2)
+        out = uncond + guidance_scale * (text - uncond)
+    x0 = predict_x0(out, x, t.reshape(1).expand(x.shape[0]), scheduler)
+    return decode_latents(pipeline.vae, x0)

@@ -107,3 +107,84 @@ def test_sampler_bad_input(pipe):
         encode_prompts(pipe, "a photo")
     with pytest.raises(ValueError, match="multiples"):
         initial_latents(pipe, 1, height=63)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_sampler_reproduces_the_sdxl_pipeline(guidance):
+    from diffusers import DDIMScheduler
+
+    from nearid_reward.testing_diffusers import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline(seed=0)  # ships an Euler scheduler: the DDIM sampler must use DDIM's own sigma
+    config = SamplerConfig(num_inference_steps=3, grad_steps=0, guidance_scale=guidance)
+    with torch.no_grad():
+        ours = sample_images(pipe, PROMPTS, config=config, generator=_generators(2))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    theirs = pipe(PROMPTS, num_inference_steps=3, guidance_scale=guidance, output_type="pt",
+                  generator=_generators(2)).images
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "flow"])
+def test_predict_x0_inverts_the_forward_process(kind):
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from nearid_reward.diffusion import predict_x0
+
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    if kind == "flow":
+        sched = FlowMatchEulerDiscreteScheduler()
+        sigma = torch.tensor([0.1, 0.5, 0.9]).view(-1, 1, 1, 1)
+        noisy, target, t = (1 - sigma) * x0 + sigma * noise, noise - x0, sigma.flatten() * 1000
+    else:
+        sched = DDPMScheduler(prediction_type=kind)
+        t = torch.tensor([10, 500, 900])
+        noisy = sched.add_noise(x0, noise, t)
+        target = noise if kind == "epsilon" else sched.get_velocity(x0, noise, t)
+    torch.testing.assert_close(predict_x0(target, noisy, t, sched), x0, atol=1e-4, rtol=0)
+
+
+def test_reward_weights_hand_worked():
+    from nearid_reward.diffusion import reward_weights
+
+    w = reward_weights(torch.tensor([1.0, 1.0, 1.0]))
+    torch.testing.assert_close(w, torch.ones(3))
+    w = reward_weights(torch.tensor([0.0, 2.0]), temperature=1.0)  # standardised to [-1, 1]
+    e = torch.exp(torch.tensor([-1.0, 1.0]))
+    torch.testing.assert_close(w, 2 * e / e.sum())
+    assert reward_weights(torch.tensor([0.0, 10.0]), temperature=0.1)[1] > 1.99
+    with pytest.raises(ValueError, match="temperature"):
+        reward_weights(torch.tensor([1.0]), temperature=0.0)
+
+
+def test_denoising_loss_is_zero_against_itself_and_reaches_lora(pipe):
+    from diffusers import DDPMScheduler
+
+    from nearid_reward.diffusion import denoising_loss
+
+    params = add_lora_adapter(pipe.unet, rank=4, seed=3)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    latents = torch.randn(2, 4, 32, 32)
+    embeds, _ = encode_prompts(pipe, PROMPTS)
+    same = denoising_loss(pipe.unet, sched, latents, embeds, target_unet=pipe.unet, generator=torch.Generator())
+    torch.testing.assert_close(same, torch.zeros(2))
+    loss = denoising_loss(pipe.unet, sched, latents, embeds, generator=torch.Generator().manual_seed(0))
+    assert loss.shape == (2,) and bool((loss > 0).all())
+    loss.mean().backward()
+    assert all(p.grad is not None for p in params)
+
+
+def test_refl_images_carry_gradients_from_one_unet_call(pipe, reward):
+    from nearid_reward.diffusion import refl_images
+
+    params = add_lora_adapter(pipe.unet, rank=4, seed=None)
+    calls: list[bool] = []
+    hook = pipe.unet.register_forward_hook(lambda m, a, o: calls.append(torch.is_grad_enabled()))
+    try:
+        images = refl_images(pipe, PROMPTS, stop_index=2, num_inference_steps=4, generator=_generators(2))
+    finally:
+        hook.remove()
+    assert calls == [False, False, True]
+    reward.loss(images).mean().backward()
+    assert all(p.grad is not None for n, p in pipe.unet.named_parameters() if "lora_B" in n)
+    assert images.shape == (2, 3, 64, 64) and len(params) == 64
