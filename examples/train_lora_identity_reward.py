@@ -1,0 +1,285 @@
+"""Fine-tune a LoRA on a diffusers SD / SDXL pipeline to raise NearID identity to a subject's reference photos.
+
+Three modes (``--mode``):
+
+* ``draft`` (DRaFT-K / AlignProp): sample with DDIM and backpropagate the identity reward through the last
+  ``--backprop_num_steps`` sampler steps (K=1 is cheap, K=all is full backprop); LoRA-only gradients, optional UNet
+  gradient checkpointing (``--gradient_checkpointing``) and random K (``--backprop_strategy random``).
+* ``refl`` (ReFL): denoise without gradients to a late random step, take one differentiable step to x0, decode, score.
+* ``rwr`` (reward-weighted regression): sample without gradients, score, and train the ordinary diffusion loss on
+  the generated images weighted by their normalised reward (no backprop through the sampler).
+
+A prior term keeps the adapter close to the base model on class images (``--class_data_dir``): ``--prior_type kl``
+regresses the adapter's prediction onto the base model's (adapter disabled), ``--prior_type mse`` is DreamBooth's
+prior preservation. Checkpoints are scored by :class:`~nearid_reward.NearIDValidationCallback` and the best adapter
+is kept in ``output_dir/best_identity``. Runs with ``python`` or ``accelerate launch`` (several GPUs, mixed precision).
+
+Example (SD 1.5, one GPU)::
+
+    accelerate launch examples/train_lora_identity_reward.py \\
+        --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 --nearid_model Aleksandar/nearid-siglip2 \\
+        --reference_dir photos/ --instance_token sks --class_noun dog \\
+        --mode draft --backprop_num_steps 1 --max_train_steps 500 --output_dir out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nearid_reward import IdentityReward, IdentityValidator, NearIDValidationCallback
+from nearid_reward.callback import CallbackConfig
+from nearid_reward.diffusion import (
+    SamplerConfig,
+    denoising_loss,
+    prepare_conditioning,
+    refl_images,
+    reward_weights,
+    sample_images,
+)
+from nearid_reward.images import to_pil_list
+from nearid_reward.io import append_jsonl
+from nearid_reward.rendering import PromptSet, RenderConfig, adapters_disabled
+
+logger = logging.getLogger("train_lora_identity_reward")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pretrained_model_name_or_path", required=True)
+    p.add_argument("--nearid_model", required=True, help="NearID checkpoint folder or hub id")
+    p.add_argument("--reference_dir", required=True, help="folder of the subject's reference photos")
+    p.add_argument("--negative_dir", default=None, help="near-identity distractors to penalise (optional)")
+    p.add_argument("--negative_weight", type=float, default=1.0, help="lambda of the near-identity penalty")
+    p.add_argument("--instance_token", default="sks")
+    p.add_argument("--class_noun", default="")
+    p.add_argument("--prompts", default=None, help="prompt file (default: the shipped identity prompt set)")
+    p.add_argument("--output_dir", default="identity-reward-lora")
+    p.add_argument("--mode", choices=["draft", "refl", "rwr"], default="draft")
+    p.add_argument("--backprop_num_steps", type=int, default=1, help="K of DRaFT-K (grad-carrying last steps)")
+    p.add_argument("--backprop_strategy", choices=["tail", "random"], default="tail",
+                   help="tail: always the last K steps; random: K drawn in [1, K] each step")
+    p.add_argument("--refl_range", type=float, nargs=2, default=(0.7, 0.95),
+                   help="ReFL stops at a random step in this fraction range of the schedule")
+    p.add_argument("--rwr_temperature", type=float, default=1.0)
+    p.add_argument("--num_inference_steps", type=int, default=20)
+    p.add_argument("--guidance_scale", type=float, default=1.0)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--train_batch_size", type=int, default=2)
+    p.add_argument("--max_train_steps", type=int, default=200)
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--class_data_dir", default=None, help="class images for the prior term")
+    p.add_argument("--prior_type", choices=["kl", "mse"], default="kl")
+    p.add_argument("--prior_loss_weight", type=float, default=1.0)
+    p.add_argument("--checkpointing_steps", type=int, default=100)
+    p.add_argument("--validation_steps", type=int, default=100)
+    p.add_argument("--validation_inference_steps", type=int, default=20)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--report_to", default=None, help="tensorboard, wandb or none")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.backprop_num_steps < 1 or args.backprop_num_steps > args.num_inference_steps:
+        p.error(f"--backprop_num_steps must be in [1, --num_inference_steps={args.num_inference_steps}]")
+    lo, hi = args.refl_range
+    if not 0.0 <= lo <= hi < 1.0:
+        p.error(f"--refl_range must satisfy 0 <= low <= high < 1, got {args.refl_range}")
+    return args
+
+
+def _class_latents(pipeline: Any, folder: str, size: int, device: torch.device) -> torch.Tensor:
+    """VAE latents ``[N, C, h, w]`` of the class images (resized to the training resolution, no gradients)."""
+    images = to_pil_list(folder, name="class_data_dir")
+    arrays = [np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32) for img in images]
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0  # [N, 3, H, W] in [-1, 1]
+    vae = pipeline.vae
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.sample()
+    return latents * vae.config.scaling_factor
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import DDPMScheduler, DiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to in (None, "none") else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    set_seed(args.seed, device_specific=True)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    pipeline = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path)
+    pipeline.set_progress_bar_config(disable=True)
+    for name in ("vae", "text_encoder", "text_encoder_2", "unet"):
+        module = getattr(pipeline, name, None)
+        if module is not None:
+            module.requires_grad_(False)
+            module.to(accelerator.device, dtype=weight_dtype if name != "vae" else torch.float32)
+    unet = pipeline.unet
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    for param in lora_params:  # trainable tensors in fp32 under mixed precision
+        param.data = param.data.float()
+    if args.gradient_checkpointing and args.mode != "draft":  # draft checkpoints each sampler step instead
+        unet.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    pipeline.unet = accelerator.unwrap_model(unet)
+
+    # Every rank scores its own samples; the reward model is frozen and shared by nothing else.
+    reward = IdentityReward(args.nearid_model, args.reference_dir, negatives=args.negative_dir,
+                            negative_weight=args.negative_weight).to(accelerator.device)
+    prompts = PromptSet.load(args.prompts).fill(args.instance_token, args.class_noun).instance
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    size = args.resolution or int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
+    class_latents = (_class_latents(pipeline, args.class_data_dir, size, accelerator.device)
+                     if args.class_data_dir and args.prior_loss_weight > 0 else None)
+    class_prompts = PromptSet.load(args.prompts).fill("", args.class_noun).instance
+
+    callback = None
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        validator = IdentityValidator(reward, history_path=out / "identity_history.jsonl", accelerator=accelerator)
+        render = RenderConfig(num_inference_steps=args.validation_inference_steps, height=args.resolution,
+                              width=args.resolution, render_class=False)
+        callback = NearIDValidationCallback(
+            validator, output_dir=out, prompts=PromptSet.load(args.prompts),
+            config=CallbackConfig(instance_token=args.instance_token, class_noun=args.class_noun, render=render),
+        )
+        accelerator.init_trackers("identity-reward-lora", config={k: str(v) for k, v in vars(args).items()})
+
+    def save_hook(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        if accelerator.is_main_process:
+            for model in models:
+                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(model)))
+                type(pipeline).save_lora_weights(output_dir, unet_lora_layers=layers)
+                weights.pop()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    rng = random.Random(args.seed + accelerator.process_index)
+    generator = torch.Generator().manual_seed(args.seed + 1000 * accelerator.process_index)
+    history: list[dict[str, float]] = []
+    for step in range(1, args.max_train_steps + 1):
+        unet.train()
+        batch_prompts = [rng.choice(prompts) for _ in range(args.train_batch_size)]
+        seeds = [torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+                 for _ in batch_prompts]
+        with accelerator.accumulate(unet), accelerator.autocast():
+            logs: dict[str, float] = {}
+            if args.mode in ("draft", "refl"):
+                if args.mode == "draft":
+                    k = args.backprop_num_steps if args.backprop_strategy == "tail" else rng.randint(
+                        1, args.backprop_num_steps)
+                    cfg = SamplerConfig(num_inference_steps=args.num_inference_steps, grad_steps=k,
+                                        guidance_scale=args.guidance_scale,
+                                        gradient_checkpointing=args.gradient_checkpointing)
+                    images = sample_images(pipeline, batch_prompts, config=cfg, height=size, width=size,
+                                           generator=seeds)
+                else:
+                    lo, hi = args.refl_range
+                    stop = rng.randint(int(lo * args.num_inference_steps), int(hi * args.num_inference_steps))
+                    images = refl_images(pipeline, batch_prompts, stop_index=stop,
+                                         num_inference_steps=args.num_inference_steps,
+                                         guidance_scale=args.guidance_scale, height=size, width=size,
+                                         generator=seeds)
+                scores = reward(images)  # [B], differentiable
+                loss = (1.0 - scores).mean()
+            else:  # reward-weighted regression on the model's own samples
+                with torch.no_grad():
+                    cfg = SamplerConfig(num_inference_steps=args.num_inference_steps, grad_steps=0,
+                                        guidance_scale=args.guidance_scale)
+                    images = sample_images(pipeline, batch_prompts, config=cfg, height=size, width=size,
+                                           generator=seeds)
+                    scores = reward(images)
+                    posterior = pipeline.vae.encode(images * 2 - 1).latent_dist
+                    latents = posterior.sample() * pipeline.vae.config.scaling_factor
+                embeds, _, kwargs = prepare_conditioning(pipeline, batch_prompts, guided=False, height=size,
+                                                         width=size)
+                per_sample = denoising_loss(unet, noise_scheduler, latents.to(weight_dtype), embeds,
+                                            unet_kwargs=kwargs, generator=generator)
+                weights = reward_weights(scores, args.rwr_temperature).to(per_sample.device)
+                loss = (weights * per_sample).mean()
+            if class_latents is not None:
+                idx = torch.randint(0, class_latents.shape[0], (args.train_batch_size,), generator=generator)
+                cls_prompts = [rng.choice(class_prompts) for _ in range(args.train_batch_size)]
+                cls_embeds, _, cls_kwargs = prepare_conditioning(pipeline, cls_prompts, guided=False, height=size,
+                                                                 width=size)
+                if args.prior_type == "kl":
+                    prior = denoising_loss(unet, noise_scheduler, class_latents[idx].to(weight_dtype), cls_embeds,
+                                           unet_kwargs=cls_kwargs, target_unet=_BaseModel(pipeline),
+                                           generator=generator).mean()
+                else:
+                    prior = denoising_loss(unet, noise_scheduler, class_latents[idx].to(weight_dtype), cls_embeds,
+                                           unet_kwargs=cls_kwargs, generator=generator).mean()
+                loss = loss + args.prior_loss_weight * prior
+                logs["prior_loss"] = float(prior.detach())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        mean_reward = float(accelerator.gather(scores.detach().float()).mean())
+        logs.update(loss=float(loss.detach()), reward=mean_reward)
+        history.append({"step": step, **logs})
+        accelerator.log(logs, step=step)
+        if accelerator.is_main_process:
+            append_jsonl(out / "reward_history.jsonl", {"step": step, **logs})
+            logger.info("step %d: reward %.4f loss %.4f", step, mean_reward, logs["loss"])
+        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+            if callback is not None and (step % args.validation_steps == 0 or step == args.max_train_steps):
+                unet.eval()
+                callback.on_validation(pipeline, step)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                accelerator.save_state(str(out / f"checkpoint-{step}"))
+                if callback is not None:
+                    callback.on_checkpoint(out, step)
+    accelerator.wait_for_everyone()
+    result: dict[str, Any] = {"history": history}
+    if accelerator.is_main_process:
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(unet)))
+        type(pipeline).save_lora_weights(str(out), unet_lora_layers=layers)
+        if callback is not None:
+            result.update(best_step=callback.validator.best_step, best_value=callback.validator.best_value)
+            (out / "training_summary.json").write_text(json.dumps(
+                {k: v for k, v in result.items() if k != "history"} | {"first_reward": history[0]["reward"],
+                                                                       "last_reward": history[-1]["reward"]},
+                indent=2))  # fmt: skip
+    accelerator.end_training()
+    return result
+
+
+class _BaseModel:
+    """Calls the pipeline's UNet with its adapter disabled (the reference of the KL prior term)."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with adapters_disabled(self.pipeline):
+            return self.pipeline.unet(*args, **kwargs)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
