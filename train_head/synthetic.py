@@ -446,7 +446,7 @@ def _write_table(columns: dict[str, list[Any]], image_columns: Sequence[str], fo
     import datasets
 
     features = {}
-    for name, values in columns.items():
+    for name in columns:
         if name in image_columns:
             features[name] = datasets.Image()
         elif name in ("id", "n_images"):

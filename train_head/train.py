@@ -146,7 +146,8 @@ class TrainConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_fraction > 0 and (self.val_data or self.val_indices):
-            raise ValueError("--val_fraction splits the training data; do not combine it with --val_data/--val_indices")
+            raise ValueError("--val_fraction splits the training data; do not combine it with --val_data or "
+                             "--val_indices")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
         AugmentConfig(self.flip_prob, self.color_jitter_prob, self.translate_prob)  # validates the ranges
