@@ -51,6 +51,7 @@ __all__ = [
     "background",
     "render",
     "generate_synthetic",
+    "generate_synthetic_mtg",
     "main",
 ]
 
@@ -363,9 +364,10 @@ def background(ctx: SynthContext, n: int) -> np.ndarray:
 
 
 def render(
-    obj: SynthObject, ctx: SynthContext, size: int = 64, *, supersample: int = 3, bg: np.ndarray | None = None
-) -> np.ndarray:
-    """Draw ``obj`` in ``ctx``: uint8 ``[size, size, 3]``.
+    obj: SynthObject, ctx: SynthContext, size: int = 64, *, supersample: int = 3, bg: np.ndarray | None = None,
+    masks: bool = False,
+) -> Any:
+    """Draw ``obj`` in ``ctx``: uint8 ``[size, size, 3]`` (and, with ``masks``, the body and part coverage).
 
     Args:
         obj: the object.
@@ -374,6 +376,10 @@ def render(
         supersample: rendering scale before box-filtering down (anti-aliasing).
         bg: the context's :func:`background` at ``size * supersample`` (computed when None; pass it to draw several
             objects into one scene cheaply).
+        masks: also return float ``[size, size]`` coverage (0..1) of the body and of the part.
+
+    Returns:
+        The image, or ``(image, body_coverage, part_coverage)`` with ``masks``.
     """
     n = size * supersample
     img = (background(ctx, n) if bg is None else bg).copy()
@@ -399,7 +405,15 @@ def render(
     region[part] = np.clip(np.asarray(obj.part_colour, np.float32) * shade, 0, 1)[part]
     img = np.clip(img * ctx.brightness, 0, 1)
     img = img.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))
-    return (img * 255 + 0.5).astype(np.uint8)
+    out = (img * 255 + 0.5).astype(np.uint8)
+    if not masks:
+        return out
+    cover = []
+    for region in (body, part):
+        full = np.zeros((n, n), np.float32)
+        full[rows, cols] = region
+        cover.append(full.reshape(size, supersample, size, supersample).mean(axis=(1, 3)))
+    return out, cover[0], cover[1]
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -519,6 +533,39 @@ def generate_synthetic(output_dir: str | os.PathLike[str], config: SyntheticConf
     meta["seconds"] = round(time.perf_counter() - start, 3)
     write_json_atomic(out / "synthetic_config.json", meta)
     logger.info("wrote %d synthetic identities to %s in %.1f s", config.num_identities, out, meta["seconds"])
+    return out
+
+
+def generate_synthetic_mtg(
+    output_dir: str | os.PathLike[str], *, num_pairs: int = 16, image_size: int = 64, seed: int = 0,
+    supersample: int = 3,
+) -> Path:
+    """Write MTG-style part-edit pairs from the synthetic world (one parquet table, the MTG columns).
+
+    Each row holds two original views of one object (``image_1_original``, ``image_2_original``), their part-edited
+    versions on the same backgrounds (``image_1_inpainted``, ``image_2_inpainted``: the "part" level distractor),
+    the object masks of the originals and the edit masks (pixels whose coverage changed), so the MTG oracle
+    ``1 - |part| / |object|`` is defined.
+    """
+    out = Path(output_dir)
+    cols: dict[str, list[Any]] = {c: [] for c in (
+        "image_1_original", "image_2_original", "image_1_inpainted", "image_2_inpainted", "image_1_object_mask",
+        "image_2_object_mask", "image_1_part_mask", "image_2_part_mask")}
+    for i in range(num_pairs):
+        obj = sample_object(np.random.default_rng([seed, i, 11]))
+        edited = make_distractor(obj, "part", np.random.default_rng([seed, i, 12]))
+        for k in (1, 2):
+            ctx = sample_context(np.random.default_rng([seed, i, 13, k]))
+            bg = background(ctx, image_size * supersample)
+            img, body, part = render(obj, ctx, image_size, supersample=supersample, bg=bg, masks=True)
+            img_e, body_e, part_e = render(edited, ctx, image_size, supersample=supersample, bg=bg, masks=True)
+            obj_mask = (body + part) > 0.5
+            edit_mask = (np.abs(body - body_e) + np.abs(part - part_e)) > 0.5
+            cols[f"image_{k}_original"].append(_png(img))
+            cols[f"image_{k}_inpainted"].append(_png(img_e))
+            cols[f"image_{k}_object_mask"].append(_png(obj_mask.astype(np.uint8) * 255))
+            cols[f"image_{k}_part_mask"].append(_png(edit_mask.astype(np.uint8) * 255))
+    _write_table(cols, list(cols), out)
     return out
 
 

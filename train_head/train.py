@@ -45,7 +45,6 @@ from .batching import (
     TrainCollate,
     batch_tokens,
     embed_references,
-    gather_eval_arrays,
     scatter_embeddings,
 )
 from .data import (
@@ -59,12 +58,12 @@ from .data import (
     split_by_identity,
     write_index_file,
 )
+from .eval import ValidationSet, evaluate_embeddings
 from .losses import nearid_loss_terms
-from .metrics import nearid_metrics, pool_metrics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "build_parser", "main", "train", "find_latest_checkpoint", "ValidationSet"]
+__all__ = ["TrainConfig", "build_parser", "main", "train", "find_latest_checkpoint"]
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TRAINER_STATE = "trainer_state.json"
@@ -261,38 +260,6 @@ def _installed(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
-
-
-@dataclass
-class ValidationSet:
-    """Slot-aligned validation references: ``views [N][V]`` and per-setting ``distractors [N][V]``."""
-
-    data: NearIDData
-    rows: list[int]
-    views: list[list[Any]]
-    distractors: dict[str, list[list[Any]]]
-
-    @classmethod
-    def build(cls, data: NearIDData, rows: Sequence[int]) -> ValidationSet:
-        usable = [int(r) for r in rows if r in set(data.rows.tolist())]
-        views, negs = data.eval_refs(usable)
-        return cls(data, usable, views, negs)
-
-    def refs(self) -> list[Any]:
-        out = [r for row in self.views for r in row if r is not None]
-        out += [r for table in self.distractors.values() for row in table for r in row if r is not None]
-        return list(dict.fromkeys(out))
-
-
-def evaluate_embeddings(vset: ValidationSet, emb: dict[Any, Any], dim: int) -> dict[str, dict[str, float]]:
-    """NearID metrics per distractor setting plus ``"pooled"`` (micro-average) from embeddings by reference."""
-    pos, pos_ok = gather_eval_arrays(emb, vset.views, dim)
-    results: dict[str, dict[str, float]] = {}
-    for setting, refs in vset.distractors.items():
-        neg, neg_ok = gather_eval_arrays(emb, refs, dim)
-        results[setting] = nearid_metrics(pos, neg, pos_ok, neg_ok)
-    results["pooled"] = pool_metrics(list(results.values()))
-    return results
 
 
 def _rows_for(data: NearIDData, indices: list[int], report: BadDataReport, what: str) -> list[int]:
