@@ -310,6 +310,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     out = Path(config.output_dir)
     trackers = _trackers(config.report_to)
+    # A previous run in this process (tests, benchmarks, notebooks) leaves accelerate's singleton state behind;
+    # start from a clean one. The process-level state (device, process group) is kept.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
