@@ -7,7 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from train_head_fixtures import HF_CACHE, distractor_dirs, synthetic_dataset, tiny_backbone
+from train_head_fixtures import (
+    HF_CACHE,
+    distractor_dirs,
+    one_thread,  # noqa: F401  (autouse: one torch thread)
+    synthetic_dataset,
+    tiny_backbone,
+)
 
 from nearid_reward import NearIDModel
 from train_head.batching import CachedBatcher, PixelBatcher, TrainCollate, batch_tokens, scatter_embeddings

@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from train_head_fixtures import HF_CACHE, distractor_dirs, synthetic_dataset, synthetic_mtg
+from train_head_fixtures import (
+    HF_CACHE,
+    distractor_dirs,
+    one_thread,  # noqa: F401  (autouse: one torch thread)
+    synthetic_dataset,
+    synthetic_mtg,
+)
 
 from train_head.data import (
     NearIDTrainDataset,

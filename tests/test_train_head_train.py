@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_head_fixtures import HF_CACHE, distractor_dirs, synthetic_dataset, synthetic_mtg, tiny_backbone
+from train_head_fixtures import (
+    HF_CACHE,
+    distractor_dirs,
+    one_thread,  # noqa: F401  (autouse: one torch thread)
+    synthetic_dataset,
+    synthetic_mtg,
+    tiny_backbone,
+)
 
 from nearid_reward import NearIDModel
 from nearid_reward.io import read_jsonl

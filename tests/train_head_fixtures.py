@@ -8,6 +8,9 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+import pytest
+import torch
+
 _ROOT = Path(tempfile.mkdtemp(prefix="nearid-train-head-tests-"))
 atexit.register(shutil.rmtree, _ROOT, True)
 HF_CACHE = str(_ROOT / "hf-datasets-cache")
@@ -44,3 +47,12 @@ def tiny_backbone(image_size: int = 32, kind: str = "siglip") -> Path:
 
 def distractor_dirs(root: Path, levels=("colour", "pattern", "part")) -> list[str]:
     return [str(root / "distractors" / lv) for lv in levels]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and far faster when the cores are shared (no OpenMP contention)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

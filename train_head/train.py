@@ -535,6 +535,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             break
         dataset.set_epoch(epoch)
         loader.set_epoch(epoch)
+        epoch_started, epoch_steps = time.perf_counter(), 0
         epoch_loader = loader
         if epoch == first_epoch and skip_batches:
             epoch_loader = accelerator.skip_first_batches(loader, skip_batches)
@@ -564,6 +565,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            epoch_steps += 1
             progress.update(1)
             if global_step % config.logging_steps == 0 or global_step == 1 or global_step == max_steps:
                 logs = {
@@ -591,6 +593,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if global_step >= max_steps:
                 done = True
                 break
+        if main_process:
+            append_jsonl(history, {"kind": "epoch", "epoch": epoch, "steps": epoch_steps, "step": global_step,
+                                   "seconds": round(time.perf_counter() - epoch_started, 4),
+                                   "complete": epoch_steps == steps_per_epoch})
     progress.close()
     seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
