@@ -59,6 +59,7 @@ from .data import (
     write_index_file,
 )
 from .eval import ValidationSet, evaluate_embeddings
+from .fast_head import FastMAPHead
 from .losses import nearid_loss_terms
 
 logger = logging.getLogger(__name__)
@@ -427,7 +428,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     )
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
-    head_ddp, optimizer, loader = accelerator.prepare(head, optimizer, loader)
+    # The head trains through its exact factorised single-query forward (much cheaper; same parameters).
+    head_ddp, optimizer, loader = accelerator.prepare(FastMAPHead(head), optimizer, loader)
     # The schedule length is computed from the *prepared* loader (its length per process is right under DDP).
     steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
