@@ -3,7 +3,8 @@
 A random tiny backbone carries little that a head can use. This module gives it a short *generic* pretraining on
 the synthetic world, never on the identity task: from single scenes it predicts what a caption would say about
 them (the object's shape, colour pattern, part and side, its colours, the background colours, where the object is,
-its size, rotation and the lighting), with linear read-outs on the backbone's own pooling head. The result is then
+its size, rotation and the lighting) with linear read-outs on the backbone's own pooling head, and, per patch token,
+a scene parse (how much of the patch is object body or part, and the object's colour there). The result is then
 frozen and saved as an ordinary SigLIP folder (transformers ``save_pretrained`` plus its image processor), so
 ``NearIDModel.from_pretrained`` and the trainer use it exactly like a real SigLIP checkpoint. Because the read-outs
 also describe the scene around the object, the backbone's own head keeps the context, like SigLIP's embedding does.
@@ -38,6 +39,7 @@ __all__ = ["BackbonePretrainConfig", "pretrain_synthetic_backbone", "scene_label
 STAMP = "pretrain_config.json"
 _CLASSES = {"shape": SHAPES, "pattern": PATTERNS, "part": PARTS, "side": SIDES}
 _REGRESSION = 20  # 5 RGB colours + cx, cy, radius, rotation, brightness
+_DENSE = 5  # per token: body coverage, part coverage, object colour (RGB)
 
 
 @dataclass
@@ -91,35 +93,60 @@ def scene_labels(obj: Any, ctx: Any) -> tuple[list[int], list[float]]:
     return classes, reg
 
 
-def _render_pool(
-    n: int, config: BackbonePretrainConfig, offset: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    images = np.empty((n, config.image_size, config.image_size, 3), dtype=np.uint8)
+def _render_pool(n: int, config: BackbonePretrainConfig, offset: int) -> dict[str, torch.Tensor]:
+    size, patch = config.image_size, config.patch_size
+    grid = size // patch
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
     classes = np.empty((n, 4), dtype=np.int64)
     targets = np.empty((n, _REGRESSION), dtype=np.float32)
+    dense = np.empty((n, grid * grid, _DENSE), dtype=np.float32)
     for i in range(n):
         rng = np.random.default_rng([config.seed, 5150, offset + i])
         obj, ctx = sample_object(rng), sample_context(rng)
-        bg = background(ctx, config.image_size * config.supersample)
-        images[i] = render(obj, ctx, config.image_size, supersample=config.supersample, bg=bg)
+        bg = background(ctx, size * config.supersample)
+        img, body, part = render(obj, ctx, size, supersample=config.supersample, bg=bg, masks=True)
+        images[i] = img
         cls, reg = scene_labels(obj, ctx)
         classes[i] = cls
         targets[i] = reg
+        dense[i] = _dense_targets(img, body, part, patch)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # SigLIP normalisation
-    return pixels, torch.from_numpy(classes), torch.from_numpy(targets)
+    return {"pixels": pixels, "classes": torch.from_numpy(classes), "targets": torch.from_numpy(targets),
+            "dense": torch.from_numpy(dense)}
 
 
-def _loss(readout: torch.nn.Linear, pooled: torch.Tensor, classes: torch.Tensor,
-          targets: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _dense_targets(img: np.ndarray, body: np.ndarray, part: np.ndarray, patch: int) -> np.ndarray:
+    """Per patch: body coverage, part coverage, and the object's mean colour there (normalised)."""
+    grid = img.shape[0] // patch
+
+    def pool(a: np.ndarray) -> np.ndarray:
+        return a.reshape(grid, patch, grid, patch, *a.shape[2:]).sum(axis=(1, 3))
+
+    cover = np.clip(body + part, 0, 1)
+    area = pool(cover)  # [g, g]
+    colour = pool(img.astype(np.float32) / 255.0 * cover[..., None]) / np.maximum(area, 1e-6)[..., None]
+    out = np.concatenate([pool(body)[..., None] / patch**2, pool(part)[..., None] / patch**2,
+                          (colour - 0.5) * 3.0], axis=-1)
+    return out.reshape(grid * grid, _DENSE)
+
+
+def _loss(readout: torch.nn.Linear, dense_readout: torch.nn.Linear, pooled: torch.Tensor, tokens: torch.Tensor,
+          batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     logits = readout(pooled)
+    classes = batch["classes"]
     losses, correct, start = [], [], 0
     for k, names in enumerate(_CLASSES.values()):
         part = logits[:, start:start + len(names)]
         losses.append(F.cross_entropy(part, classes[:, k]))
         correct.append((part.argmax(1) == classes[:, k]).float().mean())
         start += len(names)
-    reg = F.mse_loss(logits[:, start:], targets)
-    return sum(losses) + reg, correct + [reg]
+    reg = F.mse_loss(logits[:, start:], batch["targets"])
+    dense = dense_readout(tokens)  # [B, N, 5]
+    target = batch["dense"]
+    cover = (target[..., 0] + target[..., 1]).clamp(max=1.0).unsqueeze(-1)  # where the object is
+    coverage_loss = F.mse_loss(dense[..., :2], target[..., :2]) * 10.0
+    colour_loss = ((dense[..., 2:] - target[..., 2:]) ** 2 * cover).sum() / cover.sum().clamp(min=1.0) / 3.0
+    return sum(losses) + reg + coverage_loss + colour_loss, correct + [reg, coverage_loss / 10.0]
 
 
 def pretrain_synthetic_backbone(
@@ -158,10 +185,11 @@ def pretrain_synthetic_backbone(
     model = SiglipVisionModel(vision)
     n_out = sum(len(v) for v in _CLASSES.values()) + _REGRESSION
     readout = torch.nn.Linear(config.hidden_size, n_out)
-    pixels, classes, targets = _render_pool(config.num_images, config, 0)
-    val_pixels, val_classes, val_targets = _render_pool(config.num_val_images, config, 10**7)
+    dense_readout = torch.nn.Linear(config.hidden_size, _DENSE)
+    pool = _render_pool(config.num_images, config, 0)
+    val = _render_pool(config.num_val_images, config, 10**7)
     render_seconds = time.perf_counter() - started
-    params = list(model.parameters()) + list(readout.parameters())
+    params = list(model.parameters()) + list(readout.parameters()) + list(dense_readout.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
     def lr_at(step: int) -> float:
@@ -181,8 +209,9 @@ def pretrain_synthetic_backbone(
             cursor = 0
         idx = order[cursor:cursor + config.batch_size]
         cursor += config.batch_size
-        pooled = model(pixel_values=pixels[idx]).pooler_output  # [B, D]
-        loss, _ = _loss(readout, pooled, classes[idx], targets[idx])
+        batch = {k: v[idx] for k, v in pool.items()}
+        result = model(pixel_values=batch["pixels"])
+        loss, _ = _loss(readout, dense_readout, result.pooler_output, result.last_hidden_state, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -191,11 +220,15 @@ def pretrain_synthetic_backbone(
         if step % 200 == 0 or step == config.steps - 1:
             logger.info("synthetic backbone pretraining: step %d/%d loss %.4f", step + 1, config.steps, loss.item())
     model.eval()
+    scores = []
     with torch.no_grad():
-        scores = [torch.stack(s) for s in zip(*(
-            _loss(readout, model(pixel_values=val_pixels[i:i + 128]).pooler_output, val_classes[i:i + 128],
-                  val_targets[i:i + 128])[1] for i in range(0, config.num_val_images, 128)))]
-    readout_scores = {name: round(float(s.mean()), 4) for name, s in zip([*_CLASSES, "colour_position_mse"], scores)}
+        for i in range(0, config.num_val_images, 128):
+            batch = {k: v[i:i + 128] for k, v in val.items()}
+            result = model(pixel_values=batch["pixels"])
+            scores.append(torch.stack(_loss(readout, dense_readout, result.pooler_output,
+                                            result.last_hidden_state, batch)[1]))
+    names = [*_CLASSES, "scene_mse", "coverage_mse"]
+    readout_scores = {name: round(float(v), 4) for name, v in zip(names, torch.stack(scores).mean(0))}
     out.mkdir(parents=True, exist_ok=True)
     model.config._attn_implementation = "sdpa"
     model.save_pretrained(str(out))
