@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_seconds = time.perf_counter() - t0
         batcher = CachedBatcher(store, keys)
         n_images = len(set(keys.values()))
-        print(f"feature cache: {n_images} images, {store.size_bytes() / n_images / 1024:.1f} KiB per image, "
+        print(f"feature cache: {n_images} images, {store.size_bytes() / len(store) / 1024:.1f} KiB per image, "
               f"built/checked in {cache_seconds:.1f} s")
         rows = {}
         for name, pooling in (("frozen own head", "head"), ("mean pooling", "mean")):

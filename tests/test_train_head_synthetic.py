@@ -99,7 +99,8 @@ def test_pretrained_backbone_is_a_siglip_folder_and_is_reused(tmp_path):
                                     steps=6, batch_size=16, warmup_steps=2)
     folder = pretrain_synthetic_backbone(tmp_path / "bb", config)
     stamp = json.loads((folder / "pretrain_config.json").read_text())
-    assert set(stamp["held_out_readout"]) == {"shape", "pattern", "part", "side", "scene_mse", "coverage_mse"}
+    assert set(stamp["held_out_readout"]) == {"shape", "pattern", "part", "side", "scene_mse", "coverage_mse",
+                                              "patch_shape", "patch_pattern", "patch_part", "patch_side"}
     model = NearIDModel.from_pretrained(folder)
     assert model.backbone_type == "siglip" and model.preprocess.height == 32
     from transformers import SiglipVisionModel

@@ -4,7 +4,8 @@ A random tiny backbone carries little that a head can use. This module gives it 
 the synthetic world, never on the identity task: from single scenes it predicts what a caption would say about
 them (the object's shape, colour pattern, part and side, its colours, the background colours, where the object is,
 its size, rotation and the lighting) with linear read-outs on the backbone's own pooling head, and, per patch token,
-a scene parse (how much of the patch is object body or part, and the object's colour there). The result is then
+a scene parse (how much of the patch is object body or part, the object's colour there, and which shape, pattern,
+part and side it belongs to). The result is then
 frozen and saved as an ordinary SigLIP folder (transformers ``save_pretrained`` plus its image processor), so
 ``NearIDModel.from_pretrained`` and the trainer use it exactly like a real SigLIP checkpoint. Because the read-outs
 also describe the scene around the object, the backbone's own head keeps the context, like SigLIP's embedding does.
@@ -100,6 +101,7 @@ def _render_pool(n: int, config: BackbonePretrainConfig, offset: int) -> dict[st
     classes = np.empty((n, 4), dtype=np.int64)
     targets = np.empty((n, _REGRESSION), dtype=np.float32)
     dense = np.empty((n, grid * grid, _DENSE), dtype=np.float32)
+    dense_classes = np.empty((n, grid * grid, 4), dtype=np.int64)
     for i in range(n):
         rng = np.random.default_rng([config.seed, 5150, offset + i])
         obj, ctx = sample_object(rng), sample_context(rng)
@@ -110,9 +112,17 @@ def _render_pool(n: int, config: BackbonePretrainConfig, offset: int) -> dict[st
         classes[i] = cls
         targets[i] = reg
         dense[i] = _dense_targets(img, body, part, patch)
+        # what is in each patch: the body's shape and pattern where it covers a quarter of the patch, the part's
+        # type and side where it covers a tenth (-100 = no label)
+        body_cover, part_cover = dense[i, :, 0], dense[i, :, 1]
+        dense_classes[i] = -100
+        dense_classes[i, body_cover >= 0.25, 0] = cls[0]
+        dense_classes[i, body_cover >= 0.25, 1] = cls[1]
+        dense_classes[i, part_cover >= 0.1, 2] = cls[2]
+        dense_classes[i, part_cover >= 0.1, 3] = cls[3]
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # SigLIP normalisation
     return {"pixels": pixels, "classes": torch.from_numpy(classes), "targets": torch.from_numpy(targets),
-            "dense": torch.from_numpy(dense)}
+            "dense": torch.from_numpy(dense), "dense_classes": torch.from_numpy(dense_classes)}
 
 
 def _dense_targets(img: np.ndarray, body: np.ndarray, part: np.ndarray, patch: int) -> np.ndarray:
@@ -132,6 +142,7 @@ def _dense_targets(img: np.ndarray, body: np.ndarray, part: np.ndarray, patch: i
 
 def _loss(readout: torch.nn.Linear, dense_readout: torch.nn.Linear, pooled: torch.Tensor, tokens: torch.Tensor,
           batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Scene read-outs from the pooled output plus the per-patch parse from the tokens; returns (loss, scores)."""
     logits = readout(pooled)
     classes = batch["classes"]
     losses, correct, start = [], [], 0
@@ -141,12 +152,26 @@ def _loss(readout: torch.nn.Linear, dense_readout: torch.nn.Linear, pooled: torc
         correct.append((part.argmax(1) == classes[:, k]).float().mean())
         start += len(names)
     reg = F.mse_loss(logits[:, start:], batch["targets"])
-    dense = dense_readout(tokens)  # [B, N, 5]
+    dense = dense_readout(tokens)  # [B, N, 5 + classes]
     target = batch["dense"]
     cover = (target[..., 0] + target[..., 1]).clamp(max=1.0).unsqueeze(-1)  # where the object is
     coverage_loss = F.mse_loss(dense[..., :2], target[..., :2]) * 10.0
-    colour_loss = ((dense[..., 2:] - target[..., 2:]) ** 2 * cover).sum() / cover.sum().clamp(min=1.0) / 3.0
-    return sum(losses) + reg + coverage_loss + colour_loss, correct + [reg, coverage_loss / 10.0]
+    colour_loss = ((dense[..., 2:_DENSE] - target[..., 2:]) ** 2 * cover).sum() / cover.sum().clamp(min=1.0) / 3.0
+    dense_losses, dense_correct, start = [], [], _DENSE
+    labels = batch["dense_classes"]  # [B, N, 4], -100 = no label
+    for k, names in enumerate(_CLASSES.values()):
+        part = dense[..., start:start + len(names)].reshape(-1, len(names))
+        target_k = labels[..., k].reshape(-1)
+        start += len(names)
+        labelled = target_k >= 0
+        if bool(labelled.any()):
+            dense_losses.append(F.cross_entropy(part[labelled], target_k[labelled]))
+            dense_correct.append((part[labelled].argmax(1) == target_k[labelled]).float().mean())
+        else:
+            dense_losses.append(part.sum() * 0.0)
+            dense_correct.append(torch.zeros(()))
+    total = sum(losses) + reg + coverage_loss + colour_loss + sum(dense_losses)
+    return total, correct + [reg, coverage_loss / 10.0] + dense_correct
 
 
 def pretrain_synthetic_backbone(
@@ -185,7 +210,7 @@ def pretrain_synthetic_backbone(
     model = SiglipVisionModel(vision)
     n_out = sum(len(v) for v in _CLASSES.values()) + _REGRESSION
     readout = torch.nn.Linear(config.hidden_size, n_out)
-    dense_readout = torch.nn.Linear(config.hidden_size, _DENSE)
+    dense_readout = torch.nn.Linear(config.hidden_size, _DENSE + sum(len(v) for v in _CLASSES.values()))
     pool = _render_pool(config.num_images, config, 0)
     val = _render_pool(config.num_val_images, config, 10**7)
     render_seconds = time.perf_counter() - started
@@ -227,7 +252,7 @@ def pretrain_synthetic_backbone(
             result = model(pixel_values=batch["pixels"])
             scores.append(torch.stack(_loss(readout, dense_readout, result.pooler_output,
                                             result.last_hidden_state, batch)[1]))
-    names = [*_CLASSES, "scene_mse", "coverage_mse"]
+    names = [*_CLASSES, "scene_mse", "coverage_mse", *(f"patch_{k}" for k in _CLASSES)]
     readout_scores = {name: round(float(v), 4) for name, v in zip(names, torch.stack(scores).mean(0))}
     out.mkdir(parents=True, exist_ok=True)
     model.config._attn_implementation = "sdpa"
