@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["BackbonePretrainConfig", "pretrain_synthetic_backbone", "scene_labels"]
 
 STAMP = "pretrain_config.json"
+OBJECTIVE_VERSION = 2  # bump when the pretraining task changes, so cached backbones are not reused
 _CLASSES = {"shape": SHAPES, "pattern": PATTERNS, "part": PARTS, "side": SIDES}
 _REGRESSION = 20  # 5 RGB colours + cx, cy, radius, rotation, brightness
 _DENSE = 5  # per token: body coverage, part coverage, object colour (RGB)
@@ -196,7 +197,7 @@ def pretrain_synthetic_backbone(
     stamp = out / STAMP
     if not force and stamp.is_file() and (out / "model.safetensors").is_file():
         stored = json.loads(stamp.read_text(encoding="utf-8"))
-        if stored.get("config") == wanted:
+        if stored.get("config") == wanted and stored.get("objective_version") == OBJECTIVE_VERSION:
             logger.info("reusing the pretrained synthetic backbone in %s", out)
             return out
     started = time.perf_counter()
@@ -262,7 +263,8 @@ def pretrain_synthetic_backbone(
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
     ).save_pretrained(str(out))
     seconds = time.perf_counter() - started
-    write_json_atomic(stamp, {"config": wanted, "held_out_readout": readout_scores, "seconds": round(seconds, 2),
+    write_json_atomic(stamp, {"config": wanted, "objective_version": OBJECTIVE_VERSION,
+                              "held_out_readout": readout_scores, "seconds": round(seconds, 2),
                               "render_seconds": round(render_seconds, 2)})
     logger.info("pretrained the synthetic backbone in %.1f s (held-out read-out %s): %s", seconds, readout_scores,
                 out)
