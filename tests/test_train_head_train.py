@@ -145,3 +145,45 @@ def test_bad_arguments_exit_with_a_clear_message(tmp_path, flag, value, message)
 def test_batch_larger_than_the_data_is_refused(tmp_path):
     with pytest.raises(ValueError, match="lower --train_batch_size"):
         train_cli.main(_argv(tmp_path / "x", "--train_batch_size", "64"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_run_matches_the_single_process_run(tmp_path):
+    """torchrun with 2 CPU processes (gloo), batch 4 each == one process with batch 8: same samples per step, the
+    positive pool gathered across ranks and the loss normalised globally give the same head."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "val.json").write_text('{"indices": [0, 1, 2, 3]}')
+    common = ("--max_train_steps", "4", "--learning_rate", "2e-3", "--checkpointing_steps", "2",
+              "--validation_steps", "2", "--val_indices", str(tmp_path / "val.json"))
+    single = tmp_path / "single"
+    train_cli.main(_argv(single, "--train_batch_size", "8", *common))
+    ddp = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "train_head", *_argv(ddp, "--train_batch_size", "4", *common)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _max_diff(_head(single / "final"), _head(ddp / "final")) < 1e-5
+    assert _max_diff(_head(single / "checkpoint-2" / "head"), _head(ddp / "checkpoint-2" / "head")) < 1e-5
+    state = json.loads((ddp / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["steps_per_epoch"] == 2  # schedule from the prepared loader
+    shards = {p.name.split("-")[1] for p in (ddp / "feature_cache").rglob("tokens-r*.npy")}
+    assert shards == {"r000", "r001"}  # each rank encoded its share of the images
+    train_records = [r for r in read_jsonl(ddp / "history.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]  # logged once, by the main process
+    single_records = [r for r in read_jsonl(single / "history.jsonl") if r["kind"] == "train"]
+    for a, b in zip(train_records, single_records):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4)

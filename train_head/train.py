@@ -570,12 +570,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
             epoch_steps += 1
             progress.update(1)
             if global_step % config.logging_steps == 0 or global_step == 1 or global_step == max_steps:
+                # the mean over processes is the loss of the global batch (the losses are normalised globally)
+                monitors = torch.stack([terms.loss.detach(), terms.discrimination.detach(), terms.ranking.detach(),
+                                        terms.accuracy.float(), terms.distractor_gap.float()])
+                monitors = accelerator.reduce(monitors, reduction="mean").tolist()
                 logs = {
-                    "train/loss": terms.loss.item(),
-                    "train/discrimination": terms.discrimination.item(),
-                    "train/ranking": terms.ranking.item(),
-                    "train/accuracy": terms.accuracy.item(),
-                    "train/distractor_gap": terms.distractor_gap.item(),
+                    "train/loss": monitors[0],
+                    "train/discrimination": monitors[1],
+                    "train/ranking": monitors[2],
+                    "train/accuracy": monitors[3],
+                    "train/distractor_gap": monitors[4],
                     "lr": scheduler.get_last_lr()[0],
                 }
                 if grad_norm is not None:
