@@ -291,17 +291,18 @@ def build_feature_cache(
     device = model.device
     show = progress and (accelerator is None or accelerator.is_local_main_process)
     encoded = 0
+    added: set[str] = set()  # encoded in this build (not yet visible through the store's index)
     for batch in tqdm(loader, desc="feature cache", disable=not show, leave=False):
         failed.extend(batch["failed"])
         for ref, key in zip(batch["refs"], batch["keys"]):
             if key is not None:
                 keys[ref] = key
-        todo = [k for k in batch["todo"] if k not in store]
         if not batch["todo"]:
             continue
         tokens, mask = batch_tokens(batch, model, device)  # [n, N, D]
         lengths = None if mask is None else mask.sum(1).tolist()
-        keep = [i for i, k in enumerate(batch["todo"]) if k in set(todo)]
+        keep = [i for i, k in enumerate(batch["todo"]) if k not in store and k not in added]
+        added.update(batch["todo"][i] for i in keep)
         if keep:
             store.add([batch["todo"][i] for i in keep], tokens[keep],
                       None if lengths is None else [lengths[i] for i in keep])

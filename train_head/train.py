@@ -361,6 +361,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     elif config.val_indices:
         vset = ValidationSet.build(data, _rows_for(data, read_index_file(config.val_indices, num_rows=len(data)),
                                                    report, "--val_indices"))
+    if vset is not None and not vset.rows:
+        logger.warning("the validation set has no usable identities (at least 2 views each): validation is off")
+        vset = None
     if vset is not None and vset.data is data:
         overlap = {data.ids[r] for r in vset.rows} & {data.ids[r] for r in train_rows}
         if overlap:
