@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[name] = (evaluate_model(model, test, pooling=pooling, batcher=batcher), time.perf_counter() - t0)
         for alpha in args.alphas:
             out = work / "runs" / f"{tag}-a{alpha}-{'-'.join(train_levels)}-{args.steps}"
+            shutil.rmtree(out, ignore_errors=True)  # a fresh run (the feature cache is shared and kept)
             t0 = time.perf_counter()
             summary = train(TrainConfig(
                 backbone=str(backbone), output_dir=str(out), train_data=str(data_dir / "positives"),
