@@ -7,10 +7,11 @@ On held-out identities (the test split), for each backbone (the synthetic-pretra
 * mean pooling of the frozen backbone tokens,
 * a trained NearID head with alpha = 0 (Tier 1 only) and with alpha = 0.5 (the paper's objective),
 
-with SSR and PA (percent) per level and the wall time of each variant (training time for the trained heads; the
-one-off feature-cache build is reported separately). One head is trained on all levels at once (each view's
-distractor drawn from a random level, as NearID draws from several generators) unless ``--train_levels`` names
-fewer levels.
+with SSR and PA (percent) per level and the wall time of each variant (training time of the trained heads,
+evaluation time of the frozen ones; data generation, backbone pretraining and the one-off feature-cache build are
+reported separately). By default one head is trained per level (on that level's distractors, best checkpoint by
+validation SSR) and the pooled row micro-averages the levels; ``--joint`` trains one head on all levels at once
+(each view's distractor drawn from a random level, as NearID draws from several generators).
 
 Reproduce::
 
@@ -42,6 +43,7 @@ from train_head.batching import CachedBatcher  # noqa: E402
 from train_head.cache import FeatureStore, build_feature_cache, model_fingerprint  # noqa: E402
 from train_head.data import load_nearid, read_index_file  # noqa: E402
 from train_head.eval import ValidationSet, evaluate_model  # noqa: E402
+from train_head.metrics import pool_metrics  # noqa: E402
 from train_head.synthetic import LEVELS, SyntheticConfig, generate_synthetic  # noqa: E402
 from train_head.synthetic_backbone import BackbonePretrainConfig, pretrain_synthetic_backbone  # noqa: E402
 from train_head.train import TrainConfig, train  # noqa: E402
@@ -84,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbones", nargs="+", default=["pretrained"], choices=["pretrained", "random"])
     p.add_argument("--levels", nargs="+", default=list(LEVELS), choices=LEVELS)
     p.add_argument("--train_levels", nargs="+", default=None, choices=LEVELS,
-                   help="levels whose distractors train the head (default: all evaluated levels)")
+                   help="levels whose distractors train heads (default: all evaluated levels)")
+    p.add_argument("--joint", action="store_true",
+                   help="train one head on all levels at once (default: one head per level, evaluated on it)")
     p.add_argument("--alphas", nargs="+", type=float, default=[0.0, 0.5])
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--learning_rate", type=float, default=3e-3)
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--validation_steps", type=int, default=100)
     p.add_argument("--pretrain_steps", type=int, default=BackbonePretrainConfig.steps)
@@ -141,40 +145,54 @@ def main(argv: list[str] | None = None) -> int:
         n_images = len(set(keys.values()))
         print(f"feature cache: {n_images} images, {store.size_bytes() / len(store) / 1024:.1f} KiB per image, "
               f"built/checked in {cache_seconds:.1f} s")
-        rows = {}
+        table: dict[str, dict[str, tuple[dict, float]]] = {lv: {} for lv in args.levels + ["pooled"]}
         for name, pooling in (("frozen own head", "head"), ("mean pooling", "mean")):
             t0 = time.perf_counter()
-            rows[name] = (evaluate_model(model, test, pooling=pooling, batcher=batcher), time.perf_counter() - t0)
-        for alpha in args.alphas:
-            out = work / "runs" / f"{tag}-a{alpha}-{'-'.join(train_levels)}-{args.steps}"
-            shutil.rmtree(out, ignore_errors=True)  # a fresh run (the feature cache is shared and kept)
-            t0 = time.perf_counter()
-            summary = train(TrainConfig(
-                backbone=str(backbone), output_dir=str(out), train_data=str(data_dir / "positives"),
-                distractors=[str(data_dir / "distractors" / lv) for lv in train_levels],
-                train_indices=str(data_dir / "splits" / "train.json"), val_data=str(data_dir / "positives"),
-                val_distractors=[str(data_dir / "distractors" / lv) for lv in args.levels],
-                val_indices=str(data_dir / "splits" / "val.json"), seed=args.seed,
-                train_batch_size=args.batch_size, max_train_steps=args.steps, learning_rate=args.learning_rate,
-                lr_warmup_steps=min(100, args.steps // 10), temperature=args.temperature, alpha=alpha,
-                feature_cache=str(cache_dir), checkpointing_steps=10**9, validation_steps=args.validation_steps,
-                logging_steps=50, report_to="none",
-            ))
+            res = evaluate_model(model, test, pooling=pooling, batcher=batcher)
             seconds = time.perf_counter() - t0
-            trained = NearIDModel.from_pretrained(out / "best")
-            res = evaluate_model(trained, test, batcher=batcher)
-            rows[f"trained head, alpha={alpha:g}"] = (res, seconds)
-            print(f"  trained alpha={alpha:g}: best val SSR {summary['best_val_ssr']:.1f} in {seconds:.0f} s")
-        results[kind] = {"rows": {k: {"metrics": r, "seconds": s} for k, (r, s) in rows.items()},
-                         "cache_seconds": cache_seconds}
+            for lv in table:
+                table[lv][name] = (res[lv], seconds)
+        groups = [list(train_levels)] if args.joint else [[lv] for lv in train_levels]
+        for alpha in args.alphas:
+            name = f"trained head, alpha={alpha:g}"
+            per_level: list[dict] = []
+            for group in groups:
+                out = work / "runs" / f"{tag}-a{alpha}-{'-'.join(group)}-{args.steps}"
+                shutil.rmtree(out, ignore_errors=True)  # a fresh run (the feature cache is shared and kept)
+                t0 = time.perf_counter()
+                summary = train(TrainConfig(
+                    backbone=str(backbone), output_dir=str(out), train_data=str(data_dir / "positives"),
+                    distractors=[str(data_dir / "distractors" / lv) for lv in group],
+                    train_indices=str(data_dir / "splits" / "train.json"), val_data=str(data_dir / "positives"),
+                    val_distractors=[str(data_dir / "distractors" / lv) for lv in group],
+                    val_indices=str(data_dir / "splits" / "val.json"), seed=args.seed,
+                    train_batch_size=args.batch_size, max_train_steps=args.steps, learning_rate=args.learning_rate,
+                    lr_warmup_steps=min(100, args.steps // 10), temperature=args.temperature, alpha=alpha,
+                    feature_cache=str(cache_dir), checkpointing_steps=10**9, validation_steps=args.validation_steps,
+                    logging_steps=50, report_to="none",
+                ))
+                seconds = time.perf_counter() - t0
+                res = evaluate_model(NearIDModel.from_pretrained(out / "best"), test, batcher=batcher)
+                print(f"  trained alpha={alpha:g} on {group}: best val SSR {summary['best_val_ssr']:.1f} "
+                      f"in {seconds:.0f} s")
+                for lv in (group if not args.joint else args.levels):
+                    table[lv][name] = (res[lv], seconds)
+                    per_level.append(res[lv])
+            total = sum(table[lv][name][1] for lv in args.levels) if not args.joint else seconds
+            table["pooled"][name] = (pool_metrics(per_level), total)
+        results[kind] = {lv: {k: {"metrics": r, "seconds": t} for k, (r, t) in rows.items()}
+                         for lv, rows in table.items()}
+        results[kind]["cache_seconds"] = cache_seconds
+        mode = "one head on all levels" if args.joint else "one head per level"
         print(f"\n### backbone: {kind} ({args.hidden_size} wide, {args.num_hidden_layers} layers, "
-              f"{args.image_size} px, {args.steps} head steps of {args.batch_size})\n")
-        for level in args.levels + ["pooled"]:
-            print(f"level **{level}** (held-out identities: {int(rows['frozen own head'][0][level]['n_samples'])})\n")
+              f"{args.image_size} px); {mode}, {args.steps} head steps of {args.batch_size}\n")
+        for level, rows in table.items():
+            n = int(rows["frozen own head"][0]["n_samples"])
+            print(f"level **{level}** (held-out identities{' x levels' if level == 'pooled' else ''}: {n})\n")
             print("| variant | SSR | PA | wall s |")
             print("|---|---|---|---|")
             for name, (res, seconds) in rows.items():
-                print(f"| {name} | {res[level]['ssr']:.1f} | {res[level]['pa']:.1f} | {seconds:.1f} |")
+                print(f"| {name} | {res['ssr']:.1f} | {res['pa']:.1f} | {seconds:.1f} |")
             print()
     (work / "results.json").write_text(json.dumps(results, indent=2, default=float))
     return 0

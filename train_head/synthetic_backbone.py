@@ -4,8 +4,8 @@ A random tiny backbone carries little that a head can use. This module gives it 
 the synthetic world, never on the identity task: from single scenes it predicts what a caption would say about
 them (the object's shape, colour pattern, part and side, its colours, the background colours, where the object is,
 its size, rotation and the lighting) with linear read-outs on the backbone's own pooling head, and, per patch token,
-a scene parse (how much of the patch is object body or part, the object's colour there, and which shape, pattern,
-part and side it belongs to). The result is then
+a scene parse (how much of the patch is object body or part, the object's colour there, and the colours, shape,
+pattern, part and side of the object it belongs to). The result is then
 frozen and saved as an ordinary SigLIP folder (transformers ``save_pretrained`` plus its image processor), so
 ``NearIDModel.from_pretrained`` and the trainer use it exactly like a real SigLIP checkpoint. Because the read-outs
 also describe the scene around the object, the backbone's own head keeps the context, like SigLIP's embedding does.
@@ -38,10 +38,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["BackbonePretrainConfig", "pretrain_synthetic_backbone", "scene_labels"]
 
 STAMP = "pretrain_config.json"
-OBJECTIVE_VERSION = 2  # bump when the pretraining task changes, so cached backbones are not reused
+OBJECTIVE_VERSION = 3  # bump when the pretraining task changes, so cached backbones are not reused
 _CLASSES = {"shape": SHAPES, "pattern": PATTERNS, "part": PARTS, "side": SIDES}
 _REGRESSION = 20  # 5 RGB colours + cx, cy, radius, rotation, brightness
-_DENSE = 5  # per token: body coverage, part coverage, object colour (RGB)
+_DENSE = 11  # per token: body and part coverage, the object's colour there, its primary and secondary colours
 
 
 @dataclass
@@ -112,7 +112,8 @@ def _render_pool(n: int, config: BackbonePretrainConfig, offset: int) -> dict[st
         cls, reg = scene_labels(obj, ctx)
         classes[i] = cls
         targets[i] = reg
-        dense[i] = _dense_targets(img, body, part, patch)
+        dense[i, :, :5] = _dense_targets(img, body, part, patch)
+        dense[i, :, 5:] = np.asarray(reg[:6], dtype=np.float32)  # the object's two colours, on every patch
         # what is in each patch: the body's shape and pattern where it covers a quarter of the patch, the part's
         # type and side where it covers a tenth (-100 = no label)
         body_cover, part_cover = dense[i, :, 0], dense[i, :, 1]
@@ -138,7 +139,7 @@ def _dense_targets(img: np.ndarray, body: np.ndarray, part: np.ndarray, patch: i
     colour = pool(img.astype(np.float32) / 255.0 * cover[..., None]) / np.maximum(area, 1e-6)[..., None]
     out = np.concatenate([pool(body)[..., None] / patch**2, pool(part)[..., None] / patch**2,
                           (colour - 0.5) * 3.0], axis=-1)
-    return out.reshape(grid * grid, _DENSE)
+    return out.reshape(grid * grid, 5)
 
 
 def _loss(readout: torch.nn.Linear, dense_readout: torch.nn.Linear, pooled: torch.Tensor, tokens: torch.Tensor,
@@ -157,7 +158,7 @@ def _loss(readout: torch.nn.Linear, dense_readout: torch.nn.Linear, pooled: torc
     target = batch["dense"]
     cover = (target[..., 0] + target[..., 1]).clamp(max=1.0).unsqueeze(-1)  # where the object is
     coverage_loss = F.mse_loss(dense[..., :2], target[..., :2]) * 10.0
-    colour_loss = ((dense[..., 2:_DENSE] - target[..., 2:]) ** 2 * cover).sum() / cover.sum().clamp(min=1.0) / 3.0
+    colour_loss = ((dense[..., 2:_DENSE] - target[..., 2:]) ** 2 * cover).sum() / cover.sum().clamp(min=1.0) / 9.0
     dense_losses, dense_correct, start = [], [], _DENSE
     labels = batch["dense_classes"]  # [B, N, 4], -100 = no label
     for k, names in enumerate(_CLASSES.values()):
