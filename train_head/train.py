@@ -118,7 +118,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None
     validation_steps: int = 100
     logging_steps: int = 10
-    report_to: str = "tensorboard"
+    report_to: str = "auto"
     tracker_project_name: str = "nearid-head"
     dataloader_num_workers: int = 0
     encode_batch_size: int = 64
@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
     g.add_argument("--validation_steps", type=int, default=d.validation_steps)
     g.add_argument("--logging_steps", type=int, default=d.logging_steps)
-    g.add_argument("--report_to", default=d.report_to, help="tensorboard, wandb, all or none")
+    g.add_argument("--report_to", default=d.report_to,
+                   help="tensorboard, wandb (comma-separated), all, none, or auto (tensorboard when installed)")
     g.add_argument("--tracker_project_name", default=d.tracker_project_name)
     return p
 
@@ -246,12 +247,14 @@ def _trackers(report_to: str) -> list[str]:
     names = [n.strip() for n in report_to.split(",") if n.strip()]
     if not names or names == ["none"]:
         return []
+    if names == ["auto"]:
+        return ["tensorboard"] if _installed("tensorboard") else []
     if names == ["all"]:
         names = ["tensorboard", "wandb"]
         return [n for n in names if _installed(n)]
     for name in names:
         if name not in ("tensorboard", "wandb"):
-            raise ValueError(f"--report_to must name tensorboard, wandb, all or none, got {name!r}")
+            raise ValueError(f"--report_to must name tensorboard, wandb, all, auto or none, got {name!r}")
         if not _installed(name):
             raise ImportError(f"--report_to {name} needs the '{name}' package (pip install {name})")
     return names
