@@ -15,8 +15,8 @@ validation SSR) and the pooled row micro-averages the levels; ``--joint`` trains
 
 Reproduce::
 
-    python benchmarks/bench_synthetic.py                         # default: 2000 identities, 64 px, 1 thread
-    python benchmarks/bench_synthetic.py --backbones pretrained random --identities 1000
+    python benchmarks/bench_synthetic.py          # 5000 identities, 64 px, 1 thread, 1000 head steps of 128
+    python benchmarks/bench_synthetic.py --backbones pretrained random --joint
 
 Data, backbones and the feature cache are kept in ``--work_dir`` and reused by later runs.
 """
@@ -80,7 +80,7 @@ def random_backbone(folder: Path, config: BackbonePretrainConfig) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work_dir", default="bench_out/synthetic")
-    p.add_argument("--identities", type=int, default=2000)
+    p.add_argument("--identities", type=int, default=5000)
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbones", nargs="+", default=["pretrained"], choices=["pretrained", "random"])
@@ -90,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--joint", action="store_true",
                    help="train one head on all levels at once (default: one head per level, evaluated on it)")
     p.add_argument("--alphas", nargs="+", type=float, default=[0.0, 0.5])
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--learning_rate", type=float, default=3e-3)
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--validation_steps", type=int, default=100)
-    p.add_argument("--pretrain_steps", type=int, default=BackbonePretrainConfig.steps)
-    p.add_argument("--pretrain_images", type=int, default=BackbonePretrainConfig.num_images)
+    p.add_argument("--pretrain_steps", type=int, default=2000)
+    p.add_argument("--pretrain_images", type=int, default=8000)
     p.add_argument("--hidden_size", type=int, default=BackbonePretrainConfig.hidden_size)
     p.add_argument("--num_hidden_layers", type=int, default=BackbonePretrainConfig.num_hidden_layers)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = CPU time equals wall time)")
