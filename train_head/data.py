@@ -86,7 +86,7 @@ class BadDataReport:
         self.where = where
         self.counts: dict[str, int] = {}
         self.examples: dict[str, list[str]] = {}
-        self._warned = 0
+        self._warned: set[str] = set()
 
     def add(self, reason: str, detail: str, count: int = 1) -> None:
         if count <= 0:
@@ -107,10 +107,13 @@ class BadDataReport:
         return f"{self.where}: skipped bad data: " + ", ".join(parts)
 
     def warn(self) -> None:
-        """Log one warning summarising what was skipped so far (nothing when nothing new was skipped)."""
-        if self.total > self._warned:
-            logger.warning("%s", self.summary())
-            self._warned = self.total
+        """Log one warning for the kinds of bad data not reported yet (later cases of a kind are only counted)."""
+        new = [reason for reason in self.counts if reason not in self._warned]
+        if new:
+            parts = [f"{self.counts[r]} x {r} (e.g. {'; '.join(self.examples[r])})" for r in new]
+            logger.warning("%s: skipped bad data: %s; further cases are counted (see the run summary)",
+                           self.where, ", ".join(parts))
+            self._warned.update(new)
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.counts)
