@@ -616,6 +616,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                "final": str(out / "final"), "best": str(out / "best") if (out / "best").exists() else None,
                "train_seconds": round(seconds, 3), "feature_cache": use_cache,
                "bad_data": report.to_dict(), **{k: v for k, v in last_val.items()}}
+    if report.total:
+        logger.info("%s", report.summary())
     if main_process:
         _save_head(model, out / "final", {"step": global_step, **last_val})
         write_json_atomic(out / "train_summary.json", summary)
