@@ -2,7 +2,7 @@
 
 Stages (each timed; data and the pretrained tiny backbone are kept in ``demo_out/train_head`` and reused):
 
-1. ``nearid-make-synthetic``-style data: identities with colour-level near-identity distractors, 64 px;
+1. ``nearid-make-synthetic``-style data: identities with colour- and pattern-level near-identity distractors, 64 px;
 2. a tiny SigLIP backbone with a short generic pretraining on the synthetic world (cached after the first run);
 3. ``nearid-train-head`` on the training identities (feature cache on: the backbone encodes each image once);
 4. ``nearid-eval`` of the frozen backbone (its own head) and of the trained head on the held-out test identities.
@@ -29,7 +29,8 @@ from train_head.synthetic import SyntheticConfig, generate_synthetic  # noqa: E4
 from train_head.synthetic_backbone import BackbonePretrainConfig, pretrain_synthetic_backbone  # noqa: E402
 
 OUT = Path("demo_out/train_head")
-DATA = SyntheticConfig(num_identities=1000, image_size=64, levels=("colour",), seed=0, val_fraction=0.1,
+LEVELS = ("colour", "pattern")
+DATA = SyntheticConfig(num_identities=1000, image_size=64, levels=LEVELS, seed=0, val_fraction=0.1,
                        test_fraction=0.1, supersample=2)
 BACKBONE = BackbonePretrainConfig(image_size=64, steps=800, num_images=4000)
 HEAD_STEPS = 600
@@ -45,20 +46,20 @@ def main() -> None:
     t = time.perf_counter()
     if not (data_dir / "synthetic_config.json").is_file():
         generate_synthetic(data_dir, DATA)
-    stage(f"synthetic data: {DATA.num_identities} identities, colour-level distractors ({data_dir})", t)
+    stage(f"synthetic data: {DATA.num_identities} identities, {' and '.join(LEVELS)} distractors ({data_dir})", t)
     t = time.perf_counter()
     backbone = pretrain_synthetic_backbone(OUT / "backbone", BACKBONE)
     stage(f"tiny SigLIP backbone pretrained on the synthetic world ({backbone})", t)
 
     t = time.perf_counter()
     run = OUT / "run"
+    distractors = [str(data_dir / "distractors" / lv) for lv in LEVELS]
     nearid_train.main([
         "--backbone", str(backbone), "--output_dir", str(run), "--train_data", str(data_dir / "positives"),
-        "--distractors", str(data_dir / "distractors" / "colour"),
-        "--train_indices", str(data_dir / "splits" / "train.json"),
-        "--val_data", str(data_dir / "positives"), "--val_distractors", str(data_dir / "distractors" / "colour"),
+        "--distractors", *distractors, "--train_indices", str(data_dir / "splits" / "train.json"),
+        "--val_data", str(data_dir / "positives"), "--val_distractors", *distractors,
         "--val_indices", str(data_dir / "splits" / "val.json"),
-        "--train_batch_size", "128", "--max_train_steps", str(HEAD_STEPS), "--learning_rate", "1e-3",
+        "--train_batch_size", "128", "--max_train_steps", str(HEAD_STEPS), "--learning_rate", "3e-3",
         "--lr_warmup_steps", "50", "--alpha", "0", "--validation_steps", "100", "--checkpointing_steps", "300",
         "--logging_steps", "50", "--report_to", "none", "--seed", "0",
     ])
@@ -68,17 +69,17 @@ def main() -> None:
     results = {}
     for name, model in (("frozen backbone (own head)", backbone), ("trained NearID head", run / "best")):
         report = OUT / "eval" / ("frozen" if "frozen" in name else "trained")
-        nearid_eval.main(["--model", str(model), "--data", str(data_dir / "positives"),
-                          "--distractors", str(data_dir / "distractors" / "colour"),
+        nearid_eval.main(["--model", str(model), "--data", str(data_dir / "positives"), "--distractors", *distractors,
                           "--indices", str(data_dir / "splits" / "test.json"), "--output_dir", str(report)])
-        results[name] = json.loads((report / "metrics.json").read_text())["settings"]["pooled"]
+        results[name] = json.loads((report / "metrics.json").read_text())["settings"]
     stage("evaluated on held-out identities", t)
     print()
-    print(f"held-out test identities: {int(results['trained NearID head']['n_samples'])}")
-    print("| model | SSR | PA |")
-    print("|---|---|---|")
-    for name, m in results.items():
-        print(f"| {name} | {m['ssr']:.1f} | {m['pa']:.1f} |")
+    print(f"held-out test identities: {int(results['trained NearID head']['colour']['n_samples'])}")
+    print("| model | " + " | ".join(f"{s} SSR | {s} PA" for s in (*LEVELS, "pooled")) + " |")
+    print("|---|" + "---|---|" * (len(LEVELS) + 1))
+    for name, settings in results.items():
+        cells = " | ".join(f"{settings[s]['ssr']:.1f} | {settings[s]['pa']:.1f}" for s in (*LEVELS, "pooled"))
+        print(f"| {name} | {cells} |")
 
 
 if __name__ == "__main__":
