@@ -1,0 +1,141 @@
+"""The feature cache: storage round trip, incremental builds, bad images, and equality with the uncached path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from train_head_fixtures import (
+    HF_CACHE,
+    distractor_dirs,
+    one_thread,  # noqa: F401  (autouse: one torch thread)
+    synthetic_dataset,
+    tiny_backbone,
+)
+
+from nearid_reward import NearIDModel
+from train_head.batching import CachedBatcher, PixelBatcher, TrainCollate, batch_tokens, scatter_embeddings
+from train_head.cache import FeatureStore, build_feature_cache, content_key, model_fingerprint
+from train_head.data import BadDataReport, NearIDTrainDataset, decode_image, load_folder, load_nearid
+from train_head.losses import nearid_loss_terms
+
+
+def test_store_round_trip_with_variable_lengths(tmp_path):
+    store = FeatureStore(tmp_path / "s", shard_size=3)
+    (tmp_path / "s").mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(5, 6, 4, generator=g)
+    store.add([f"k{i}" for i in range(5)], tokens, lengths=[6, 4, 6, 2, 6])  # 3 buffered -> one shard written
+    assert len(list((tmp_path / "s").glob("tokens-*.npy"))) == 1
+    store.flush()
+    fresh = FeatureStore(tmp_path / "s")  # another process sees both shards
+    assert len(fresh) == 5 and fresh.keys() == {f"k{i}" for i in range(5)}
+    got, mask = fresh.get(["k3", "k0", "k1"])
+    assert got.dtype == torch.float16 and got.shape == (3, 6, 4)
+    assert mask.tolist() == [[True] * 2 + [False] * 4, [True] * 6, [True] * 4 + [False] * 2]
+    torch.testing.assert_close(got[1].float(), tokens[0].half().float())
+    torch.testing.assert_close(got[0, :2].float(), tokens[3, :2].half().float())
+    assert (got[0, 2:] == 0).all()
+    full, no_mask = fresh.get(["k0", "k2"])
+    assert no_mask is None and full.shape == (2, 6, 4)
+    with pytest.raises(KeyError, match="not in the feature cache"):
+        fresh.get(["missing"])
+
+
+def test_store_ignores_a_shard_without_its_index(tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    np.save(folder / "tokens-r000-interrupted.npy", np.zeros((1, 2, 2), np.float16))
+    assert len(FeatureStore(folder)) == 0
+
+
+def test_build_is_incremental_and_tokens_match_the_backbone(tmp_path):
+    root = synthetic_dataset()
+    data = load_nearid(root / "positives", distractor_dirs(root, ("colour",)), cache_dir=HF_CACHE)
+    model = NearIDModel.from_pretrained(tiny_backbone())
+    fp = model_fingerprint(model, torch.float32)
+    store = FeatureStore.open(tmp_path / "cache", fp, {"note": "test"})
+    refs = data.all_refs(data.rows[:6])
+    keys = build_feature_cache(store, model, refs, data.registry(), batch_size=5)
+    assert set(keys) == set(refs) and len(store) == len(set(keys.values()))
+    # a second build over more images encodes only the new ones
+    more = data.all_refs(data.rows)
+    again = FeatureStore.open(tmp_path / "cache", fp, {"note": "test"})
+    before = set(again.keys())
+    keys2 = build_feature_cache(again, model, more, data.registry(), batch_size=7)
+    assert before <= again.keys() and len(again) == len(set(keys2.values()))
+    assert all(keys2[r] == k for r, k in keys.items())
+    # the cached tokens are the backbone's final tokens (fp16)
+    ref = refs[0]
+    raw = data.registry()[ref[0]].read(ref[1], ref[2])
+    assert keys[ref] == content_key(raw)
+    cached, _ = again.get([keys[ref]])
+    with torch.no_grad():
+        direct, _ = model.encode_tokens(model.prepare([decode_image(raw)]))
+    torch.testing.assert_close(cached.float(), direct.half().float())
+    # another backbone never reuses this cache
+    other = NearIDModel.from_pretrained(tiny_backbone(image_size=48))
+    assert model_fingerprint(other, torch.float32) != fp
+    assert model_fingerprint(model, torch.bfloat16) != fp
+    clash = tmp_path / "cache" / ("f" * 24)  # a folder whose config names another (longer) fingerprint
+    clash.mkdir()
+    (clash / "cache_config.json").write_text('{"fingerprint": "%s"}' % ("f" * 32))
+    with pytest.raises(ValueError, match="fingerprint"):
+        FeatureStore.open(tmp_path / "cache", "f" * 31 + "0", {})
+
+
+def test_unreadable_images_are_counted_or_raise(tmp_path):
+    root = tmp_path / "mine"
+    for ident in ("a", "b"):
+        (root / ident / "distractors").mkdir(parents=True)
+        for stem in ("v1", "v2"):
+            Image.new("RGB", (32, 32), (100, 50, 20)).save(root / ident / f"{stem}.png")
+            Image.new("RGB", (32, 32), (20, 50, 100)).save(root / ident / "distractors" / f"{stem}.png")
+    (root / "b" / "v2.png").write_bytes(b"garbage, not a png")
+    data = load_folder(root)
+    model = NearIDModel.from_pretrained(tiny_backbone())
+    store = FeatureStore.open(tmp_path / "cache", model_fingerprint(model, torch.float32), {})
+    report = BadDataReport()
+    keys = build_feature_cache(store, model, data.all_refs(data.rows), data.registry(), report=report)
+    assert report.counts == {"unreadable images": 1}
+    assert data.view_ref(1, 1) not in keys and len(keys) == 7
+    with pytest.raises(ValueError, match="unreadable images"):
+        build_feature_cache(store, model, data.all_refs(data.rows), data.registry(),
+                            report=BadDataReport(strict=True))
+    # the training collate drops a sample that is left with one readable view (and its distractors)
+    ds = NearIDTrainDataset([(data, data.rows)], seed=0)
+    batch = TrainCollate(CachedBatcher(store, keys), ds.num_views)([ds[0], ds[1]])
+    assert batch["pos_mask"].tolist() == [[True, True], [False, False]]
+    assert batch["neg_mask"].tolist() == [[True, True], [False, False]]
+    assert len(batch["failed"]) == 1
+
+
+def _loss(batch, model, num_views):
+    tokens, mask = batch_tokens(batch, model, "cpu")
+    pooled = F.normalize(model.head(tokens, mask).float(), dim=-1)
+    b = batch["batch_size"]
+    emb = scatter_embeddings(pooled, batch["slot_index"], b * 2 * num_views).view(b, 2 * num_views, -1)
+    return nearid_loss_terms(emb[:, 0], emb[:, 1:num_views], emb[:, num_views:], batch["pos_mask"][:, 1:],
+                             batch["neg_mask"]).loss
+
+
+def test_cached_and_uncached_give_the_same_head_loss(tmp_path):
+    root = synthetic_dataset()
+    data = load_nearid(root / "positives", distractor_dirs(root), cache_dir=HF_CACHE)
+    model = NearIDModel.from_pretrained(tiny_backbone())
+    ds = NearIDTrainDataset([(data, data.rows)], seed=1)
+    ds.set_epoch(2)
+    items = [ds[i] for i in range(8)]
+    store = FeatureStore.open(tmp_path / "cache", model_fingerprint(model, torch.float32), {})
+    keys = build_feature_cache(store, model, ds.all_refs(), ds.registry())
+    cached = TrainCollate(CachedBatcher(store, keys), 3)(items)
+    pixels = TrainCollate(PixelBatcher(ds.registry(), model.preprocess), 3)(items)
+    assert torch.equal(cached["slot_index"], pixels["slot_index"])
+    assert torch.equal(cached["pos_mask"], pixels["pos_mask"]) and not cached["pos_mask"].all()  # 2-view rows
+    loss_c = _loss(cached, model, 3)
+    loss_p = _loss(pixels, model, 3)
+    assert loss_c.item() == pytest.approx(loss_p.item(), rel=2e-3)  # the cache stores fp16 tokens
+    assert loss_c.item() != pytest.approx(_loss(TrainCollate(CachedBatcher(store, keys), 3)(items[::-1][:4]),
+                                                model, 3).item(), rel=1e-3)

@@ -1,0 +1,189 @@
+"""The trainer end to end on synthetic data (``main(argv)`` in-process), resume, outputs, and ``nearid-eval``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_head_fixtures import (
+    HF_CACHE,
+    distractor_dirs,
+    one_thread,  # noqa: F401  (autouse: one torch thread)
+    synthetic_dataset,
+    synthetic_mtg,
+    tiny_backbone,
+)
+
+from nearid_reward import NearIDModel
+from nearid_reward.io import read_jsonl
+from train_head import eval as eval_cli
+from train_head import train as train_cli
+from train_head.data import load_nearid, read_index_file
+from train_head.eval import ValidationSet, evaluate_model
+
+
+def _argv(out: Path, *extra: str, levels=("colour", "part")) -> list[str]:
+    root = synthetic_dataset()
+    return [
+        "--backbone", str(tiny_backbone()), "--output_dir", str(out),
+        "--train_data", str(root / "positives"), "--distractors", *distractor_dirs(root, levels),
+        "--data_cache_dir", HF_CACHE, "--report_to", "none", "--seed", "3", "--lr_warmup_steps", "1",
+        "--logging_steps", "1", *extra,
+    ]
+
+
+def _head(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "head.safetensors"))
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_training_lowers_the_loss_and_writes_loadable_heads(tmp_path):
+    out = tmp_path / "run"
+    assert train_cli.main(_argv(out, "--val_fraction", "0.25", "--train_batch_size", "6", "--max_train_steps", "30",
+                                "--learning_rate", "3e-3", "--checkpointing_steps", "15", "--validation_steps", "15",
+                                "--mtg_data", str(synthetic_mtg()), "--mtg_repeat", "1",
+                                "--report_to", "tensorboard")) == 0
+    history = read_jsonl(out / "history.jsonl")
+    losses = [r["train/loss"] for r in history if r["kind"] == "train"]
+    assert len(losses) == 30
+    assert sum(losses[-6:]) / 6 < 0.8 * sum(losses[:6]) / 6, losses
+    vals = {r["step"]: r for r in history if r["kind"] == "validation"}
+    assert sorted(vals) == [0, 15, 30]
+    # outputs: checkpoints, best, final, splits, tensorboard logs; heads load with the library
+    assert (out / "checkpoint-15" / "trainer_state.json").is_file() and (out / "checkpoint-30" / "head").is_dir()
+    assert not list(out.glob(".*tmp*"))
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    final = NearIDModel.from_pretrained(out / "final")
+    base = NearIDModel.from_pretrained(tiny_backbone())
+    assert final.extra["step"] == 30
+    assert _max_diff(_head(out / "final"), _head(out / "checkpoint-30" / "head")) == 0.0
+    assert _max_diff(_head(out / "final"), {k: v for k, v in base.head.state_dict().items()}) > 1e-3
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(final.embed(images), base.embed(images), atol=1e-3)
+    best = json.loads((out / "best" / "nearid_config.json").read_text())["extra"]
+    assert best["val_ssr"] == max(v["val/ssr"] for v in vals.values())
+    # held-out identities: the saved split is disjoint by identity and the step-0 record is the frozen baseline
+    root = synthetic_dataset()
+    data = load_nearid(root / "positives", distractor_dirs(root, ("colour", "part")), cache_dir=HF_CACHE)
+    train_rows = read_index_file(out / "splits" / "train.json")
+    val_rows = read_index_file(out / "splits" / "val.json")
+    assert len(val_rows) == 4 and not {data.ids[r] for r in train_rows} & {data.ids[r] for r in val_rows}
+    frozen = evaluate_model(base, ValidationSet.build(data, val_rows))
+    assert vals[0]["val/ssr"] == pytest.approx(frozen["pooled"]["ssr"], abs=1e-4)
+    assert vals[0]["val/pa"] == pytest.approx(frozen["pooled"]["pa"], abs=1e-4)
+    # nearid-eval on the trained head writes the three reports, consistent with the last validation
+    report_dir = tmp_path / "eval"
+    assert eval_cli.main(["--model", str(out / "final"), "--data", str(root / "positives"), "--distractors",
+                          *distractor_dirs(root, ("colour", "part")), "--indices", str(out / "splits" / "val.json"),
+                          "--data_cache_dir", HF_CACHE, "--output_dir", str(report_dir),
+                          "--mtg_data", str(synthetic_mtg()), "--mtg_split", "train"]) == 0
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert metrics["settings"]["pooled"]["ssr"] == pytest.approx(vals[30]["val/ssr"], abs=1e-4)
+    assert metrics["settings"]["colour"]["pa"] == pytest.approx(vals[30]["val/colour/pa"], abs=1e-4)
+    assert set(metrics["mtg"]) >= {"m_o", "m_opair", "ssr", "pa"}
+    csv_lines = (report_dir / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("setting,ssr,pa,pa_pairwise") and [c.split(",")[0] for c in csv_lines[1:]] == [
+        "colour", "part", "pooled", "mtg"]
+    assert "| **pooled** |" in (report_dir / "metrics.md").read_text()
+
+
+def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path):
+    common = ("--val_fraction", "0.25", "--train_batch_size", "4", "--max_train_steps", "5",
+              "--learning_rate", "2e-3", "--checkpointing_steps", "2", "--validation_steps", "100")
+    full = tmp_path / "full"
+    train_cli.main(_argv(full, *common))
+    state = json.loads((full / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["steps_per_epoch"] == 3 and state["global_step"] == 2  # step 2 is in the middle of epoch 0
+    part = tmp_path / "part"
+    shutil.copytree(full, part, ignore=shutil.ignore_patterns("checkpoint-4", "final", "best"))
+    train_cli.main(_argv(part, *common, "--resume_from_checkpoint", "latest"))
+    assert _max_diff(_head(full / "final"), _head(part / "final")) == 0.0
+    assert _max_diff(_head(full / "checkpoint-4" / "head"), _head(part / "checkpoint-4" / "head")) == 0.0
+    full_losses = [r["train/loss"] for r in read_jsonl(full / "history.jsonl") if r["kind"] == "train"]
+    part_losses = [r["train/loss"] for r in read_jsonl(part / "history.jsonl") if r["kind"] == "train"]
+    assert part_losses[-3:] == full_losses[-3:]  # steps 3, 4, 5 again, identically
+    # without the feature cache the same run gives the same head up to the cache's fp16 rounding
+    pixels = tmp_path / "pixels"
+    train_cli.main(_argv(pixels, *common, "--no_feature_cache"))
+    assert 0.0 < _max_diff(_head(full / "final"), _head(pixels / "final")) < 2e-3
+
+
+def test_augmentations_disable_the_cache_and_bf16_runs(tmp_path, caplog):
+    out = tmp_path / "aug"
+    with caplog.at_level(logging.WARNING, logger="train_head.train"):
+        train_cli.main(_argv(out, "--train_batch_size", "8", "--max_train_steps", "2", "--flip_prob", "0.5",
+                             "--color_jitter_prob", "0.5", "--mixed_precision", "bf16"))
+    assert any("feature cache disabled" in r.message for r in caplog.records)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["feature_cache"] is False and not (out / "feature_cache").exists()
+    assert all(t.dtype == torch.float32 for t in _head(out / "final").values())
+    losses = [r["train/loss"] for r in read_jsonl(out / "history.jsonl") if r["kind"] == "train"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--learning_rate", "0", "--learning_rate must be > 0"),
+    ("--train_batch_size", "0", "--train_batch_size must be >= 1"),
+    ("--val_fraction", "1.5", "--val_fraction must be in"),
+    ("--flip_prob", "2", "flip_prob must be in"),
+])
+def test_bad_arguments_exit_with_a_clear_message(tmp_path, flag, value, message):
+    with pytest.raises(SystemExit, match=message):
+        train_cli.main(_argv(tmp_path / "x", flag, value))
+
+
+def test_batch_larger_than_the_data_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="lower --train_batch_size"):
+        train_cli.main(_argv(tmp_path / "x", "--train_batch_size", "64"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_run_matches_the_single_process_run(tmp_path):
+    """torchrun with 2 CPU processes (gloo), batch 4 each == one process with batch 8: same samples per step, the
+    positive pool gathered across ranks and the loss normalised globally give the same head."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "val.json").write_text('{"indices": [0, 1, 2, 3]}')
+    common = ("--max_train_steps", "4", "--learning_rate", "2e-3", "--checkpointing_steps", "2",
+              "--validation_steps", "2", "--val_indices", str(tmp_path / "val.json"))
+    single = tmp_path / "single"
+    train_cli.main(_argv(single, "--train_batch_size", "8", *common))
+    ddp = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "train_head", *_argv(ddp, "--train_batch_size", "4", *common)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _max_diff(_head(single / "final"), _head(ddp / "final")) < 1e-5
+    assert _max_diff(_head(single / "checkpoint-2" / "head"), _head(ddp / "checkpoint-2" / "head")) < 1e-5
+    state = json.loads((ddp / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["steps_per_epoch"] == 2  # schedule from the prepared loader
+    shards = {p.name.split("-")[1] for p in (ddp / "feature_cache").rglob("tokens-r*.npy")}
+    assert shards == {"r000", "r001"}  # each rank encoded its share of the images
+    train_records = [r for r in read_jsonl(ddp / "history.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]  # logged once, by the main process
+    single_records = [r for r in read_jsonl(single / "history.jsonl") if r["kind"] == "train"]
+    for a, b in zip(train_records, single_records):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-4)
