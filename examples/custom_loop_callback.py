@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from nearid_reward import IdentityReward, IdentityValidator, NearIDValidationCallback
 from nearid_reward.diffusion import decode_latents, predict_x0
 from nearid_reward.images import to_pil_list
+from nearid_reward.rendering import PromptSet, RenderConfig
 
 
 def main(argv: list[str] | None = None) -> NearIDValidationCallback | None:
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> NearIDValidationCallback | None:
     p.add_argument("--validation_steps", type=int, default=25)
     p.add_argument("--identity_loss_weight", type=float, default=0.0)
     p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--prompts", default=None, help="validation prompt file (default: the shipped identity set)")
+    p.add_argument("--validation_inference_steps", type=int, default=25)
     args = p.parse_args(argv)
 
     from accelerate import Accelerator
@@ -66,7 +69,9 @@ def main(argv: list[str] | None = None) -> NearIDValidationCallback | None:
     callback = None
     if accelerator.is_main_process:
         validator = IdentityValidator(reward, history_path=out / "identity_history.jsonl", accelerator=accelerator)
-        callback = NearIDValidationCallback(validator, output_dir=out, instance_token="sks", class_noun="dog")
+        render = RenderConfig(num_inference_steps=args.validation_inference_steps)
+        callback = NearIDValidationCallback(validator, output_dir=out, prompts=PromptSet.load(args.prompts),
+                                            instance_token="sks", class_noun="dog", render=render)
 
     def save_lora(models: list[torch.nn.Module], weights: list[dict], folder: str) -> None:
         state = convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(models[0])))

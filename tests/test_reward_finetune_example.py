@@ -79,9 +79,11 @@ def test_custom_loop_example(assets: dict[str, Path]) -> None:
         state._reset_state(*([True] if state is AcceleratorState else []))
     out = assets["root"] / "custom"
     callback = module.main(["--pretrained_model_name_or_path", str(assets["sd"]), "--nearid_model",
-                            str(assets["nearid"]), "--instance_data_dir", str(assets["refs"]), "--output_dir", str(out),
-                            "--max_train_steps", "2", "--validation_steps", "1", "--identity_loss_weight", "1.0"])
-    callback.prompts.instance = callback.prompts.instance[:1]
+                            str(assets["nearid"]), "--instance_data_dir", str(assets["refs"]),
+                            "--output_dir", str(out),
+                            "--max_train_steps", "2", "--validation_steps", "1", "--identity_loss_weight", "1.0",
+                            "--prompts", str(assets["prompts"]), "--validation_inference_steps", "2"])
+    assert callback.prompts.instance == ["a photo of sks dog"]
     assert [r["step"] for r in read_jsonl(out / "identity_history.jsonl")] == [1, 2]
     assert json.loads((out / "checkpoint-2" / "identity_scores.json").read_text())["step"] == 2
     assert (out / "best_identity" / "pytorch_lora_weights.safetensors").is_file()
