@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--size", type=int, default=512, help="side of the input images in pixels")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--resample", type=int, default=2, choices=[2, 3],
+                        help="processor filter: 2 bilinear (SigLIP2 checkpoints' processors), 3 bicubic (SigLIP v1)")
     args = parser.parse_args()
 
     from transformers import SiglipImageProcessorPil, SiglipVisionModel
@@ -63,15 +65,18 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     photos = _photos(args.images, args.size)
-    batch = torch.from_numpy(np.stack([np.asarray(p) for p in photos])).permute(0, 3, 1, 2).float() / 255.0
+    # what a diffusion loop holds: a contiguous float [B, 3, H, W] batch in [0, 1]
+    stacked = torch.from_numpy(np.stack([np.asarray(p) for p in photos]))  # [B, H, W, 3] uint8
+    batch = (stacked.permute(0, 3, 1, 2).float() / 255.0).contiguous()
     print(environment())
-    print(f"{args.images} images of {args.size}x{args.size}, median of {args.repeats} repeats\n")
+    print(f"{args.images} images of {args.size}x{args.size}, resample={args.resample}, "
+          f"median of {args.repeats} repeats\n")
     header = f"{'config':<7} {'path':<12} {'img/s':>9} {'vs official':>12} {'peak MiB':>9} {'cos vs official':>16}"
     print(header)
     print("-" * len(header))
     for name, cfg in CONFIGS.items():
         with tempfile.TemporaryDirectory() as tmp:
-            folder = save_tiny_siglip(Path(tmp) / name, resample=3, **cfg)
+            folder = save_tiny_siglip(Path(tmp) / name, resample=args.resample, **cfg)
             official = SiglipVisionModel.from_pretrained(folder).eval()
             processor = SiglipImageProcessorPil.from_pretrained(folder)
             ours = NearIDModel.from_pretrained(folder)

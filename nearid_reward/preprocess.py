@@ -116,13 +116,16 @@ def _resize(images: torch.Tensor, size: tuple[int, int], resample: int) -> torch
             f"uses {resample} ({RESAMPLE_NAMES.get(resample, 'unknown')}). Pass PIL images instead."
         )
     if mode == "nearest-exact":
-        return F.interpolate(images, size=size, mode=mode)
+        return F.interpolate(images, size=size, mode=mode).clamp_(0.0, 1.0)
     # antialias=True gives PIL's filters (cubic a=-0.5, support widened when downsampling).
+    if mode == "bilinear":  # a convex filter cannot overshoot: one separable call equals PIL's two passes
+        return F.interpolate(images, size=size, mode=mode, align_corners=False, antialias=True).clamp_(0.0, 1.0)
     x = images
     if width != size[1]:
-        x = F.interpolate(x, size=(height, size[1]), mode=mode, align_corners=False, antialias=True).clamp(0.0, 1.0)
+        # in place on the fresh interpolation output (its backward does not need it): saves a full-size copy
+        x = F.interpolate(x, size=(height, size[1]), mode=mode, align_corners=False, antialias=True).clamp_(0.0, 1.0)
     if height != size[0]:
-        x = F.interpolate(x, size=(size[0], size[1]), mode=mode, align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(size[0], size[1]), mode=mode, align_corners=False, antialias=True).clamp_(0.0, 1.0)
     return x
 
 
@@ -140,7 +143,7 @@ def preprocess_tensor(
         :class:`PixelInputs` in float32 (gradients flow back to ``images``).
     """
     lo, hi = float(value_range[0]), float(value_range[1])
-    x = images.float()
+    x = images.float().contiguous()  # channels-last inputs (e.g. from numpy HWC) resize several times slower
     if (lo, hi) != (0.0, 1.0):
         x = (x - lo) / (hi - lo)  # [B, 3, H, W] in [0, 1]
     height, width = int(x.shape[-2]), int(x.shape[-1])
@@ -148,12 +151,13 @@ def preprocess_tensor(
         target = (config.height, config.width) if config.do_resize else (height, width)
     else:
         target = naflex_target_size(height, width, config.patch_size, config.max_num_patches)
+    resized = x
     if config.do_resize or config.mode == "naflex":
-        x = _resize(x, target, config.resample)
-    # 8-bit images cannot leave [0, 1]: clip like PIL does after resampling (bicubic overshoots at sharp edges).
-    x = x.clamp(0.0, 1.0)
+        resized = _resize(x, target, config.resample)  # clipped to [0, 1] like PIL's 8-bit output
+    # Without a resize, clip out-of-range input the same way (8-bit images cannot leave [0, 1]).
+    x = resized if resized is not x else x.clamp(0.0, 1.0)
     scale, shift = _affine(config, x.device)
-    x = x * scale + shift  # [B, 3, h, w] normalised
+    x = torch.addcmul(shift, x, scale)  # [B, 3, h, w] normalised: x * scale + shift in one pass
     if config.mode == "fixed":
         return PixelInputs(x)
     patches = patchify(x, config.patch_size)  # [B, n, P*P*3]
