@@ -417,6 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     session = DreamBoothSession(options)
     install_hooks(module, session)
     args = module.parse_args(theirs)
+    # Run as `python script.py`, the script's `__main__` block leaves `args` as a module global, and some of the
+    # diffusers scripts read it outside `main` (e.g. DreamBoothDataset in train_dreambooth_lora.py): recreate it.
+    module.args = args
     session.bind_args(args)
     module.main(args)
     return 0
