@@ -176,7 +176,7 @@ def stage_dreambooth(out: Path, head: dict[str, Any]) -> dict[str, Any]:
         "--instance_prompt", f"a photo of {TOKEN} {CLASS_NOUN}", "--class_data_dir", str(classes),
         "--class_prompt", f"a photo of {CLASS_NOUN}", "--with_prior_preservation",
         "--validation_prompt", f"a photo of {TOKEN} {CLASS_NOUN}", "--num_validation_images", "2",
-        "--output_dir", str(run), "--max_train_steps", "24", "--train_batch_size", "1", "--learning_rate", "1e-3",
+        "--output_dir", str(run), "--max_train_steps", "24", "--train_batch_size", "1", "--learning_rate", "5e-3",
         "--checkpointing_steps", "6", "--seed", "0", "--report_to", "tensorboard", "--resolution", "64",
     ]  # fmt: skip
     _reset_accelerate()
@@ -224,6 +224,7 @@ def stage_select(out: Path, head: dict[str, Any], db: dict[str, Any]) -> dict[st
     select.main(["--output_dir", db["run"], "--pipeline", db["sd"], "--model", head["head"],
                  "--references", db["subject"], "--prompts", db["prompts"], "--instance_token", TOKEN,
                  "--class_noun", CLASS_NOUN, "--num_inference_steps", "4", "--images_per_prompt", "2",
+                 "--scheduler", "auto",
                  "--copy_winner", "--winner_dir", str(folder / "winner")])
     result = json.loads((Path(db["run"]) / "identity_selection.json").read_text())
     return _mark_done(folder, {"selection": result, "winner_dir": str(folder / "winner")}, started)
@@ -275,7 +276,7 @@ def stage_report(out: Path, results: dict[str, Any], timings: dict[str, float]) 
                         f"**{winner}** (its weights are in `{sel['winner_dir']}`)." if winner else ""))
     ranked = sel["selection"]["checkpoints"]
     report.table(["rank", "checkpoint", "step", "identity", "gain over base"],
-                 [[r.get("rank"), r["name"], r.get("step"), r["metrics"].get("identity_mean"),
+                 [[r.get("rank"), r["name"], r.get("step"), r.get("identity_mean"),
                    r.get("identity_gain", "")] for r in ranked])
     report.heading("4. Identity-reward LoRA fine-tuning (DRaFT-K)")
     rewards = [h["reward"] for h in rw["history"]]

@@ -78,11 +78,11 @@ def plot_selection(history: list[dict[str, Any]], selection: dict[str, Any], pat
         ax.axhline(float(np.mean(base)), color="grey", ls="--", label="base model (adapter off)")
     rows = [r for r in selection.get("checkpoints", []) if r.get("step") is not None]
     if rows:
-        pts = sorted((r["step"], r["metrics"]["identity_mean"]) for r in rows)
+        pts = sorted((r["step"], r["identity_mean"]) for r in rows)
         ax.plot(*zip(*pts), "s", color="#ff7f0e", mfc="none", label="nearid-select (re-rendered)")
         winner = next((r for r in rows if r["name"] == selection.get("winner")), None)
         if winner is not None:
-            ax.plot([winner["step"]], [winner["metrics"]["identity_mean"]], "*", color="red", ms=14,
+            ax.plot([winner["step"]], [winner["identity_mean"]], "*", color="red", ms=14,
                     label=f"selected: {winner['name']}")
     oracle = selection.get("reference_oracle")
     if oracle is not None:
