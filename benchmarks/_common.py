@@ -73,6 +73,24 @@ def peak_memory_mib(fn: Callable[[], Any]) -> tuple[float, str]:
     return (sampler.peak - sampler.base) / 2**20, "sampled RSS growth"
 
 
+def saved_for_backward_mib(fn: Callable[[], Any]) -> float:
+    """MiB of distinct tensor storages autograd keeps for the backward pass while ``fn()`` runs its forward.
+
+    Counted with ``torch.autograd.graph.saved_tensors_hooks``: exact, independent of the allocator and of other
+    processes; what activation memory (and gradient checkpointing's saving) is about.
+    """
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values()) / 2**20
+
+
 def environment() -> str:
     import transformers
 

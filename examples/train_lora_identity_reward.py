@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from nearid_reward import IdentityReward, IdentityValidator, NearIDValidationCallback
 from nearid_reward.callback import CallbackConfig
@@ -77,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_train_steps", type=int, default=200)
     p.add_argument("--learning_rate", type=float, default=1e-4)
     p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--lora_target_modules", nargs="+", default=["to_k", "to_q", "to_v", "to_out.0"],
+                   help="UNet modules that get LoRA (default: attention projections, as diffusers' DreamBooth)")
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--class_data_dir", default=None, help="class images for the prior term")
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             module.to(accelerator.device, dtype=weight_dtype if name != "vae" else torch.float32)
     unet = pipeline.unet
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+                                target_modules=list(args.lora_target_modules)))
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     for param in lora_params:  # trainable tensors in fp32 under mixed precision
         param.data = param.data.float()
@@ -179,7 +182,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rng = random.Random(args.seed + accelerator.process_index)
     generator = torch.Generator().manual_seed(args.seed + 1000 * accelerator.process_index)
     history: list[dict[str, float]] = []
-    for step in range(1, args.max_train_steps + 1):
+    progress = tqdm(range(1, args.max_train_steps + 1), desc="reward fine-tuning",
+                    disable=not accelerator.is_local_main_process)
+    for step in progress:
         unet.train()
         batch_prompts = [rng.choice(prompts) for _ in range(args.train_batch_size)]
         seeds = [torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
@@ -242,9 +247,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logs.update(loss=float(loss.detach()), reward=mean_reward)
         history.append({"step": step, **logs})
         accelerator.log(logs, step=step)
+        progress.set_postfix(reward=f"{mean_reward:.4f}")
         if accelerator.is_main_process:
             append_jsonl(out / "reward_history.jsonl", {"step": step, **logs})
-            logger.info("step %d: reward %.4f loss %.4f", step, mean_reward, logs["loss"])
+            logger.debug("step %d: reward %.4f loss %.4f", step, mean_reward, logs["loss"])
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
             if callback is not None and (step % args.validation_steps == 0 or step == args.max_train_steps):
                 unet.eval()

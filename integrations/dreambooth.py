@@ -64,6 +64,7 @@ class DreamBoothOptions:
     guidance_scale: float | None = None
     images_per_prompt: int = 1
     resolution: int | None = None
+    scheduler: str | None = "auto"
     render_base: bool = True
     score_checkpoints: bool = True
     monitor: str = "identity_mean"
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nearid_guidance_scale", type=float, default=None)
     p.add_argument("--nearid_images_per_prompt", type=int, default=1)
     p.add_argument("--nearid_resolution", type=int, default=None, help="render size (default: the pipeline's)")
+    p.add_argument("--nearid_scheduler", default="auto",
+                   help="scheduler of NearID's renders, the same at validations, checkpoints and in --nearid_select_"
+                   "after (a diffusers class name; 'auto' = DDIM unless the pipeline is flow matching; 'pipeline' = "
+                   "whatever the pipeline has at that moment)")
     p.add_argument("--nearid_no_base", action="store_true", help="do not render the base model (adapter disabled)")
     p.add_argument("--nearid_no_score_checkpoints", action="store_true",
                    help="do not render and score at checkpoint saves (sidecars then carry the last validation)")
@@ -140,6 +145,7 @@ def parse_options(argv: Sequence[str]) -> DreamBoothOptions:
         class_noun=ns.nearid_class_noun, num_inference_steps=ns.nearid_num_inference_steps,
         guidance_scale=ns.nearid_guidance_scale, images_per_prompt=ns.nearid_images_per_prompt,
         resolution=ns.nearid_resolution, render_base=not ns.nearid_no_base,
+        scheduler=None if ns.nearid_scheduler == "pipeline" else ns.nearid_scheduler,
         score_checkpoints=not ns.nearid_no_score_checkpoints, monitor=ns.nearid_monitor, mode=ns.nearid_mode,
         patience=ns.nearid_patience, threshold=ns.nearid_threshold, select_after=ns.nearid_select_after,
         loss_weight=ns.nearid_loss_weight, loss_max_timestep=ns.nearid_loss_max_timestep, dtype=ns.nearid_dtype,
@@ -220,6 +226,7 @@ class DreamBoothSession:
                 num_inference_steps=o.num_inference_steps, guidance_scale=o.guidance_scale,
                 images_per_prompt=o.images_per_prompt, height=o.resolution, width=o.resolution,
                 render_base=o.render_base, render_class=bool(getattr(self.args, "class_prompt", None)),
+                scheduler=o.scheduler,
             )  # fmt: skip
             if self.accelerator is not None:
                 validator.scorer.to(self.accelerator.device)
@@ -341,6 +348,15 @@ class DreamBoothSession:
         if self._callback is not None:
             argv += ["--instance_token", self._callback.config.instance_token,
                      "--class_noun", self._callback.config.class_noun]
+        if self.options.prompts:
+            argv += ["--prompts", self.options.prompts]
+        if self.options.scheduler:
+            argv += ["--scheduler", self.options.scheduler]
+        if self.options.resolution:
+            argv += ["--resolution", str(self.options.resolution)]
+        if self.options.guidance_scale is not None:
+            argv += ["--guidance_scale", str(self.options.guidance_scale)]
+        argv += ["--images_per_prompt", str(self.options.images_per_prompt)]
         select_main(argv)
 
 
@@ -417,6 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     session = DreamBoothSession(options)
     install_hooks(module, session)
     args = module.parse_args(theirs)
+    # Run as `python script.py`, the script's `__main__` block leaves `args` as a module global, and some of the
+    # diffusers scripts read it outside `main` (e.g. DreamBoothDataset in train_dreambooth_lora.py): recreate it.
+    module.args = args
     session.bind_args(args)
     module.main(args)
     return 0

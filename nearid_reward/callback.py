@@ -8,7 +8,6 @@ and the loop continues (``strict=True`` re-raises instead).
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import os
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .config import with_overrides
 from .images import ImageInput
 from .io import write_json_atomic
 from .rendering import PromptSet, RenderConfig, RenderedSet, denoiser_of, render_validation_set
@@ -123,15 +123,7 @@ class NearIDValidationCallback:
     ) -> None:
         if not isinstance(validator, IdentityValidator):
             raise TypeError(f"`validator` must be an IdentityValidator, got {type(validator).__name__}")
-        base = config if config is not None else CallbackConfig()
-        if overrides:
-            known = {f.name for f in dataclasses.fields(CallbackConfig)}
-            unknown = sorted(set(overrides) - known)
-            if unknown:
-                raise TypeError(
-                    f"NearIDValidationCallback got unknown options {unknown}; valid options: {sorted(known)}"
-                )
-            base = dataclasses.replace(base, **overrides)
+        base = with_overrides(config, CallbackConfig, overrides, "NearIDValidationCallback")
         self.config = base
         self.validator = validator
         self.output_dir = Path(output_dir) if output_dir is not None else None

@@ -18,7 +18,15 @@ from ._version import __version__
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PreprocessConfig", "HeadConfig", "NearIDConfig", "HEAD_CONFIG_NAME", "HEAD_WEIGHTS_NAME", "RESAMPLE_NAMES"]
+__all__ = [
+    "PreprocessConfig",
+    "HeadConfig",
+    "NearIDConfig",
+    "HEAD_CONFIG_NAME",
+    "HEAD_WEIGHTS_NAME",
+    "RESAMPLE_NAMES",
+    "with_overrides",
+]
 
 HEAD_CONFIG_NAME = "nearid_config.json"
 HEAD_WEIGHTS_NAME = "head.safetensors"
@@ -35,6 +43,23 @@ def _known_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]
     if unknown:
         logger.warning("%s: ignoring unknown config keys %s (written by a newer version?)", where, unknown)
     return {k: v for k, v in data.items() if k in names}
+
+
+def with_overrides(config: Any, config_cls: type, overrides: dict[str, Any], owner: str) -> Any:
+    """``config`` (or a default ``config_cls()``) with keyword ``overrides`` applied, validated.
+
+    Raises ``TypeError`` naming ``owner`` for a config of the wrong type or unknown option names.
+    """
+    base = config if config is not None else config_cls()
+    if not isinstance(base, config_cls):
+        raise TypeError(f"`config` must be a {config_cls.__name__}, got {type(base).__name__}")
+    if not overrides:
+        return base
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"{owner} got unknown options {unknown}; valid options: {sorted(known)}")
+    return dataclasses.replace(base, **overrides)
 
 
 @dataclass

@@ -142,6 +142,10 @@ class RenderConfig:
         render_base: also render the base model (adapter disabled) with the same seeds when an adapter is active.
         render_class: also render the class prompts (class-prompt leakage).
         pipeline_kwargs: extra keyword arguments for the pipeline call.
+        scheduler: render with this diffusers scheduler class (e.g. ``"DDIMScheduler"``, built from the pipeline's
+            scheduler config and swapped back afterwards), so that renders stay comparable when a training script
+            changes its pipeline's scheduler; ``"auto"`` uses DDIM except on flow-matching pipelines (kept as they
+            are); None renders with whatever scheduler the pipeline has.
     """
 
     num_inference_steps: int = 25
@@ -155,8 +159,12 @@ class RenderConfig:
     render_base: bool = True
     render_class: bool = True
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
+        if self.scheduler is not None and not isinstance(self.scheduler, str):
+            raise TypeError(f"RenderConfig.scheduler must be a scheduler class name, 'auto' or None, "
+                            f"got {type(self.scheduler).__name__}")
         for name in ("num_inference_steps", "images_per_prompt", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"RenderConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -176,6 +184,7 @@ class RenderConfig:
             "height": self.height, "width": self.width, "images_per_prompt": self.images_per_prompt,
             "seed_offset": self.seed_offset, "negative_prompt": self.negative_prompt,
             "pipeline_kwargs": {k: repr(v) for k, v in sorted(self.pipeline_kwargs.items())},
+            "scheduler": self.scheduler,
         }  # fmt: skip
 
 
@@ -295,6 +304,30 @@ def _to_unit_tensor(images: Any) -> torch.Tensor:
     raise TypeError(f"unexpected pipeline output {type(images).__name__}; expected tensors, numpy arrays or PIL")
 
 
+@contextlib.contextmanager
+def scheduler_swapped(pipeline: Any, name: str | None) -> Iterator[None]:
+    """Render with the diffusers scheduler class ``name`` inside the block (see :attr:`RenderConfig.scheduler`)."""
+    current = getattr(pipeline, "scheduler", None)
+    if name is None or current is None:
+        yield
+        return
+    if name == "auto":
+        name = None if type(current).__name__.startswith("FlowMatch") else "DDIMScheduler"
+        if name is None or type(current).__name__ == name:
+            yield
+            return
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(f"RenderConfig.scheduler={name!r} is not a diffusers scheduler class")
+    pipeline.scheduler = cls.from_config(current.config)
+    try:
+        yield
+    finally:
+        pipeline.scheduler = current
+
+
 def render_images(
     pipeline: Any,
     prompts: Sequence[str],
@@ -321,7 +354,7 @@ def render_images(
     if len(prompts) != len(seeds):
         raise ValueError(f"`prompts` and `seeds` must have the same length, got {len(prompts)} and {len(seeds)}")
     outputs: list[torch.Tensor] = []
-    with inference_mode(pipeline), torch.no_grad():
+    with inference_mode(pipeline), torch.no_grad(), scheduler_swapped(pipeline, cfg.scheduler):
         for start in range(0, len(prompts), cfg.batch_size):
             batch = prompts[start : start + cfg.batch_size]
             kwargs: dict[str, Any] = {

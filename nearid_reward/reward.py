@@ -8,7 +8,6 @@ the pixels only.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import with_overrides
 from .images import ImageInput
 from .model import NearIDModel
 from .similarity import Aggregate, leave_one_out_oracle, reference_scores
@@ -206,15 +206,7 @@ class IdentityReward(nn.Module):
         **overrides: Any,
     ) -> None:
         super().__init__()
-        base = config if config is not None else RewardConfig()
-        if not isinstance(base, RewardConfig):
-            raise TypeError(f"`config` must be a RewardConfig, got {type(base).__name__}")
-        if overrides:
-            known = {f.name for f in dataclasses.fields(RewardConfig)}
-            unknown = sorted(set(overrides) - known)
-            if unknown:
-                raise TypeError(f"IdentityReward got unknown options {unknown}; valid options: {sorted(known)}")
-            base = dataclasses.replace(base, **overrides)
+        base = with_overrides(config, RewardConfig, overrides, "IdentityReward")
         self.config = base
         self.model = _resolve_model(model, self.config.torch_backbone_dtype)
         if self.config.torch_backbone_dtype is not None and self.model.dtype != self.config.torch_backbone_dtype:

@@ -35,6 +35,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .rendering import denoiser_of
+
 __all__ = [
     "DEFAULT_WORDS",
     "LORA_WEIGHT_NAME",
@@ -275,7 +277,7 @@ def write_lora_checkpoint(
     Returns:
         The path of the written safetensors file.
     """
-    denoiser, attr = _denoiser(pipeline)
+    denoiser, attr = denoiser_of(pipeline)
     state = diffusers_lora_state_dict(denoiser, adapter_name)
     if scale != 1.0:
         state = {k: (v * scale if ".lora.up." in k or "lora_B" in k else v) for k, v in state.items()}
@@ -311,11 +313,3 @@ def write_full_checkpoint(folder: str | os.PathLike[str], denoiser: torch.nn.Mod
     out = Path(folder) / name
     denoiser.save_pretrained(str(out))
     return out
-
-
-def _denoiser(pipeline: Any) -> tuple[torch.nn.Module, str]:
-    for attr in ("unet", "transformer"):
-        module = getattr(pipeline, attr, None)
-        if isinstance(module, torch.nn.Module):
-            return module, attr
-    raise TypeError(f"{type(pipeline).__name__} has neither a `unet` nor a `transformer` component")

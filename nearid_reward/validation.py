@@ -4,7 +4,6 @@ early stopping. Framework-free; given an accelerate ``Accelerator`` it also logs
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -17,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .config import with_overrides
 from .images import ImageInput
 from .io import append_jsonl, read_jsonl
 from .model import NearIDModel
@@ -204,15 +204,7 @@ class IdentityValidator:
         accelerator: Any = None,
         **overrides: Any,
     ) -> None:
-        base = config if config is not None else ValidationConfig()
-        if not isinstance(base, ValidationConfig):
-            raise TypeError(f"`config` must be a ValidationConfig, got {type(base).__name__}")
-        if overrides:
-            known = {f.name for f in dataclasses.fields(ValidationConfig)}
-            unknown = sorted(set(overrides) - known)
-            if unknown:
-                raise TypeError(f"IdentityValidator got unknown options {unknown}; valid options: {sorted(known)}")
-            base = dataclasses.replace(base, **overrides)
+        base = with_overrides(config, ValidationConfig, overrides, "IdentityValidator")
         self.config = base
         if isinstance(model, IdentityReward):
             if references is not None or negatives is not None:

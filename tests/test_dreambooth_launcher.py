@@ -1,4 +1,4 @@
-"""``nearid-dreambooth`` hosting an unmodified DreamBooth-LoRA script (our fixture shaped like the diffusers ones)."""
+"""``nearid-dreambooth`` hosting an unmodified DreamBooth-LoRA script (ours, shaped like the diffusers ones)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from nearid_reward.io import read_jsonl
 from nearid_reward.testing import save_tiny_nearid, write_random_images
 from nearid_reward.testing_diffusers import save_tiny_sd_pipeline
 
-FIXTURE = Path(__file__).parent / "fixtures" / "train_dreambooth_lora_fixture.py"
+# Our minimal script shaped like diffusers' train_dreambooth_lora.py (including its reliance on a global `args`).
+FIXTURE = Path(__file__).resolve().parents[1] / "examples" / "dreambooth_lora_minimal.py"
 
 
 def _reset_accelerate() -> None:

@@ -223,3 +223,27 @@ def test_tiny_pipelines_round_trip_and_sdxl_base_rendering(tmp_path):
     plain = render_images(build_tiny_sdxl_pipeline(seed=0), prompts.instance, seeds=seeds, config=RENDER)
     torch.testing.assert_close(rendered.base_images, plain, atol=1e-5, rtol=0)
     assert (rendered.images - rendered.base_images).abs().mean() > 1e-4
+
+
+def test_render_scheduler_is_fixed_and_restored():
+    """Renders stay comparable when a training script swaps its pipeline's scheduler (the diffusers scripts do)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    pipe = build_tiny_sd_pipeline(seed=0, scheduler="ddpm")
+    ddpm = pipe.scheduler
+    cfg = RenderConfig(num_inference_steps=3, scheduler="auto")
+    a = render_images(pipe, ["a photo of sks dog"], seeds=[7], config=cfg)
+    assert pipe.scheduler is ddpm  # swapped back
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(ddpm.config)  # what log_validation leaves behind
+    b = render_images(pipe, ["a photo of sks dog"], seeds=[7], config=cfg)
+    pipe.scheduler = DDIMScheduler.from_config(ddpm.config)
+    c = render_images(pipe, ["a photo of sks dog"], seeds=[7], config=RenderConfig(num_inference_steps=3))
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(a, c, atol=1e-6, rtol=0)
+    as_is = render_images(pipe, ["a photo of sks dog"], seeds=[7],
+                          config=RenderConfig(num_inference_steps=3, scheduler=None))
+    pipe.scheduler = ddpm
+    other = render_images(pipe, ["a photo of sks dog"], seeds=[7], config=RenderConfig(num_inference_steps=3))
+    assert not torch.allclose(as_is, other)  # without a fixed scheduler the render depends on the pipeline's
+    with pytest.raises(ValueError, match="not a diffusers scheduler"):
+        render_images(pipe, ["x"], seeds=[0], config=RenderConfig(scheduler="NoSuchScheduler"))

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images_per_prompt", type=int, default=1)
     p.add_argument("--seed_offset", type=int, default=10**8, help="first validation seed (disjoint from training)")
     p.add_argument("--render_batch_size", type=int, default=4)
+    p.add_argument("--scheduler", default=None,
+                   help="render with this diffusers scheduler class ('auto': DDIM unless flow matching; default: the "
+                   "pipeline's own)")
     p.add_argument("--no_class_prompts", action="store_true", help="skip the class prompts (no leakage metric)")
     p.add_argument("--no_base", action="store_true", help="skip rendering the base model (no identity_gain)")
     p.add_argument("--aggregate", choices=["mean", "max", "centroid"], default="mean")
@@ -102,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=args.resolution,
             width=args.resolution, images_per_prompt=args.images_per_prompt, seed_offset=args.seed_offset,
             batch_size=args.render_batch_size, render_base=not args.no_base, render_class=not args.no_class_prompts,
+            scheduler=args.scheduler,
         )  # fmt: skip
         config = SelectionConfig(
             monitor=args.monitor, mode=args.mode, render=render, hotswap=args.hotswap, use_cache=not args.no_cache,
