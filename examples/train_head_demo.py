@@ -34,6 +34,7 @@ DATA = SyntheticConfig(num_identities=1000, image_size=64, levels=LEVELS, seed=0
                        test_fraction=0.1, supersample=2)
 BACKBONE = BackbonePretrainConfig(image_size=64, steps=800, num_images=4000)
 HEAD_STEPS = 600
+TEMPERATURE = 0.1
 
 
 def stage(name: str, started: float) -> None:
@@ -45,10 +46,10 @@ def main() -> None:
     data_dir = OUT / "data"
     t = time.perf_counter()
     if not (data_dir / "synthetic_config.json").is_file():
-        generate_synthetic(data_dir, DATA)
+        generate_synthetic(data_dir, DATA, progress=True)
     stage(f"synthetic data: {DATA.num_identities} identities, {' and '.join(LEVELS)} distractors ({data_dir})", t)
     t = time.perf_counter()
-    backbone = pretrain_synthetic_backbone(OUT / "backbone", BACKBONE)
+    backbone = pretrain_synthetic_backbone(OUT / "backbone", BACKBONE, progress=True)
     stage(f"tiny SigLIP backbone pretrained on the synthetic world ({backbone})", t)
 
     t = time.perf_counter()
@@ -60,7 +61,8 @@ def main() -> None:
         "--val_data", str(data_dir / "positives"), "--val_distractors", *distractors,
         "--val_indices", str(data_dir / "splits" / "val.json"),
         "--train_batch_size", "128", "--max_train_steps", str(HEAD_STEPS), "--learning_rate", "3e-3",
-        "--lr_warmup_steps", "50", "--alpha", "0", "--validation_steps", "100", "--checkpointing_steps", "300",
+        "--lr_warmup_steps", "50", "--alpha", "0", "--temperature", str(TEMPERATURE),
+        "--validation_steps", "100", "--checkpointing_steps", "300",
         "--logging_steps", "50", "--report_to", "none", "--seed", "0",
     ])
     stage(f"head trained: {HEAD_STEPS} steps, best validation head in {run / 'best'}", t)
