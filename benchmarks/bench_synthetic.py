@@ -7,7 +7,9 @@ On held-out identities (the test split), for each backbone (the synthetic-pretra
 * mean pooling of the frozen backbone tokens,
 * a trained NearID head with alpha = 0 (Tier 1 only) and with alpha = 0.5 (the paper's objective),
 
-with SSR and PA (percent) per level and the wall time of each variant (training time of the trained heads,
+with SSR and PA (percent) per level, the mean cosine similarity of a view to the other views of its identity, to the
+same-background and other-background distractors and to other identities
+(:func:`train_head.metrics.similarity_profile`), and the wall time of each variant (training time of the trained heads,
 evaluation time of the frozen ones; data generation, backbone pretraining and the one-off feature-cache build are
 reported separately). By default one head is trained per level (on that level's distractors, best checkpoint by
 validation SSR) and the pooled row micro-averages the levels; ``--joint`` trains one head on all levels at once
