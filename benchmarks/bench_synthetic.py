@@ -7,7 +7,9 @@ On held-out identities (the test split), for each backbone (the synthetic-pretra
 * mean pooling of the frozen backbone tokens,
 * a trained NearID head with alpha = 0 (Tier 1 only) and with alpha = 0.5 (the paper's objective),
 
-with SSR and PA (percent) per level and the wall time of each variant (training time of the trained heads,
+with SSR and PA (percent) per level, the mean cosine similarity of a view to the other views of its identity, to the
+same-background and other-background distractors and to other identities
+(:func:`train_head.metrics.similarity_profile`), and the wall time of each variant (training time of the trained heads,
 evaluation time of the frozen ones; data generation, backbone pretraining and the one-off feature-cache build are
 reported separately). By default one head is trained per level (on that level's distractors, best checkpoint by
 validation SSR) and the pooled row micro-averages the levels; ``--joint`` trains one head on all levels at once
@@ -15,7 +17,7 @@ validation SSR) and the pooled row micro-averages the levels; ``--joint`` trains
 
 Reproduce::
 
-    python benchmarks/bench_synthetic.py          # 5000 identities, 64 px, 1 thread, 1000 head steps of 128
+    python benchmarks/bench_synthetic.py          # 10000 identities, 64 px, 1 thread, 1000 head steps of 128
     python benchmarks/bench_synthetic.py --backbones pretrained random --joint
 
 Data, backbones and the feature cache are kept in ``--work_dir`` and reused by later runs.
@@ -39,14 +41,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from nearid_reward import NearIDModel  # noqa: E402
-from train_head.batching import CachedBatcher  # noqa: E402
+from train_head.batching import CachedBatcher, embed_references, gather_eval_arrays, mean_pool  # noqa: E402
 from train_head.cache import FeatureStore, build_feature_cache, model_fingerprint  # noqa: E402
 from train_head.data import load_nearid, read_index_file  # noqa: E402
-from train_head.eval import ValidationSet, evaluate_model  # noqa: E402
-from train_head.metrics import pool_metrics  # noqa: E402
+from train_head.eval import ValidationSet, evaluate_embeddings, head_pool  # noqa: E402
+from train_head.metrics import pool_metrics, similarity_profile  # noqa: E402
 from train_head.synthetic import LEVELS, SyntheticConfig, generate_synthetic  # noqa: E402
 from train_head.synthetic_backbone import BackbonePretrainConfig, pretrain_synthetic_backbone  # noqa: E402
 from train_head.train import TrainConfig, train  # noqa: E402
+
+PROFILE = ("positive", "same_context_distractor", "other_context_distractor", "other_identity")
 
 
 def ensure_data(folder: Path, config: SyntheticConfig) -> Path:
@@ -77,10 +81,23 @@ def random_backbone(folder: Path, config: BackbonePretrainConfig) -> Path:
     return folder
 
 
+def score(model: NearIDModel, test: ValidationSet, batcher: CachedBatcher, pooling: str = "head") -> dict[str, dict]:
+    """SSR / PA per level (+ pooled) and, per level, the mean cosine similarities of :func:`similarity_profile`."""
+    pool = head_pool(model) if pooling == "head" else mean_pool
+    emb, _ = embed_references(test.refs(), batcher, pool, model=model, device=model.device, batch_size=256)
+    dim = next(iter(emb.values())).shape[-1]
+    results = evaluate_embeddings(test, emb, dim)
+    pos, pos_ok = gather_eval_arrays(emb, test.views, dim)
+    for level, refs in test.distractors.items():
+        neg, neg_ok = gather_eval_arrays(emb, refs, dim)
+        results[level]["profile"] = similarity_profile(pos, neg, pos_ok, neg_ok)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work_dir", default="bench_out/synthetic")
-    p.add_argument("--identities", type=int, default=5000)
+    p.add_argument("--identities", type=int, default=10000)
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbones", nargs="+", default=["pretrained"], choices=["pretrained", "random"])
@@ -93,12 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--learning_rate", type=float, default=3e-3)
-    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--validation_steps", type=int, default=100)
-    p.add_argument("--pretrain_steps", type=int, default=2000)
-    p.add_argument("--pretrain_images", type=int, default=8000)
-    p.add_argument("--hidden_size", type=int, default=BackbonePretrainConfig.hidden_size)
-    p.add_argument("--num_hidden_layers", type=int, default=BackbonePretrainConfig.num_hidden_layers)
+    p.add_argument("--pretrain_steps", type=int, default=4000)
+    p.add_argument("--pretrain_images", type=int, default=16000)
+    p.add_argument("--hidden_size", type=int, default=256)
+    p.add_argument("--num_hidden_layers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = CPU time equals wall time)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -148,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         table: dict[str, dict[str, tuple[dict, float]]] = {lv: {} for lv in args.levels + ["pooled"]}
         for name, pooling in (("frozen own head", "head"), ("mean pooling", "mean")):
             t0 = time.perf_counter()
-            res = evaluate_model(model, test, pooling=pooling, batcher=batcher)
+            res = score(model, test, batcher, pooling)
             seconds = time.perf_counter() - t0
             for lv in table:
                 table[lv][name] = (res[lv], seconds)
@@ -172,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                     logging_steps=50, report_to="none",
                 ))
                 seconds = time.perf_counter() - t0
-                res = evaluate_model(NearIDModel.from_pretrained(out / "best"), test, batcher=batcher)
+                res = score(NearIDModel.from_pretrained(out / "best"), test, batcher)
                 print(f"  trained alpha={alpha:g} on {group}: best val SSR {summary['best_val_ssr']:.1f} "
                       f"in {seconds:.0f} s")
                 for lv in (group if not args.joint else args.levels):
@@ -189,10 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         for level, rows in table.items():
             n = int(rows["frozen own head"][0]["n_samples"])
             print(f"level **{level}** (held-out identities{' x levels' if level == 'pooled' else ''}: {n})\n")
-            print("| variant | SSR | PA | wall s |")
-            print("|---|---|---|---|")
+            print("| variant | SSR | PA | cos positive | cos same-bg distractor | cos other-bg distractor | "
+                  "cos other identity | wall s |")
+            print("|---|---|---|---|---|---|---|---|")
             for name, (res, seconds) in rows.items():
-                print(f"| {name} | {res['ssr']:.1f} | {res['pa']:.1f} | {seconds:.1f} |")
+                prof = res.get("profile")
+                cos = (" | ".join(f"{prof[k]:.3f}" for k in PROFILE) if prof else " | ".join("" for _ in PROFILE))
+                print(f"| {name} | {res['ssr']:.1f} | {res['pa']:.1f} | {cos} | {seconds:.1f} |")
             print()
     (work / "results.json").write_text(json.dumps(results, indent=2, default=float))
     return 0

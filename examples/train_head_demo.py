@@ -2,7 +2,8 @@
 
 Stages (each timed; data and the pretrained tiny backbone are kept in ``demo_out/train_head`` and reused):
 
-1. ``nearid-make-synthetic``-style data: identities with colour- and pattern-level near-identity distractors, 64 px;
+1. ``nearid-make-synthetic``-style data: identities with colour-level near-identity distractors (the same object with
+   another primary hue, on the same background at the same place), 64 px;
 2. a tiny SigLIP backbone with a short generic pretraining on the synthetic world (cached after the first run);
 3. ``nearid-train-head`` on the training identities (feature cache on: the backbone encodes each image once);
 4. ``nearid-eval`` of the frozen backbone (its own head) and of the trained head on the held-out test identities.
@@ -12,6 +13,7 @@ Run with ``make demo`` (or ``python examples/train_head_demo.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -29,11 +31,26 @@ from train_head.synthetic import SyntheticConfig, generate_synthetic  # noqa: E4
 from train_head.synthetic_backbone import BackbonePretrainConfig, pretrain_synthetic_backbone  # noqa: E402
 
 OUT = Path("demo_out/train_head")
-LEVELS = ("colour", "pattern")
-DATA = SyntheticConfig(num_identities=1000, image_size=64, levels=LEVELS, seed=0, val_fraction=0.1,
+# Only the colour level: at this budget the short pretraining teaches the backbone's own pooling head the object's
+# pattern first (a pattern read-out is one of its targets), so the frozen baseline already separates most pattern
+# distractors and a 600-step head cannot show a clear gain there; benchmarks/bench_synthetic.py covers every level.
+LEVELS = ("colour",)
+DATA = SyntheticConfig(num_identities=2000, image_size=64, levels=LEVELS, seed=0, val_fraction=0.1,
                        test_fraction=0.1, supersample=2)
-BACKBONE = BackbonePretrainConfig(image_size=64, steps=800, num_images=4000)
+BACKBONE = BackbonePretrainConfig(image_size=64, hidden_size=128, intermediate_size=512, num_hidden_layers=1,
+                                  steps=600, num_images=3000)
 HEAD_STEPS = 600
+TEMPERATURE = 0.1
+
+
+def same_data(folder: Path) -> bool:
+    """Whether ``folder`` already holds the data of :data:`DATA` (then it is reused)."""
+    stamp = folder / "synthetic_config.json"
+    if not stamp.is_file():
+        return False
+    stored = json.loads(stamp.read_text())
+    stored.pop("seconds", None)
+    return stored == {**dataclasses.asdict(DATA), "levels": list(DATA.levels)}
 
 
 def stage(name: str, started: float) -> None:
@@ -44,11 +61,11 @@ def main() -> None:
     torch.set_num_threads(1)  # tiny models: one thread is as fast and never fights other processes
     data_dir = OUT / "data"
     t = time.perf_counter()
-    if not (data_dir / "synthetic_config.json").is_file():
-        generate_synthetic(data_dir, DATA)
+    if not same_data(data_dir):
+        generate_synthetic(data_dir, DATA, progress=True)
     stage(f"synthetic data: {DATA.num_identities} identities, {' and '.join(LEVELS)} distractors ({data_dir})", t)
     t = time.perf_counter()
-    backbone = pretrain_synthetic_backbone(OUT / "backbone", BACKBONE)
+    backbone = pretrain_synthetic_backbone(OUT / "backbone", BACKBONE, progress=True)
     stage(f"tiny SigLIP backbone pretrained on the synthetic world ({backbone})", t)
 
     t = time.perf_counter()
@@ -60,7 +77,8 @@ def main() -> None:
         "--val_data", str(data_dir / "positives"), "--val_distractors", *distractors,
         "--val_indices", str(data_dir / "splits" / "val.json"),
         "--train_batch_size", "128", "--max_train_steps", str(HEAD_STEPS), "--learning_rate", "3e-3",
-        "--lr_warmup_steps", "50", "--alpha", "0", "--validation_steps", "100", "--checkpointing_steps", "300",
+        "--lr_warmup_steps", "50", "--alpha", "0", "--temperature", str(TEMPERATURE),
+        "--validation_steps", "100", "--checkpointing_steps", "300",
         "--logging_steps", "50", "--report_to", "none", "--seed", "0",
     ])
     stage(f"head trained: {HEAD_STEPS} steps, best validation head in {run / 'best'}", t)

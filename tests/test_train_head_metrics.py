@@ -17,6 +17,7 @@ from train_head.metrics import (
     nearid_metrics,
     pearson,
     pool_metrics,
+    similarity_profile,
 )
 
 E = np.eye(4)
@@ -157,3 +158,39 @@ def test_mtg_metrics_by_hand():
     i1n = i1.copy()
     i1n[3] = np.nan
     assert mtg_metrics(i1n, i2, e1, e2, o1, o2)["n_samples"] == 3
+
+
+def test_similarity_profile_by_hand_and_against_a_loop():
+    pos = np.zeros((2, 3, 4))
+    neg = np.zeros((2, 3, 4))
+    pos[0], neg[0] = [E[0], E[0], E[1]], [E[2], E[0], E[1]]
+    pos[1], neg[1] = [E[3], E[3], E[0]], [E[3], E[2], E[0]]
+    pm = np.array([[1, 1, 1], [1, 1, 0]], dtype=bool)  # sample 1's third view and distractor are missing
+    nm = pm.copy()
+    prof = similarity_profile(pos, neg, pm, nm)
+    assert prof["positive"] == pytest.approx(4 / 8)  # sample 0: 2 of 6 ordered pairs are 1; sample 1: 2 of 2
+    assert prof["same_context_distractor"] == pytest.approx(3 / 5)  # 0, 1, 1 and 1, 0
+    assert prof["other_context_distractor"] == pytest.approx(2 / 8)  # P0.N1 in sample 0, P1.N0 in sample 1
+    assert prof["other_identity"] == pytest.approx(0.0)  # E0/E1 views vs E3 views (the masked E0 is left out)
+
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(size=(5, 3, 6)), rng.normal(size=(5, 3, 6))
+    pm, nm = rng.random((5, 3)) > 0.2, rng.random((5, 3)) > 0.2
+    unit = lambda x: x / np.linalg.norm(x)  # noqa: E731
+    sums = {k: [] for k in prof}
+    for a in range(5):
+        for i in range(3):
+            for j in range(3):
+                if pm[a, i] and nm[a, j]:
+                    key = "same_context_distractor" if i == j else "other_context_distractor"
+                    sums[key].append(unit(pos[a, i]) @ unit(neg[a, j]))
+                if i != j and pm[a, i] and pm[a, j]:
+                    sums["positive"].append(unit(pos[a, i]) @ unit(pos[a, j]))
+                for b in range(5):
+                    if b != a and pm[a, i] and pm[b, j]:
+                        sums["other_identity"].append(unit(pos[a, i]) @ unit(pos[b, j]))
+    got = similarity_profile(torch.tensor(pos), torch.tensor(neg), torch.tensor(pm), torch.tensor(nm))
+    for key, values in sums.items():
+        assert got[key] == pytest.approx(np.mean(values)), key
+    with pytest.raises(ValueError, match="`neg` must have the shape"):
+        similarity_profile(pos, neg[:, :2])

@@ -17,6 +17,7 @@ __all__ = [
     "nearid_margins",
     "nearid_metrics",
     "pool_metrics",
+    "similarity_profile",
     "mtg_oracle",
     "fisher_z_mean",
     "pearson",
@@ -163,6 +164,72 @@ def nearid_metrics(
         "pair_trials": float(valid.sum()),
     }
     return _rates(counts)
+
+
+def similarity_profile(
+    pos: torch.Tensor | np.ndarray,
+    neg: torch.Tensor | np.ndarray,
+    pos_mask: Any = None,
+    neg_mask: Any = None,
+) -> dict[str, float]:
+    """Mean cosine similarities that show *where* a model puts the near-identity distractors.
+
+    SSR compares the first two; the ranking tier of the NearID objective asks the distractors to sit above the
+    other identities (the last one), so the four together show how a model trades the two off.
+
+    * ``positive``: ``cos(P_i, P_j)``, other views of the same identity (``i != j``);
+    * ``same_context_distractor``: ``cos(P_i, N_i)``, the distractor on the same background;
+    * ``other_context_distractor``: ``cos(P_i, N_j)``, ``i != j``, the distractor of another view;
+    * ``other_identity``: ``cos(P_i, Q_j)`` over the views of two different identities.
+
+    Each is averaged over the valid pairs (NaN when there is none).
+
+    Args:
+        pos: ``[N, V, D]`` view embeddings (re-normalised here).
+        neg: ``[N, V, D]`` distractor embeddings, slot-aligned with ``pos``.
+        pos_mask, neg_mask: ``[N, V]`` validity.
+
+    Returns:
+        The four means, in [-1, 1].
+
+    Example:
+        >>> pos = np.array([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])
+        >>> neg = np.array([[[0.6, 0.8], [0.6, 0.8]], [[0.8, 0.6], [0.8, 0.6]]])
+        >>> profile = similarity_profile(pos, neg)
+        >>> profile["positive"], round(profile["same_context_distractor"], 3), round(profile["other_identity"], 3)
+        (1.0, 0.6, 0.0)
+    """
+    p = _as_array(pos, "pos")
+    n = _as_array(neg, "neg")
+    if p.ndim != 3:
+        raise ValueError(f"`pos` must be [N, V, D], got shape {list(p.shape)}")
+    if n.shape != p.shape:
+        raise ValueError(f"`neg` must have the shape of `pos` {list(p.shape)}, got {list(n.shape)}")
+    pm = _as_mask(pos_mask, p.shape[:2], "pos_mask")
+    nm = _as_mask(neg_mask, p.shape[:2], "neg_mask")
+    p, n = _normalise(p), _normalise(n)
+    views = p.shape[1]
+    other_view = ~np.eye(views, dtype=bool)  # [V, V]
+    pp = np.einsum("nid,njd->nij", p, p)  # [N, V, V]
+    pn = np.einsum("nid,njd->nij", p, n)
+    pair_pp = pm[:, :, None] & pm[:, None, :] & other_view
+    pair_pn = pm[:, :, None] & nm[:, None, :]
+    same = pair_pn & np.eye(views, dtype=bool)
+    flat = p.reshape(-1, p.shape[-1])  # [N*V, D]
+    owner = np.repeat(np.arange(p.shape[0]), views)
+    ok = pm.reshape(-1)
+    gram = flat @ flat.T  # [N*V, N*V]
+    cross = ok[:, None] & ok[None, :] & (owner[:, None] != owner[None, :])
+
+    def mean(values: np.ndarray, mask: np.ndarray) -> float:
+        return float(values[mask].mean()) if mask.any() else float("nan")
+
+    return {
+        "positive": mean(pp, pair_pp),
+        "same_context_distractor": mean(pn, same),
+        "other_context_distractor": mean(pn, pair_pn & other_view),
+        "other_identity": mean(gram, cross),
+    }
 
 
 def pool_metrics(results: Sequence[Mapping[str, float]]) -> dict[str, float]:

@@ -480,7 +480,9 @@ def _write_table(columns: dict[str, list[Any]], image_columns: Sequence[str], fo
     return out
 
 
-def generate_synthetic(output_dir: str | os.PathLike[str], config: SyntheticConfig | None = None) -> Path:
+def generate_synthetic(
+    output_dir: str | os.PathLike[str], config: SyntheticConfig | None = None, *, progress: bool = False
+) -> Path:
     """Write a synthetic NearID dataset.
 
     Layout::
@@ -494,14 +496,18 @@ def generate_synthetic(output_dir: str | os.PathLike[str], config: SyntheticConf
     Args:
         output_dir: destination folder (created).
         config: generation options (default :class:`SyntheticConfig`).
+        progress: show a tqdm progress bar over the identities.
 
     Returns:
         ``output_dir``.
     """
+    from tqdm.auto import tqdm
+
     config = config or SyntheticConfig()
     out = Path(output_dir)
     start = time.perf_counter()
-    rows = [_identity_row(i, config) for i in range(config.num_identities)]
+    rows = [_identity_row(i, config) for i in tqdm(range(config.num_identities), desc="synthetic identities",
+                                                    disable=not progress, leave=False)]
     view_cols = [f"{config.view_prefix}{j}" for j in (1, 2, 3)]
     positives: dict[str, list[Any]] = {
         "id": list(range(config.num_identities)),

@@ -95,7 +95,11 @@ def scene_labels(obj: Any, ctx: Any) -> tuple[list[int], list[float]]:
     return classes, reg
 
 
-def _render_pool(n: int, config: BackbonePretrainConfig, offset: int) -> dict[str, torch.Tensor]:
+def _render_pool(
+    n: int, config: BackbonePretrainConfig, offset: int, progress: bool = False
+) -> dict[str, torch.Tensor]:
+    from tqdm.auto import tqdm
+
     size, patch = config.image_size, config.patch_size
     grid = size // patch
     images = np.empty((n, size, size, 3), dtype=np.uint8)
@@ -103,7 +107,7 @@ def _render_pool(n: int, config: BackbonePretrainConfig, offset: int) -> dict[st
     targets = np.empty((n, _REGRESSION), dtype=np.float32)
     dense = np.empty((n, grid * grid, _DENSE), dtype=np.float32)
     dense_classes = np.empty((n, grid * grid, 4), dtype=np.int64)
-    for i in range(n):
+    for i in tqdm(range(n), desc="pretraining scenes", disable=not progress, leave=False):
         rng = np.random.default_rng([config.seed, 5150, offset + i])
         obj, ctx = sample_object(rng), sample_context(rng)
         bg = background(ctx, size * config.supersample)
@@ -177,7 +181,8 @@ def _loss(readout: torch.nn.Linear, dense_readout: torch.nn.Linear, pooled: torc
 
 
 def pretrain_synthetic_backbone(
-    output_dir: str | os.PathLike[str], config: BackbonePretrainConfig | None = None, *, force: bool = False
+    output_dir: str | os.PathLike[str], config: BackbonePretrainConfig | None = None, *, force: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Pretrain (or reuse) a tiny SigLIP backbone on the synthetic world and save it as a SigLIP folder.
 
@@ -186,10 +191,12 @@ def pretrain_synthetic_backbone(
             ``preprocessor_config.json``, and ``pretrain_config.json`` with the settings and read-out scores).
         config: the pretraining settings (default :class:`BackbonePretrainConfig`).
         force: retrain even when a matching folder exists.
+        progress: show tqdm progress bars for rendering the scenes and for the training steps.
 
     Returns:
         ``output_dir``, loadable with ``NearIDModel.from_pretrained`` (its own head is the frozen baseline).
     """
+    from tqdm.auto import tqdm
     from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
     config = config or BackbonePretrainConfig()
@@ -213,7 +220,7 @@ def pretrain_synthetic_backbone(
     n_out = sum(len(v) for v in _CLASSES.values()) + _REGRESSION
     readout = torch.nn.Linear(config.hidden_size, n_out)
     dense_readout = torch.nn.Linear(config.hidden_size, _DENSE + sum(len(v) for v in _CLASSES.values()))
-    pool = _render_pool(config.num_images, config, 0)
+    pool = _render_pool(config.num_images, config, 0, progress=progress)
     val = _render_pool(config.num_val_images, config, 10**7)
     render_seconds = time.perf_counter() - started
     params = list(model.parameters()) + list(readout.parameters()) + list(dense_readout.parameters())
@@ -230,7 +237,7 @@ def pretrain_synthetic_backbone(
     model.train()
     order = torch.randperm(config.num_images, generator=generator)
     cursor = 0
-    for step in range(config.steps):
+    for step in tqdm(range(config.steps), desc="backbone pretraining", disable=not progress, leave=False):
         if cursor + config.batch_size > config.num_images:
             order = torch.randperm(config.num_images, generator=generator)
             cursor = 0
