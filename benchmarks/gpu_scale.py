@@ -171,11 +171,14 @@ def write_siglip(folder: Path, vit: dict[str, Any], device: torch.device) -> Pat
 
 
 def analytic_flops(vit: dict[str, Any]) -> float:
-    """Matmul FLOPs of one image through the tower and the MAP head (2 per multiply-add)."""
+    """Matmul FLOPs of one image through the tower and the (factorised) MAP head, 2 per multiply-add."""
     d, m, p = vit["hidden_size"], vit["intermediate_size"], vit["patch_size"]
     n = (vit["image_size"] // p) ** 2
     layer = 2 * n * (4 * d * d + 2 * d * m) + 2 * 2 * n * n * d
-    head = 2 * (2 * n * d * d + 2 * d * d + 2 * d * m) + 2 * 2 * n * d  # k/v over tokens, q/out, MLP, attention
+    heads = vit["num_attention_heads"]
+    # the factorised single-query head: probe query, key vector per head, value and output projections (4 D^2),
+    # logits and pooling over the tokens (2 N D H), MLP (2 D M)
+    head = 2 * (4 * d * d + 2 * n * d * heads + 2 * d * m)
     return 2 * n * 3 * p * p * d + vit["num_hidden_layers"] * layer + head
 
 
