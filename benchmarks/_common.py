@@ -91,11 +91,29 @@ def saved_for_backward_mib(fn: Callable[[], Any]) -> float:
     return sum(seen.values()) / 2**20
 
 
-def environment() -> str:
+def environment_info(device: torch.device | str | None = None) -> dict[str, str]:
+    """Date, device and library versions of this run, for benchmark reports."""
     import transformers
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    return (
-        f"{time.strftime('%Y-%m-%d')} | {device} | torch {torch.__version__} threads={torch.get_num_threads()} | "
-        f"transformers {transformers.__version__} | python {platform.python_version()}"
-    )
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+    for name in ("diffusers", "peft", "accelerate", "safetensors"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = "not installed"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["device"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
+        info["cuda"] = str(torch.version.cuda)
+    else:
+        info["device"] = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return info
+
+
+def environment() -> str:
+    """One line: date, device, torch (threads), transformers, python."""
+    info = environment_info()
+    return (f"{info['date']} | {info['device']} | torch {info['torch']} threads={torch.get_num_threads()} | "
+            f"transformers {info['transformers']} | python {info['python']}")

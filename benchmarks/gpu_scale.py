@@ -17,9 +17,9 @@ b. Reward forward+backward w.r.t. 512x512 images: median time and peak CUDA memo
    checkpointing of the encoder.
 c. One DRaFT-K LoRA step (DDIM sampling with gradients through the last K steps, VAE decode at 512x512, NearID
    reward, backward into the LoRA, AdamW step) on SD 1.5-sized modules: time and peak memory for K=1 and K=4.
-d. One head-training step of the trainer (factorised MAP head, two-tier loss, clipping, AdamW) on a NearID batch
-   (128 identities x 3 views + 3 distractors = 768 images) with cached features against computing them with the
-   frozen backbone.
+d. One head-training step as the trainer takes it (the MAP head's factorised forward, two-tier loss, clipping,
+   AdamW) on a NearID batch (128 identities x 3 views + 3 distractors = 768 images) with cached features against
+   computing them with the frozen backbone.
 e. (last, if the time budget allows) the throughput of section a with each encoder layer compiled by
    ``torch.compile`` (regional compilation).
 
@@ -34,7 +34,6 @@ script stays runnable); its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -54,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _common import median_time  # noqa: E402
+from _common import environment_info, median_time, peak_memory_mib  # noqa: E402
 
 from nearid_reward import IdentityReward, NearIDModel  # noqa: E402
 from nearid_reward.io import atomic_write  # noqa: E402
@@ -99,21 +98,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
-    """Peak CUDA memory allocated during ``fn()`` above what was allocated before (MiB); None off CUDA."""
-    if device.type != "cuda":
-        fn()
-        return None
-    gc.collect()
-    torch.cuda.empty_cache()
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    fn()
-    sync(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-
-
 def fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
@@ -122,27 +106,6 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def environment(device: torch.device) -> dict[str, str]:
-    import platform
-
-    import transformers
-
-    env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
-           "torch": torch.__version__, "transformers": transformers.__version__}
-    for name in ("diffusers", "peft", "accelerate", "safetensors"):
-        try:
-            env[name] = __import__(name).__version__
-        except ImportError:
-            env[name] = "not installed"
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env["device"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
-        env["cuda"] = str(torch.version.cuda)
-    else:
-        env["device"] = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    return env
 
 
 def measured_bf16_tflops(device: torch.device, size: int) -> float:
@@ -302,8 +265,6 @@ def section_b(ctx: dict[str, Any]) -> dict[str, Any]:
     rows, results = [], {}
     for ckpt in (False, True):
         reward = IdentityReward(model, refs, gradient_checkpointing=ckpt)
-        if not ckpt:
-            model.gradient_checkpointing_disable()
         images = torch.rand(batch, 3, src, src, device=device)
 
         def step(reward: IdentityReward = reward, images: torch.Tensor = images) -> None:
@@ -311,7 +272,7 @@ def section_b(ctx: dict[str, Any]) -> dict[str, Any]:
             reward(x).sum().backward()
 
         seconds = median_time(step, repeats=ctx["repeats"], warmup=1)
-        peak = peak_mib(step, device)
+        peak = peak_memory_mib(step)[0]
         key = "with checkpointing" if ckpt else "no checkpointing"
         results[key] = {"seconds": seconds, "peak_mib": peak}
         rows.append([key, fmt(seconds * 1000), fmt(batch / seconds), fmt(peak, 0)])
@@ -323,7 +284,7 @@ def section_b(ctx: dict[str, Any]) -> dict[str, Any]:
     rows.insert(0, ["plain forward (inference_mode)", fmt(fwd * 1000), fmt(batch / fwd), "-"])
     results["plain_forward_seconds"] = fwd
     a, b = results["no checkpointing"]["peak_mib"], results["with checkpointing"]["peak_mib"]
-    ratio = None if a is None or b is None else a / b
+    ratio = a / b if a is not None and b else None
     results["memory_ratio"] = ratio
     results["markdown"] = "\n".join([
         f"Batch {batch} of {src}x{src} images, bf16 backbone and head; reward = mean cosine to 4 references; "
@@ -393,7 +354,7 @@ def section_c(ctx: dict[str, Any]) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
 
         seconds = median_time(step, repeats=ctx["repeats_c"], warmup=1)
-        peak = peak_mib(step, device)
+        peak = peak_memory_mib(step)[0]
         key = f"K={k}" + (" + checkpointing" if ckpt else "")
         results[key] = {"seconds": seconds, "peak_mib": peak}
         rows.append([key, fmt(seconds, 2), fmt(peak, 0)])
@@ -418,7 +379,6 @@ def section_d(ctx: dict[str, Any]) -> dict[str, Any]:
     from nearid_reward.preprocess import PixelInputs
     from train_head.batching import CachedBatcher, batch_tokens
     from train_head.cache import FeatureStore
-    from train_head.fast_head import FastMAPHead
     from train_head.losses import nearid_loss_terms
 
     device, model, vit = ctx["device"], ctx["model"], ctx["vit"]
@@ -429,12 +389,11 @@ def section_d(ctx: dict[str, Any]) -> dict[str, Any]:
     head = type(model.head)(model.head.config).to(device)
     head.load_state_dict(model.head.state_dict())
     head.float().requires_grad_(True)
-    fast = FastMAPHead(head)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-4, weight_decay=1e-4)
     pin = device.type == "cuda"
 
     def head_step(tokens: torch.Tensor, mask: torch.Tensor | None) -> None:
-        emb = F.normalize(fast(tokens, mask).float(), dim=-1).view(b, 2 * v, -1)
+        emb = F.normalize(head(tokens, mask).float(), dim=-1).view(b, 2 * v, -1)
         terms = nearid_loss_terms(emb[:, 0], emb[:, 1:v], emb[:, v:], temperature=0.07, alpha=0.5)
         terms.loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -460,10 +419,8 @@ def section_d(ctx: dict[str, Any]) -> dict[str, Any]:
         prefetched = prefetched.pin_memory()
 
     def computing() -> None:
-        batch = {"pixel_values": pixels}
         with torch.no_grad():
-            tokens, mask = model.encode_tokens(PixelInputs(batch["pixel_values"].to(device, non_blocking=True)
-                                                           .to(model.dtype)))
+            tokens, mask = model.encode_tokens(PixelInputs(pixels.to(device, non_blocking=True).to(model.dtype)))
         head_step(tokens, mask)
 
     def cached_read() -> None:
@@ -556,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    env = environment(device)
+    env = environment_info(device)
     print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     datasheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)

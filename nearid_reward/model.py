@@ -223,7 +223,8 @@ class NearIDModel(nn.Module):
         config = {
             "model_type": "nearid",
             "architectures": ["NearIDModel"],
-            # Lets the official remote code load this folder: AutoModel.from_pretrained(dir, trust_remote_code=True).
+            # Names the release's own loader classes, for users of the official package; this project reads the
+            # folder with its own code and never executes code from a checkpoint.
             "auto_map": {
                 "AutoConfig": "Aleksandar/nearid-siglip2--configuration_nearid.NearIDConfig",
                 "AutoModel": "Aleksandar/nearid-siglip2--modeling_nearid.NearIDModel",

@@ -20,6 +20,20 @@ from nearid_reward.head import MAPHead
 from nearid_reward.model import _build_backbone
 from nearid_reward.testing import random_images, save_tiny_nearid, tiny_vision_config
 
+# The release config's vision_config fields as spec §2.2 lists them, written out here independently of the library.
+SPEC_VISION_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "hidden_act",
+    "layer_norm_eps",
+    "attention_dropout",
+)
+
 
 def _write_official_release(folder: Path, seed: int = 5) -> SiglipVisionModel:
     """Write a release folder by hand, the way the official converter lays it out; return the source model."""
@@ -32,21 +46,7 @@ def _write_official_release(folder: Path, seed: int = 5) -> SiglipVisionModel:
     folder.mkdir(parents=True)
     tensors = {f"backbone.vision_model.{k}": v.half().contiguous() for k, v in source.state_dict().items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    vision = {
-        k: getattr(source.config, k)
-        for k in (
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "image_size",
-            "patch_size",
-            "num_channels",
-            "hidden_act",
-            "layer_norm_eps",
-            "attention_dropout",
-        )
-    }
+    vision = {k: getattr(source.config, k) for k in SPEC_VISION_FIELDS}
     config = {
         "model_type": "nearid",
         "architectures": ["NearIDModel"],
@@ -120,18 +120,7 @@ def test_release_written_by_us_has_the_official_layout(tmp_path: Path, tiny_head
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "nearid" and config["normalize_embeddings"] is True
     assert config["embed_dim"] == 32
-    assert set(config["vision_config"]) == {
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "image_size",
-        "patch_size",
-        "num_channels",
-        "hidden_act",
-        "layer_norm_eps",
-        "attention_dropout",
-    }
+    assert set(config["vision_config"]) == set(SPEC_VISION_FIELDS)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
         assert all(f.get_tensor(k).dtype == torch.float16 for k in keys)

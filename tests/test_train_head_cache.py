@@ -40,6 +40,10 @@ def test_store_round_trip_with_variable_lengths(tmp_path):
     assert (got[0, 2:] == 0).all()
     full, no_mask = fresh.get(["k0", "k2"])
     assert no_mask is None and full.shape == (2, 6, 4)
+    torch.testing.assert_close(full.float(), tokens[[0, 2]].half().float())
+    across, no_mask = fresh.get(["k4", "k0"])  # full-length rows from two shards
+    assert no_mask is None
+    torch.testing.assert_close(across.float(), tokens[[4, 0]].half().float())
     with pytest.raises(KeyError, match="not in the feature cache"):
         fresh.get(["missing"])
 

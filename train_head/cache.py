@@ -178,22 +178,23 @@ class FeatureStore:
         by_shard: dict[str, list[int]] = {}
         for i, (shard, _, _) in enumerate(entries):
             by_shard.setdefault(shard, []).append(i)
-        if len(by_shard) == 1 and all(e[2] == longest for e in entries):
-            # one shard, no padding (fixed-resolution backbones): the gathered block is the answer, one copy only
-            block = self._map(entries[0][0])[np.array([e[1] for e in entries])]
-            if block.shape[1] == longest:
-                return torch.from_numpy(block), None
         width = self._map(entries[0][0]).shape[2]
-        out = np.zeros((len(keys), longest, width), dtype=np.float16)
+        out: np.ndarray | None = None
         for shard, positions in by_shard.items():
             rows = np.array([entries[i][1] for i in positions])
-            block = self._map(shard)[rows]  # [k, N_shard, D], read from the memory map
+            block = self._map(shard)[rows]  # [k, N_shard, D], a copy read from the memory map
             lengths = [entries[i][2] for i in positions]
-            if all(n == block.shape[1] for n in lengths):
+            unpadded = all(n == block.shape[1] for n in lengths)
+            if unpadded and len(by_shard) == 1 and block.shape[1] == longest:
+                return torch.from_numpy(block), None  # fixed resolution, one shard: the gathered block is the answer
+            if out is None:
+                out = np.zeros((len(keys), longest, width), dtype=np.float16)
+            if unpadded:
                 out[np.array(positions), : block.shape[1]] = block
                 continue
             for local, i in enumerate(positions):
                 out[i, : lengths[local]] = block[local, : lengths[local]]
+        assert out is not None  # keys is non-empty, so some shard was read
         lengths = np.array([e[2] for e in entries])
         mask = None
         if (lengths != longest).any():

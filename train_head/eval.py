@@ -19,14 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from nearid_reward import NearIDModel
 from nearid_reward.io import write_json_atomic, write_text_atomic
 
 from .batching import PixelBatcher, embed_references, gather_eval_arrays, mean_pool
 from .data import NearIDData, load_data, load_mtg, mtg_oracles, read_index_file
-from .fast_head import FastMAPHead
 from .metrics import mtg_metrics, nearid_metrics, pool_metrics
 
 logger = logging.getLogger(__name__)
@@ -75,13 +73,8 @@ def evaluate_embeddings(vset: ValidationSet, emb: dict[Any, np.ndarray], dim: in
 
 
 def head_pool(model: NearIDModel) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
-    """The model's own pooling: head + L2 normalisation (float32), through the exact factorised head forward."""
-    fast = FastMAPHead(model.head)
-
-    def pool(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return F.normalize(fast(tokens, mask).float(), dim=-1)
-
-    return pool
+    """The model's own pooling (:meth:`NearIDModel.pool`: head + L2 normalisation, float32)."""
+    return model.pool
 
 
 def evaluate_model(

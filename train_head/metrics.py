@@ -52,6 +52,21 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)
 
 
+def _views_and_distractors(
+    pos: Any, neg: Any, pos_mask: Any, neg_mask: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Checked, L2-normalised ``pos``/``neg`` ``[N, V, D]`` arrays and their ``[N, V]`` boolean masks."""
+    p = _as_array(pos, "pos")
+    n = _as_array(neg, "neg")
+    if p.ndim != 3:
+        raise ValueError(f"`pos` must be [N, V, D], got shape {list(p.shape)}")
+    if n.shape != p.shape:
+        raise ValueError(f"`neg` must have the shape of `pos` {list(p.shape)}, got {list(n.shape)}")
+    pm = _as_mask(pos_mask, p.shape[:2], "pos_mask")
+    nm = _as_mask(neg_mask, p.shape[:2], "neg_mask")
+    return _normalise(p), _normalise(n), pm, nm
+
+
 def nearid_margins(
     pos: torch.Tensor | np.ndarray,
     neg: torch.Tensor | np.ndarray,
@@ -72,15 +87,7 @@ def nearid_margins(
         ``(margins [N, T], terms)``: ``T = V * (V - 1)`` margins (NaN where a view or the anchor's distractor is
         missing) and, per column, ``(i, j, anchor)``.
     """
-    p = _as_array(pos, "pos")
-    n = _as_array(neg, "neg")
-    if p.ndim != 3:
-        raise ValueError(f"`pos` must be [N, V, D], got shape {list(p.shape)}")
-    if n.shape != p.shape:
-        raise ValueError(f"`neg` must have the shape of `pos` {list(p.shape)}, got {list(n.shape)}")
-    pm = _as_mask(pos_mask, p.shape[:2], "pos_mask")
-    nm = _as_mask(neg_mask, p.shape[:2], "neg_mask")
-    p, n = _normalise(p), _normalise(n)
+    p, n, pm, nm = _views_and_distractors(pos, neg, pos_mask, neg_mask)
     views = p.shape[1]
     terms: list[tuple[int, int, int]] = []
     cols: list[np.ndarray] = []
@@ -199,15 +206,7 @@ def similarity_profile(
         >>> profile["positive"], round(profile["same_context_distractor"], 3), round(profile["other_identity"], 3)
         (1.0, 0.6, 0.0)
     """
-    p = _as_array(pos, "pos")
-    n = _as_array(neg, "neg")
-    if p.ndim != 3:
-        raise ValueError(f"`pos` must be [N, V, D], got shape {list(p.shape)}")
-    if n.shape != p.shape:
-        raise ValueError(f"`neg` must have the shape of `pos` {list(p.shape)}, got {list(n.shape)}")
-    pm = _as_mask(pos_mask, p.shape[:2], "pos_mask")
-    nm = _as_mask(neg_mask, p.shape[:2], "neg_mask")
-    p, n = _normalise(p), _normalise(n)
+    p, n, pm, nm = _views_and_distractors(pos, neg, pos_mask, neg_mask)
     views = p.shape[1]
     other_view = ~np.eye(views, dtype=bool)  # [V, V]
     pp = np.einsum("nid,njd->nij", p, p)  # [N, V, V]
