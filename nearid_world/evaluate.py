@@ -184,3 +184,27 @@ def load_world_pipeline(assets: WorldAssets) -> Any:
                                                    use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def prompt_following(pipeline: Any, oracle: AttributeOracle, *, count: int = 64, seed: int = 0,
+                     config: RenderConfig | None = None, held_out: bool = False) -> dict[str, float]:
+    """How often the model draws what a full prompt names: oracle accuracy per attribute, in [0, 1].
+
+    ``count`` random identities (the held-out ones with ``held_out``, never seen in training) in random contexts,
+    each prompted with every attribute ("a red and blue striped star with a hat on the beach").
+    """
+    rng = np.random.default_rng([seed, 7200])
+    pool = scenes.held_out_identities() if held_out else None
+    idents = [pool[int(rng.integers(len(pool)))] if pool else scenes.sample_identity(rng, scenes.held_out_identities())
+              for _ in range(count)]
+    contexts = [list(scenes.CONTEXTS)[int(rng.integers(len(scenes.CONTEXTS)))] for _ in range(count)]
+    prompts = [scenes.prompt_for(i, c) for i, c in zip(idents, contexts)]
+    cfg = config or RenderConfig(num_inference_steps=20, guidance_scale=4.0, batch_size=32)
+    images = render_images(pipeline, prompts, seeds=[seed * 10**6 + i for i in range(count)], config=cfg)
+    predicted = oracle.predict(images)
+    out = {name: float(np.mean([p[name] == getattr(i, name) for p, i in zip(predicted, idents)]))
+           for name in scenes.IDENTITY_ATTRIBUTES}
+    out["context"] = float(np.mean([p["context"] == c for p, c in zip(predicted, contexts)]))
+    out["all_identity_attributes"] = float(np.mean([all(p[n] == getattr(i, n) for n in scenes.IDENTITY_ATTRIBUTES)
+                                                    for p, i in zip(predicted, idents)]))
+    return out

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from nearid_reward.rendering import RenderConfig
 
@@ -99,8 +100,6 @@ def class_images(pipe: Any, folder: Path, config: RenderConfig, count: int = 8) 
     """Class images for the prior term: the base world model's "a object on the <context>" (rendered once)."""
     if folder.is_dir() and len(list(folder.glob("*.png"))) >= count:
         return folder
-    from PIL import Image
-
     from nearid_reward.rendering import render_images
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -181,8 +180,6 @@ def evaluate_lora(pipe: Any, lora: Path | None, eval_set: EvalSet, subject: Any,
 
 def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 3) -> Path:
     """Save float ``[N, 3, H, W]`` images in [0, 1] as one PNG grid of ``rows`` rows (nearest-neighbour upscaled)."""
-    from PIL import Image
-
     n, _, h, w = images.shape
     cols = math.ceil(n / rows)
     canvas = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1, 3), 255, dtype=np.uint8)
@@ -211,6 +208,10 @@ def personalise_subject(args: PersonaliseConfig, assets: WorldAssets, pipe: Any,
     folder = Path(args.out) / f"subject{index:02d}"
     subject = make_subject(index, folder, seed=args.seed)
     scorers = Scorers(assets, subject.instance_dir)
+    for name, views in (("subject", subject.instance_dir), ("lookalike", subject.negative_dir)):
+        pixels = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1).float() / 255
+                  for f in sorted(views.glob("*.png"))]
+        save_grid(torch.stack(pixels), 1, folder / "renders" / f"{name}.png")
     eval_set = EvalSet(per_context=args.per_context)
     started = time.perf_counter()
     run_dir = dreambooth(args, assets, subject, folder)

@@ -61,6 +61,8 @@ class WorldModelConfig:
         held_out: number of held-out identities never rendered (the benchmark draws its subjects from them).
         vae_steps, vae_batch_size, vae_learning_rate: autoencoder stage.
         unet_steps, batch_size, learning_rate, warmup_steps: denoiser stage (AdamW, cosine decay to 10 %).
+        stop_after: end the denoiser stage after this many steps of the ``unet_steps`` schedule (0: run it all);
+            the result equals the ``--snapshot_every`` snapshot taken at that step.
         ema_decay: EMA of the UNet and text encoder weights (what is saved).
         keep_attribute, keep_context, empty_caption: caption dropout probabilities.
         unet_channels, text_width: model sizes.
@@ -74,6 +76,7 @@ class WorldModelConfig:
     vae_batch_size: int = 32
     vae_learning_rate: float = 2e-3
     unet_steps: int = 2500
+    stop_after: int = 0
     batch_size: int = 48
     learning_rate: float = 1e-3
     warmup_steps: int = 100
@@ -292,6 +295,8 @@ def _train_denoiser(pipe: Any, data: TrainingSet, config: WorldModelConfig, prog
         if snapshot_dir is not None and snapshot_every and (step + 1) % snapshot_every == 0:
             _save(pipe, snapshot_dir, ema_unet, ema_text)
             write_json_atomic(snapshot_dir / "snapshot.json", {"step": step + 1, "loss_ema": loss_ema})
+        if config.stop_after and step + 1 >= config.stop_after:
+            break
     pipe.unet, pipe.text_encoder = ema_unet, ema_text
     return {"denoiser_loss_ema": round(loss_ema or 0.0, 5)}
 

@@ -48,6 +48,17 @@ def test_near_identity_changes_exactly_one_attribute(attribute: str) -> None:
         assert other.primary != other.secondary
 
 
+def test_every_world_word_is_one_token() -> None:
+    from nearid_reward.testing_diffusers import build_clip_tokenizer
+
+    # "an" before "cyan" and "red" inside "checkered": plain left-to-right merges split the later words
+    tokenizer = build_clip_tokenizer(scenes.VOCABULARY, model_max_length=20)
+    for word in scenes.VOCABULARY:
+        assert tokenizer.convert_ids_to_tokens(tokenizer(word).input_ids)[1:-1] == [f"{word}</w>"], word
+    longest = "a photo of a sks magenta and yellow checkered triangle with an antenna on the night"
+    assert len(tokenizer(longest).input_ids) <= 20
+
+
 def test_identity_rejects_unknown_names_and_equal_colours() -> None:
     with pytest.raises(ValueError, match="Identity.shape"):
         scenes.Identity("blob", "red", "blue", "plain", "hat")
