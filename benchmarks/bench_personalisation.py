@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Perso
     p.add_argument("--reward_backprop_steps", type=int, default=2)
     p.add_argument("--no_prior_run", action="store_true", help="skip the reward run without the prior term")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="only combine the per-subject results of earlier runs (e.g. subjects split over processes)")
     args = p.parse_args(argv)
     if args.quick:
         args.subjects, args.steps, args.checkpointing_steps = 1, 60, 20
@@ -134,8 +136,26 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def merge(args: argparse.Namespace) -> dict[str, Any]:
+    """Summarise the subjects of several runs together (``seconds`` is the slowest run's: they ran side by side)."""
+    import json
+
+    runs = [json.loads(Path(p).read_text()) for p in args.merge]
+    subjects = sorted((s for run in runs for s in run["per_subject"]), key=lambda s: s["subject"]["index"])
+    summary = summarise(subjects, max(run["seconds"] for run in runs))
+    report = {**summary, "settings": runs[0]["settings"], "merged_from": list(args.merge), "per_subject": subjects}
+    print(markdown(summary))
+    if args.json:
+        from nearid_reward.io import write_json_atomic
+
+        write_json_atomic(Path(args.json), report)
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, run_config = parse_args(argv)
+    if args.merge:
+        return merge(args)
     torch.set_num_threads(1)
     started = time.perf_counter()
     assets = WorldAssets(Path(args.weights))
