@@ -375,7 +375,7 @@ def write_summary(output_dir: Path, validator: Any) -> tuple[Path, Path | None]:
     records = read_jsonl(output_dir / HISTORY_NAME) or list(validator.history)
     prefix = validator.config.prefix
     keys = [k for k in ("identity_mean", "relative_mean", "base_identity_mean", "identity_gain",
-                        "class_leakage_mean", "copy_suspicion", "script/identity_mean") if any(prefix + k in r
+                        "class_leakage_mean", "copy_fraction", "script/identity_mean") if any(prefix + k in r
                                                                                               for r in records)]
     lines = [f"# NearID identity summary: {output_dir}", "",
              f"Best step: **{validator.best_step}** ({validator.monitor_key} = {validator.best_value})", "",

@@ -211,3 +211,16 @@ def test_under_accelerate_launch_with_two_processes(assets: dict[str, Path], run
     assert [r["source"] for r in records].count("final") == 1  # written once, by the main process only
     assert (out / "checkpoint-4" / "identity_scores.json").is_file()
     assert (out / "best_identity" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_summary_has_a_column_for_every_declared_summary_metric(assets: dict[str, Path], tmp_path: Path) -> None:
+    from nearid_reward import IdentityValidator
+    from nearid_reward.testing import random_images
+
+    validator = IdentityValidator(str(assets["nearid"]), assets["references"],
+                                  history_path=tmp_path / dreambooth.HISTORY_NAME)
+    for step in (1, 2):
+        validator.validate(random_images(2, 64, seed=step), step=step)
+    md, _ = dreambooth.write_summary(tmp_path, validator)
+    header = md.read_text().splitlines()[4]
+    assert "identity_mean" in header and "relative_mean" in header and "copy_fraction" in header
