@@ -229,7 +229,7 @@ class DreamBoothSession:
                 scheduler=o.scheduler,
             )  # fmt: skip
             if self.accelerator is not None:
-                validator.scorer.to(self.accelerator.device)
+                validator.to(self.accelerator.device)
             self._callback = NearIDValidationCallback(
                 validator, output_dir=self.output_dir, prompts=PromptSet.load(o.prompts),
                 config=CallbackConfig(instance_token=token, class_noun=noun, render=render, strict=o.strict),
@@ -269,8 +269,7 @@ class DreamBoothSession:
         extra: dict[str, float] = {}
         if images:
             script_metrics = callback.validator.compute(list(images))
-            prefix = callback.validator.config.prefix
-            extra = {prefix + "script/" + k[len(prefix):]: v for k, v in script_metrics.items()}
+            extra = {"script/" + k: v for k, v in script_metrics.items()}  # logged as nearid/script/...
             self.script_scores.append({"step": step, **extra})
         final = bool(arguments.get("is_final_validation", False))
         callback.on_validation(pipeline, step, extra_metrics=extra, source="final" if final else "validation",
@@ -410,7 +409,7 @@ def _plot_summary(path: Path, records: list[dict[str, Any]], prefix: str, valida
     if base:
         bs, bv = zip(*sorted(base))
         ax.plot(bs, bv, "--", color="grey", label="base model")
-    oracle = validator.scorer.oracle
+    oracle = validator.references.oracle
     if oracle == oracle:  # not NaN
         ax.axhline(oracle, color="green", alpha=0.4, label="reference oracle")
     if validator.best_step is not None:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NearIDModel"]
+__all__ = ["NearIDModel", "as_nearid_model"]
 
 SaveFormat = Literal["head", "release"]
 
@@ -360,6 +360,18 @@ class NearIDModel(nn.Module):
     def extra_repr(self) -> str:
         return f"backbone_type={self.backbone_type!r}, embed_dim={self.embed_dim}, backbone_ref={self.backbone_ref!r}"
 
+
+
+def as_nearid_model(
+    model: NearIDModel | str | os.PathLike[str], *, torch_dtype: torch.dtype | None = None
+) -> NearIDModel:
+    """``model`` itself, or the model loaded from a checkpoint folder / hub id (backbone in ``torch_dtype``, head in
+    float32), for objects that accept either."""
+    if isinstance(model, NearIDModel):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return NearIDModel.from_pretrained(model, torch_dtype=torch_dtype, head_dtype=torch.float32)
+    raise TypeError(f"`model` must be a NearIDModel or a checkpoint path, got {type(model).__name__}")
 
 def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
     def run(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

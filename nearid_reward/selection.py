@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from ._version import __version__
 from .io import CheckpointError, atomic_write, load_safetensors, write_json_atomic, write_text_atomic
+from .metrics import METRICS
 from .rendering import PromptSet, RenderConfig, denoiser_of, render_validation_set
 from .run_checkpoints import (
     LORA_WEIGHT_NAME,
@@ -36,8 +37,7 @@ from .run_checkpoints import (
     find_checkpoints,
     replace_directory,
 )
-from .similarity import leave_one_out_oracle
-from .validation import IdentityValidator, identity_metrics
+from .validation import IdentityValidator
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ class CheckpointSelector:
             raise ValueError("`prompts` still has {token}/{class} placeholders: call prompts.fill(token, class_noun)")
         self.pipeline = pipeline
         self.validator = validator
+        self.references = validator.references  # the subject's ReferenceSet, shared with the validator
         self.prompts = prompts
         self.config = config or SelectionConfig()
         self.state = state if state is not None else _partial_state()
@@ -156,13 +157,15 @@ class CheckpointSelector:
     # ------------------------------------------------------------------ settings and cache
     def settings(self) -> dict[str, Any]:
         """Everything that changes scores besides the checkpoint weights (the cache is keyed by it)."""
-        refs = self.validator.scorer.reference_embeddings.detach().float().cpu().contiguous()
         vcfg = self.validator.config
         render = dataclasses.replace(self.config.render, render_base=False)
         return {
-            "references_sha256": hashlib.sha256(refs.numpy().tobytes()).hexdigest(),
-            "num_references": int(refs.shape[0]),
-            "aggregate": self.validator.scorer.config.aggregate,
+            "references_sha256": self.references.fingerprint(),
+            "num_references": self.references.num_references,
+            "num_negatives": self.references.num_negatives,
+            "aggregate": self.references.aggregate,
+            "negative_weight": self.validator.reward_config.negative_weight,
+            "reward_kind": self.validator.reward_config.kind,
             "threshold": self.validator.threshold,
             "copy_margin": vcfg.copy_margin,
             "prompts": self.prompts.to_dict(),
@@ -192,14 +195,16 @@ class CheckpointSelector:
 
     def _check_monitor(self) -> None:
         """Fail before rendering anything when the monitor is not a metric this configuration produces."""
-        scorer = self.validator.scorer
-        refs = scorer.reference_embeddings.float()
         with_class = self.config.render.render_class and bool(self.prompts.class_prompts)
-        names = set(identity_metrics(
-            scorer, refs, threshold=self.validator.threshold, class_embeddings=refs if with_class else None,
-        ))  # fmt: skip
+        names = set(self.validator.metric_names(class_images=with_class))  # base images are a row of their own
         if self.config.render.render_base:
-            names.add("identity_gain")
+            names.add("identity_gain")  # a checkpoint's identity_mean minus the base row's, added by _rank
+        monitor, mode = self.config.monitor, self.config.mode
+        spec = METRICS.get(monitor)
+        if spec is not None and spec.higher_is_better is not None and spec.higher_is_better != (mode == "max"):
+            logger.warning("monitor %r is %s-is-better but mode=%r: the winner will have its %s", monitor,
+                           "higher" if spec.higher_is_better else "lower", mode,
+                           "maximum" if mode == "max" else "minimum")  # fmt: skip
         if self.config.monitor not in names:
             raise ValueError(
                 f"monitor {self.config.monitor!r} is not available with these settings (identity_gain needs the base "
@@ -273,10 +278,8 @@ class CheckpointSelector:
             rendered = render_validation_set(self.pipeline, self.prompts, config=render_cfg)
             timing["render"] = time.perf_counter() - start
         start = time.perf_counter()
-        metrics = self.validator.compute(rendered.images, class_images=rendered.class_images)
+        row: dict[str, Any] = dict(self.validator.compute(rendered.images, class_images=rendered.class_images))
         timing["score"] = time.perf_counter() - start
-        prefix = self.validator.config.prefix
-        row: dict[str, Any] = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in metrics.items()}
         row.update(name=name, cached=False, fingerprint=fingerprint)
         if checkpoint is not None:
             row.update(step=checkpoint.step, kind=checkpoint.kind, path=str(checkpoint.path))
@@ -378,11 +381,9 @@ class CheckpointSelector:
         ckpts.sort(key=lambda r: (sign * float(r[monitor]), int(r["step"])))
         for rank, row in enumerate(ckpts, start=1):
             row["rank"] = rank
-        refs = self.validator.scorer.reference_embeddings.float()
         oracle = oracle_std = None
-        if refs.shape[0] >= 2:
-            loo = leave_one_out_oracle(refs, self.validator.scorer.config.aggregate)
-            oracle, oracle_std = float(loo.mean()), float(loo.std(unbiased=False))
+        if self.references.num_references >= 2:
+            oracle, oracle_std = self.references.oracle, self.references.oracle_std
         return SelectionResult(ckpts, base, monitor, self.config.mode, oracle, oracle_std)
 
     def _write(
