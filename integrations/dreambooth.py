@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 
 from nearid_reward.io import read_jsonl, write_text_atomic
+from nearid_reward.results import plot_identity_history, summary_markdown
 
 from .script_hooks import ValidationFamily, install_hooks, load_script, split_argv
 
@@ -370,59 +370,22 @@ def _checkpoint_step(output_dir: str, fallback: int) -> int:
 
 
 def write_summary(output_dir: Path, validator: Any) -> tuple[Path, Path | None]:
-    """Write ``identity_summary.md`` (a table of every validation) and ``identity_summary.png`` (score vs step)."""
+    """Write ``identity_summary.md`` (a table of every validation) and ``identity_summary.png`` (score vs step).
+
+    The PNG needs matplotlib (the ``plot`` extra); without it only the table is written.
+    """
     records = read_jsonl(output_dir / HISTORY_NAME) or list(validator.history)
     prefix = validator.config.prefix
-    keys = [k for k in ("identity_mean", "relative_mean", "base_identity_mean", "identity_gain",
-                        "class_leakage_mean", "copy_fraction", "script/identity_mean") if any(prefix + k in r
-                                                                                              for r in records)]
-    lines = [f"# NearID identity summary: {output_dir}", "",
-             f"Best step: **{validator.best_step}** ({validator.monitor_key} = {validator.best_value})", "",
-             "| step | " + " | ".join(keys) + " | best so far |", "|---|" + "---|" * (len(keys) + 1)]
-    for r in records:
-        cells = [f"{r[prefix + k]:.4f}" if isinstance(r.get(prefix + k), (int, float)) else "" for k in keys]
-        lines.append(f"| {r.get('step')} | " + " | ".join(cells) + f" | {'yes' if r.get('is_best') else ''} |")
+    text = summary_markdown(records, prefix=prefix, title=f"NearID identity summary: {output_dir}",
+                            best_step=validator.best_step, best_value=validator.best_value,
+                            monitor_key=validator.monitor_key)  # fmt: skip
     md = output_dir / f"{SUMMARY_NAME}.md"
-    write_text_atomic(md, "\n".join(lines) + "\n")
-    png = _plot_summary(output_dir / f"{SUMMARY_NAME}.png", records, prefix, validator)
+    write_text_atomic(md, text)
+    png = plot_identity_history(records, output_dir / f"{SUMMARY_NAME}.png", prefix=prefix,
+                                oracle=validator.references.oracle, best_step=validator.best_step)
     logger.info("NearID summary written to %s", md)
-    print("\n".join(lines))
+    print(text, end="")
     return md, png
-
-
-def _plot_summary(path: Path, records: list[dict[str, Any]], prefix: str, validator: Any) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # matplotlib is optional
-        logger.warning("matplotlib is not installed: no identity plot (pip install matplotlib)")
-        return None
-    points = [(r["step"], r[prefix + "identity_mean"]) for r in records if prefix + "identity_mean" in r]
-    if not points:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps, values = zip(*sorted(points))
-    ax.plot(steps, values, "o-", label="identity (adapter)")
-    base = [(r["step"], r[prefix + "base_identity_mean"]) for r in records if prefix + "base_identity_mean" in r]
-    if base:
-        bs, bv = zip(*sorted(base))
-        ax.plot(bs, bv, "--", color="grey", label="base model")
-    oracle = validator.references.oracle
-    if oracle == oracle:  # not NaN
-        ax.axhline(oracle, color="green", alpha=0.4, label="reference oracle")
-    if validator.best_step is not None:
-        ax.axvline(validator.best_step, color="red", alpha=0.5, label=f"best step {validator.best_step}")
-    ax.set_xlabel("global step")
-    ax.set_ylabel("NearID identity (cosine)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

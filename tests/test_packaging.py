@@ -33,3 +33,11 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert any(line.startswith("make test") for line in lines)
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_plots_have_their_own_extra() -> None:
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("matplotlib") for req in extras["plot"])
+    assert not any(req.startswith("matplotlib") for req in extras["diffusers"] + extras["train"])
