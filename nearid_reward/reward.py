@@ -191,9 +191,16 @@ class IdentityReward(nn.Module):
         rewards; higher is better (``higher_is_better = True``). Cosine rewards lie in [-1, 1] (minus the penalty).
 
     Example:
-        >>> reward = IdentityReward("path/to/nearid", "path/to/subject_photos", aggregate="mean")  # doctest: +SKIP
-        >>> images = pipeline_output.clamp(0, 1).requires_grad_()                                # doctest: +SKIP
-        >>> loss = reward.loss(images).mean(); loss.backward()                                   # doctest: +SKIP
+        >>> from nearid_reward.testing import random_images, tiny_nearid_model
+        >>> photos = random_images(3, 48, seed=1)  # or "path/to/subject_photos"; the model: "path/to/nearid"
+        >>> reward = IdentityReward(tiny_nearid_model(), photos, aggregate="max")
+        >>> images = random_images(2, 64, seed=2).requires_grad_()  # e.g. a pipeline's output, [B, 3, H, W] in [0, 1]
+        >>> rewards = reward(images)  # [B], higher is better
+        >>> rewards.shape, bool((rewards.abs() <= 1).all())
+        (torch.Size([2]), True)
+        >>> reward.loss(images).mean().backward()  # 1 - reward; gradients reach the pixels, never the encoder
+        >>> images.grad.shape, any(p.grad is not None for p in reward.parameters())
+        (torch.Size([2, 3, 64, 64]), False)
     """
 
     higher_is_better: bool = True

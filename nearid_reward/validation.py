@@ -177,9 +177,18 @@ class IdentityValidator:
     trackers and the history, and returns that logged dict. Identity scores are cosines in [-1, 1].
 
     Example:
-        >>> validator = IdentityValidator("nearid/", "subject/", history_path="out/history.jsonl")  # doctest: +SKIP
-        >>> metrics = validator.validate(images, step=global_step)  # [B, 3, H, W] in [0, 1]    # doctest: +SKIP
-        >>> validator.best_step, validator.should_stop                                          # doctest: +SKIP
+        >>> from nearid_reward.testing import random_images, tiny_nearid_model
+        >>> photos = random_images(3, 48, seed=1)  # or a folder; add history_path="out/identity_history.jsonl"
+        >>> validator = IdentityValidator(tiny_nearid_model(), photos, patience=1)
+        >>> first = validator.validate(random_images(2, 48, seed=7), step=100)  # generations [B, 3, H, W] in [0, 1]
+        >>> second = validator.validate(photos, step=200)  # as close to the subject as its own photos
+        >>> second["nearid/identity_mean"] > first["nearid/identity_mean"], validator.best_step
+        (True, 200)
+        >>> third = validator.validate(random_images(2, 48, seed=7), step=300)
+        >>> validator.best_step, validator.should_stop  # no improvement at step 300: patience 1 is used up
+        (200, True)
+        >>> validator.compute(photos)["identity_mean"] == second["nearid/identity_mean"]  # names without prefix
+        True
     """
 
     def __init__(
