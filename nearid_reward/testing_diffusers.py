@@ -10,9 +10,9 @@ This module imports diffusers, transformers and peft at import time; ``import ne
 
 Example:
     >>> from nearid_reward.testing_diffusers import build_tiny_sd_pipeline, add_lora_adapter
-    >>> pipe = build_tiny_sd_pipeline(seed=0)                                    # doctest: +SKIP
-    >>> add_lora_adapter(pipe.unet, rank=4, seed=0)                             # doctest: +SKIP
-    >>> pipe("a photo of sks dog", num_inference_steps=2, output_type="pt").images.shape  # doctest: +SKIP
+    >>> pipe = build_tiny_sd_pipeline(seed=0)
+    >>> lora = add_lora_adapter(pipe.unet, rank=4, seed=0)  # the adapter's trainable tensors
+    >>> pipe("a photo of sks dog", num_inference_steps=2, output_type="pt").images.shape
     torch.Size([1, 3, 64, 64])
 """
 

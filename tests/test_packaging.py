@@ -33,3 +33,22 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert any(line.startswith("make test") for line in lines)
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_plots_have_their_own_extra() -> None:
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("matplotlib") for req in extras["plot"])
+    assert not any(req.startswith("matplotlib") for req in extras["diffusers"] + extras["train"])
+
+
+def test_docstring_examples_run_with_the_tests() -> None:
+    import tomllib
+
+    pytest_options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "nearid_reward" in pytest_options["testpaths"] and "--doctest-modules" in pytest_options["addopts"]
+    # the public objects show an example that runs, not only skipped ones
+    for module in ("reward", "validation", "references", "metrics", "model"):
+        text = (ROOT / "nearid_reward" / f"{module}.py").read_text()
+        assert any(">>>" in line and "doctest: +SKIP" not in line for line in text.splitlines()), module

@@ -13,10 +13,7 @@ import argparse
 import json
 import logging
 import sys
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -24,7 +21,7 @@ from ..io import CheckpointError
 from ..model import NearIDModel
 from ..rendering import PromptSet, RenderConfig
 from ..reward import IdentityReward
-from ..selection import CheckpointSelector, SelectionConfig, format_table
+from ..selection import CheckpointSelector, SelectionConfig, format_table, load_pipeline
 from ..validation import IdentityValidator
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -75,21 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_pipeline(path: str, dtype: torch.dtype, device: Any) -> Any:
-    from diffusers import DiffusionPipeline
-
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
-    index = Path(path) / "model_index.json"
-    if index.is_file() and "safety_checker" in json.loads(index.read_text(encoding="utf-8")):
-        # The safety checker blanks images at random, which would corrupt identity scores.
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    with warnings.catch_warnings():  # newer diffusers prefer `dtype=`; `torch_dtype=` works across versions
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipeline = DiffusionPipeline.from_pretrained(path, **kwargs)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.copy_winner and args.link_winner:
@@ -119,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ).to(device)
         scorer = IdentityReward(model, list(args.nearid_reference_dir), aggregate=args.aggregate)
         validator = IdentityValidator(scorer, prefix="")
-        pipeline = _load_pipeline(args.pretrained_model_name_or_path, _DTYPES[args.dtype], device)
+        pipeline = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=_DTYPES[args.dtype], device=device)
         result = CheckpointSelector(pipeline, validator, prompts, config=config, state=state).run(
             args.output_dir, checkpoints=args.checkpoints
         )
