@@ -63,7 +63,8 @@ class EncoderConfig:
 
     Attributes:
         num_identities: identities in the NearID-schema dataset (train / val / test split by identity).
-        image_size, patch_size, hidden_size, backbone_steps, backbone_images: the tiny SigLIP and its pretraining.
+        image_size, patch_size, hidden_size, num_layers, backbone_steps, backbone_images: the tiny SigLIP and its
+            pretraining.
         head_steps, batch_size, learning_rate, temperature, alpha: ``nearid-train-head`` settings.
         held_out: benchmark identities left out of the dataset.
         seed: everything derives from it.
@@ -73,6 +74,7 @@ class EncoderConfig:
     image_size: int = 32
     patch_size: int = 4
     hidden_size: int = 128
+    num_layers: int = 1
     backbone_steps: int = 800
     backbone_images: int = 4000
     head_steps: int = 600
@@ -175,7 +177,7 @@ def train_world_encoder(output_dir: str | Path, config: EncoderConfig | None = N
     t = time.perf_counter()
     backbone = pretrain_synthetic_backbone(out / "backbone", BackbonePretrainConfig(
         image_size=config.image_size, patch_size=config.patch_size, hidden_size=config.hidden_size,
-        intermediate_size=4 * config.hidden_size, num_hidden_layers=1, steps=config.backbone_steps,
+        intermediate_size=4 * config.hidden_size, num_hidden_layers=config.num_layers, steps=config.backbone_steps,
         num_images=config.backbone_images, seed=config.seed, world=WORLD,
     ), force=True, progress=progress)  # fmt: skip
     seconds["backbone"] = time.perf_counter() - t
