@@ -136,7 +136,8 @@ def markdown(summary: dict[str, Any], subjects: list[dict[str, Any]] | None = No
         lines.append(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
     if subjects:
         lines += ["", "| subject | look-alike changes | base truth | best truth "
-                  "| Spearman NearID / frozen / mean pool | regret NearID / frozen / mean pool / last | reward: truth before -> after (no prior) "
+                  "| Spearman NearID / frozen / mean pool | regret NearID / frozen / mean pool / last "
+                  "| reward: truth before -> after (no prior) "
                   "| prompt fidelity before -> after (no prior) | look-alike rate before -> after |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for s in subjects:
