@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Perso
     p.add_argument("--reward_steps", type=int, default=40, help="DRaFT-K steps (0: skip reward fine-tuning)")
     p.add_argument("--reward_learning_rate", type=float, default=1e-3)
     p.add_argument("--reward_backprop_steps", type=int, default=2)
+    p.add_argument("--reward_negative_weight", type=float, default=0.5, help="lambda of the look-alike penalty")
     p.add_argument("--no_prior_run", action="store_true", help="skip the reward run without the prior term")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
