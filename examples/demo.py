@@ -195,6 +195,7 @@ def stage_select(out: Path, world: dict[str, Any]) -> dict[str, Any]:
 def stage_report(out: Path, results: dict[str, Any], timings: dict[str, float]) -> tuple[Path, Path]:
     from demo_plots import plot_metrics, plot_projection, plot_samples, plot_truth
     from demo_report import Report
+
     from nearid_world.personalise import PersonaliseConfig, reward_dir_name
 
     head, proj, world, sel = (results[k] for k in ("head", "projection", "world", "select"))
