@@ -128,3 +128,33 @@ def test_init_lora_names_a_missing_file(assets: dict[str, Path]) -> None:
     _reset_accelerate()
     with pytest.raises(FileNotFoundError, match="--init_lora .*nowhere"):
         _load_example().main(argv)
+
+
+@pytest.mark.parametrize("reference", ["init", "base"])
+def test_kl_prior_regresses_onto_the_starting_adapter_or_the_base(assets: dict[str, Path], reference: str) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from nearid_reward.io import read_jsonl
+    from nearid_reward.testing_diffusers import add_lora_adapter, write_lora_checkpoint
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(assets["sd"]), use_safetensors=True)
+    add_lora_adapter(pipe.unet, rank=4, seed=7, b_std=0.2)
+    init = assets["root"] / f"prior_{reference}_init" / "checkpoint-1"
+    write_lora_checkpoint(init, pipe)
+    out = assets["root"] / f"prior_{reference}"
+    argv = ["--pretrained_model_name_or_path", str(assets["sd"]), "--nearid_model", str(assets["nearid"]),
+            "--reference_dir", str(assets["refs"]), "--class_noun", "dog", "--prompts", str(assets["prompts"]),
+            "--init_lora", str(init), "--prior_reference", reference, "--class_data_dir", str(assets["class"]),
+            "--prior_type", "kl", "--num_inference_steps", "2", "--backprop_num_steps", "1",
+            "--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_steps", "2",
+            "--validation_inference_steps", "2", "--train_batch_size", "1", "--learning_rate", "0",
+            "--output_dir", str(out)]  # fmt: skip
+    _reset_accelerate()
+    _load_example().main(argv)
+    priors = [r["prior_loss"] for r in read_jsonl(out / "reward_history.jsonl")]
+    if reference == "init":  # the adapter is still the starting one: nothing to pull back
+        assert all(p <= 1e-10 for p in priors) and len(priors) == 2
+    else:  # the starting adapter differs from the base model
+        assert all(p > 1e-6 for p in priors)
+    saved = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert not any("prior_reference" in k for k in saved)  # only the trained adapter is saved
