@@ -75,11 +75,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Perso
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="only combine the per-subject results of earlier runs (e.g. subjects split over processes)")
+    if "--quick" in (sys.argv[1:] if argv is None else argv):  # smaller defaults; explicit flags still win
+        p.set_defaults(subjects=1, steps=60, checkpointing_steps=20, per_context=2, reward_steps=4,
+                       inference_steps=10, no_prior_run=True)
     args = p.parse_args(argv)
-    if args.quick:
-        args.subjects, args.steps, args.checkpointing_steps = 1, 60, 20
-        args.per_context, args.reward_steps, args.inference_steps = 2, 4, 10
-        args.no_prior_run = True
     fields = {f.name for f in dataclasses.fields(PersonaliseConfig)}
     return args, PersonaliseConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
