@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from typing import Any
 
 import torch
 
-from nearid_reward.io import read_jsonl, write_text_atomic
+from nearid_reward.io import atomic_write, read_jsonl, write_text_atomic
 
 from .script_hooks import ValidationFamily, install_hooks, load_script, split_argv
 
@@ -419,10 +418,9 @@ def _plot_summary(path: Path, records: list[dict[str, Any]], prefix: str, valida
     ax.set_ylabel("NearID identity (cosine)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

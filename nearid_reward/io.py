@@ -2,18 +2,26 @@
 
 Every file the project writes goes through these helpers: content is written to a temporary file in the
 destination folder, flushed and fsynced, then renamed over the destination, so a crash leaves either the old
-file or the new one, never a torn one. Histories are appended line by line and fsynced.
+file or the new one, never a torn one. Files are created with the permissions a plain ``open`` would give them
+(``0o666`` minus the umask; an existing file keeps its mode). Histories are appended line by line and fsynced.
+
+Temporaries are named ``.<name>.tmp-<host>-<pid>-<random>``, where ``<host>`` is a short hash of the host name and
+``<pid>`` the writing process, so a temporary left behind by a killed process can be told from one being written.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
-import tempfile
+import secrets
+import socket
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import torch
 
@@ -25,6 +33,7 @@ __all__ = [
     "read_jsonl",
     "save_safetensors_atomic",
     "load_safetensors",
+    "temporary_path",
     "CheckpointError",
 ]
 
@@ -46,19 +55,57 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _host_tag() -> str:
+    """8 hex digits naming this host in temporary names (a pid only identifies a process on its own host)."""
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def temporary_path(dest: str | os.PathLike[str], *, role: Literal["tmp", "old"] = "tmp") -> Path:
+    """A fresh hidden name next to ``dest``: ``.<name>.<role>-<host>-<pid>-<random>``.
+
+    ``role="tmp"`` names content being written (renamed over ``dest`` once complete), ``"old"`` a previous ``dest``
+    moved aside to be deleted.
+    """
+    target = Path(dest)
+    return target.parent / f".{target.name}.{role}-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _create_exclusive(dest: Path) -> tuple[int, Path]:
+    """Create a new temporary file next to ``dest`` with ``open``'s permissions (0o666 minus the umask)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = temporary_path(dest)
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file next to ``path``; on success it replaces ``path`` atomically.
+
+    The file gets the permissions a plain ``open(path, mode)`` would give it: ``0o666`` minus the umask for a new
+    file, the current mode for an existing one (``tempfile.mkstemp`` would make every file ``0o600``).
 
     Args:
         path: destination file.
         mode: ``"w"`` for text or ``"wb"`` for bytes.
     """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        existing_mode: int | None = stat.S_IMODE(dest.stat().st_mode)
+    except FileNotFoundError:
+        existing_mode = None
+    fd, tmp = _create_exclusive(dest)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            if existing_mode is not None and hasattr(os, "fchmod"):
+                os.fchmod(handle.fileno(), existing_mode)
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from nearid_reward.io import write_json_atomic
+from nearid_reward.io import atomic_write, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -474,9 +474,8 @@ def _write_table(columns: dict[str, list[Any]], image_columns: Sequence[str], fo
     table = datasets.Dataset.from_dict(data, features=datasets.Features(features))
     out = folder / "data" / "train-00000-of-00001.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    table.to_parquet(str(tmp))
-    os.replace(tmp, out)
+    with atomic_write(out, "wb") as handle:
+        table.to_parquet(handle)
     return out
 
 
