@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "atomic_write",
@@ -143,21 +146,35 @@ def _json_default(obj: Any) -> Any:
 def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
     """Append one JSON line to ``path`` and fsync it, so a crash never loses an earlier line.
 
-    A torn last line left by a crash in the middle of an earlier write is tolerated by :func:`read_jsonl`.
+    The line is written whole or not at all: when writing or syncing it fails (a full disk, a quota), the file is cut
+    back to its previous length before the error propagates, so no later line ever follows a torn one. A torn last
+    line left by a process killed mid-write is skipped by :func:`read_jsonl` and this append starts a fresh line.
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(dict(record), sort_keys=True, default=_json_default)
-    with open(dest, "a+", encoding="utf-8") as handle:
-        # If the previous writer died mid-line, start on a fresh line so this record stays parseable.
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() > 0:
-            handle.seek(handle.tell() - 1)
-            if handle.read(1) != "\n":
-                handle.write("\n")
-        handle.write(line + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    data = (json.dumps(dict(record), sort_keys=True, default=_json_default) + "\n").encode("utf-8")
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(dest, flags, 0o666)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size > 0:
+            os.lseek(fd, size - 1, os.SEEK_SET)
+            if os.read(fd, 1) != b"\n":  # the previous writer died mid-line: keep this record parseable
+                data = b"\n" + data
+        try:
+            view = memoryview(data)
+            while view:  # O_APPEND: every write lands at the end, whatever the file position
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            except OSError as exc:  # the write's own error is the one to raise
+                logger.error("could not cut %s back to %d bytes after a failed append: %s", dest, size, exc)
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -179,7 +179,9 @@ class IdentityValidator:
         negatives: optional near-identity distractors (adds ``negative_max_mean`` and ``reward_mean``).
         config: a :class:`ValidationConfig`; keyword ``overrides`` replace its fields.
         history_path: JSONL file with one line per validation (appended and fsynced). An existing file is read
-            back, so a resumed run keeps its best step and patience counter; a torn last line is ignored.
+            back, so a resumed run keeps its best step and patience counter; a torn last line is ignored. A
+            validation counts (best step, patience) only once its line is on disk: when the append fails, the
+            error propagates and the file and the in-memory state stay as they were.
         accelerator: an ``accelerate.Accelerator``: scalars go to ``accelerator.log(..., step=step)``, image grids
             to its tensorboard/wandb trackers, the early-stop signal to ``accelerator.set_trigger()``; only the main
             process writes the history.
@@ -342,13 +344,17 @@ class IdentityValidator:
         record: dict[str, Any] = {"step": step, "time": time.time(), **metrics}
         if source is not None:
             record["source"] = str(source)
-        self._track(record, replay=False)
+        # The history line reaches the disk first: if that fails (e.g. a full disk) the error propagates and the
+        # in-memory best/patience state stays that of the file.
+        is_best, value = self._judge(record)
+        record["is_best"] = is_best
+        if self.history_path is not None and self.is_main_process:
+            append_jsonl(self.history_path, record)
+        self._commit(record, is_best, value)
         p = self.config.prefix
         if self.best_value is not None:
             metrics[p + "best_value"] = float(self.best_value)
         metrics[p + "is_best"] = float(self.last_is_best)
-        if self.history_path is not None and self.is_main_process:
-            append_jsonl(self.history_path, record)
         if self.accelerator is not None:
             self._log(metrics, step, images, prompts, value_range)
             if self.should_stop and hasattr(self.accelerator, "set_trigger"):
@@ -363,29 +369,36 @@ class IdentityValidator:
 
     # ------------------------------------------------------------------ best tracking
     def _track(self, record: dict[str, Any], *, replay: bool) -> None:
+        is_best, value = self._judge(record)
+        record["is_best"] = is_best
+        self._commit(record, is_best, value)
+
+    def _judge(self, record: dict[str, Any]) -> tuple[bool, float | None]:
+        """Whether ``record`` improves on the best so far, and its monitored value (None when it has none)."""
         value = record.get(self.monitor_key)
         if value is None:
             value = record.get(self.config.monitor)
-        is_best = False
         if value is None or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
             if not self._warned_monitor:
                 logger.warning("monitor %r is not among the metrics of step %s; best tracking skips it",
                                self.monitor_key, record.get("step"))
                 self._warned_monitor = True
-        else:
-            value = float(value)
-            if self.best_value is None:
-                is_best = True
-            elif self.config.mode == "max":
-                is_best = value > self.best_value + self.config.min_delta
-            else:
-                is_best = value < self.best_value - self.config.min_delta
+            return False, None
+        value = float(value)
+        if self.best_value is None:
+            return True, value
+        if self.config.mode == "max":
+            return value > self.best_value + self.config.min_delta, value
+        return value < self.best_value - self.config.min_delta, value
+
+    def _commit(self, record: dict[str, Any], is_best: bool, value: float | None) -> None:
+        """Record a judged validation in memory: history, best step and value, patience counter."""
+        if value is not None:
             if is_best:
                 self.best_value, self.best_step = value, int(record.get("step", -1))
                 self.validations_without_improvement = 0
             else:
                 self.validations_without_improvement += 1
-        record["is_best"] = is_best
         self.last_is_best = is_best
         self.history.append(record)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -12,7 +14,14 @@ import pytest
 import torch
 
 from nearid_reward import NearIDModel
-from nearid_reward.io import atomic_write, save_safetensors_atomic, write_json_atomic, write_text_atomic
+from nearid_reward.io import (
+    append_jsonl,
+    atomic_write,
+    read_jsonl,
+    save_safetensors_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from nearid_reward.run_checkpoints import replace_directory
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="file modes and umask are POSIX")
@@ -61,3 +70,39 @@ def test_rewriting_a_file_keeps_its_mode_like_open_does(tmp_path: Path) -> None:
     with _umask(0o077):
         write_json_atomic(target, {"x": 2})
     assert _mode(target) == 0o640 and target.read_text() == '{\n  "x": 2\n}\n'
+
+
+@pytest.mark.parametrize("failure", ["write", "fsync"])
+def test_a_failed_append_leaves_no_torn_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    path = tmp_path / "history.jsonl"
+    append_jsonl(path, {"step": 1})
+    before = path.read_bytes()
+    real_write = os.write
+
+    def partial_write(fd: int, data: bytes) -> int:
+        real_write(fd, bytes(data)[:7])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def failed_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    if failure == "write":
+        monkeypatch.setattr(os, "write", partial_write)
+    else:
+        monkeypatch.setattr(os, "fsync", failed_fsync)
+    with pytest.raises(OSError):
+        append_jsonl(path, {"step": 2, "value": 0.5})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    append_jsonl(path, {"step": 3})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1}, {"step": 3}]
+
+
+def test_append_after_a_killed_writer_starts_a_fresh_line(tmp_path: Path) -> None:
+    path = tmp_path / "history.jsonl"
+    append_jsonl(path, {"step": 1})
+    with open(path, "a", encoding="utf-8") as handle:  # a process killed in the middle of its line
+        handle.write('{"step": 2, "val')
+    append_jsonl(path, {"step": 3})
+    assert [r["step"] for r in read_jsonl(path)] == [1, 3]
+    assert path.read_text().splitlines()[-1] == '{"step": 3}'
