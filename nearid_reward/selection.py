@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ._version import __version__
-from .io import CheckpointError, atomic_write, load_safetensors, write_json_atomic, write_text_atomic
+from .io import (
+    CheckpointError,
+    atomic_write,
+    load_safetensors,
+    remove_stale_temporaries,
+    replace_directory,
+    swap_directory,
+    temporary_path,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .rendering import PromptSet, RenderConfig, denoiser_of, render_validation_set
 from .run_checkpoints import (
     LORA_WEIGHT_NAME,
@@ -34,7 +43,6 @@ from .run_checkpoints import (
     content_hash,
     copy_checkpoint_weights,
     find_checkpoints,
-    replace_directory,
 )
 from .similarity import leave_one_out_oracle
 from .validation import IdentityValidator, identity_metrics
@@ -298,6 +306,10 @@ class CheckpointSelector:
         """
         root = Path(output_dir)
         self._check_monitor()
+        if self._is_main:  # what a killed earlier selection left half-written
+            remove_stale_temporaries(root)
+            if self.config.winner_dir:
+                remove_stale_temporaries(Path(self.config.winner_dir).parent)
         entries = find_checkpoints(root, names=checkpoints, skip_invalid=self.config.skip_invalid,
                                    weight_name=self.config.weight_name)
         fingerprint = self.fingerprint()
@@ -422,16 +434,11 @@ class CheckpointSelector:
         summary = {"selected_by": SELECTION_FORMAT, "monitor": result.monitor, "mode": result.mode,
                    "row": result.winner, "source": str(checkpoint.path)}
         if self.config.winner == "symlink":
-            tmp = dest.parent / f".{dest.name}.link-{os.getpid()}"
-            if tmp.is_symlink() or tmp.exists():
-                tmp.unlink()
+            tmp = temporary_path(dest)
             target = os.path.relpath(checkpoint.path.resolve(), dest.parent.resolve())
             os.symlink(target, tmp, target_is_directory=True)
-            if dest.exists() and not dest.is_symlink():  # a previously copied winner: move it aside first
-                old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-                os.replace(dest, old)
-                os.replace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
+            if dest.exists() and not dest.is_symlink():  # a previously copied winner: moved aside, then deleted
+                swap_directory(tmp, dest)
             else:
                 os.replace(tmp, dest)  # atomically replaces a previous link
             return dest

@@ -6,6 +6,9 @@ import errno
 import json
 import os
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,10 +18,13 @@ import torch
 
 from nearid_reward import NearIDModel
 from nearid_reward.io import (
+    _host_tag,
     append_jsonl,
     atomic_write,
     read_jsonl,
+    remove_stale_temporaries,
     save_safetensors_atomic,
+    temporary_path,
     write_json_atomic,
     write_text_atomic,
 )
@@ -106,3 +112,67 @@ def test_append_after_a_killed_writer_starts_a_fresh_line(tmp_path: Path) -> Non
     append_jsonl(path, {"step": 3})
     assert [r["step"] for r in read_jsonl(path)] == [1, 3]
     assert path.read_text().splitlines()[-1] == '{"step": 3}'
+
+
+def dead_pid() -> int:
+    """The pid of a process that has just exited."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@posix_only
+def test_only_stale_temporaries_of_this_project_are_removed(tmp_path: Path) -> None:
+    dead, alive, host = dead_pid(), os.getpid(), _host_tag()
+    old_enough = time.time() - 2 * 3600
+    stale = {
+        f".final.tmp-{dead}": "dir",  # head trainer's folder (earlier versions: pid only)
+        f".best_identity.tmp-{dead}-1712345678901234567": "dir",  # replace_directory (earlier versions)
+        ".checkpoint-500.tmp": "old dir",  # head trainer's checkpoint (earlier versions: no pid, old enough)
+        ".tokens-r000-0123456789ab.npy.k3_9zq1x.tmp": "old file",  # feature-cache shard (mkstemp, old enough)
+        f".train-00000-of-00001.parquet.{dead}.tmp": "file",  # synthetic table (earlier versions)
+        f".head.safetensors.tmp-{host}-{dead}-0123abcd": "file",  # this version
+        f".best.tmp-{host}-{dead}-89abcdef": "dir",
+    }
+    kept = {
+        f".head.safetensors.tmp-{host}-{alive}-0123abcd": "file",  # its writer is running
+        f".final.tmp-{alive}": "dir",
+        ".tokens-r000-ba9876543210.npy.a1b2c3d4.tmp": "file",  # no pid and recent: may be being written
+        f".head.safetensors.tmp-00000000-{dead}-0123abcd": "file",  # written from another host: cannot tell
+        ".final.tmp-notapid": "dir",  # not a name the project writes
+        "notes.tmp": "file",
+        ".hidden": "file",
+        "final": "dir",
+    }
+    for name, kind in {**stale, **kept}.items():
+        path = tmp_path / name
+        if "dir" in kind:
+            path.mkdir()
+            (path / "payload.bin").write_bytes(b"x" * 10)
+        else:
+            path.write_bytes(b"x" * 10)
+        if "old" in kind:
+            os.utime(path, (old_enough, old_enough))
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
+@posix_only
+def test_a_folder_moved_aside_by_a_killed_swap_is_restored(tmp_path: Path) -> None:
+    aside = tmp_path / f".best.old-{_host_tag()}-{dead_pid()}-0123abcd"  # killed between the two renames
+    aside.mkdir()
+    (aside / "head.safetensors").write_bytes(b"weights")
+    half = tmp_path / f".best.tmp-{_host_tag()}-{dead_pid()}-89abcdef"
+    half.mkdir()
+    assert remove_stale_temporaries(tmp_path) == [half]
+    assert (tmp_path / "best" / "head.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_temporary_names_are_recognised_and_unique(tmp_path: Path) -> None:
+    first, second = temporary_path(tmp_path / "final"), temporary_path(tmp_path / "final", role="old")
+    assert first.name.startswith(f".final.tmp-{_host_tag()}-{os.getpid()}-") and ".old-" in second.name
+    assert first != temporary_path(tmp_path / "final")
+    first.mkdir()
+    assert remove_stale_temporaries(tmp_path) == []  # this process is alive

@@ -118,6 +118,28 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path):
     assert 0.0 < _max_diff(_head(full / "final"), _head(pixels / "final")) < 2e-3
 
 
+def test_start_removes_what_a_killed_run_left_half_written(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from nearid_reward.io import _host_tag
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # the killed run's process
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / f".final.tmp-{child.pid}", out / f".checkpoint-2.tmp-{_host_tag()}-{child.pid}-0123abcd"]
+    live = out / f".best.tmp-{_host_tag()}-{os.getpid()}-0123abcd"
+    for folder in [*stale, live]:
+        folder.mkdir()
+        (folder / "head.safetensors").write_bytes(b"partial")
+    train_cli.main(_argv(out, "--train_batch_size", "4", "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    assert not any(p.exists() for p in stale) and live.exists()
+    assert sorted(p.name for p in out.glob(".*")) == [live.name]  # the run's own temporaries are gone too
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file() and (out / "final" / "head.safetensors").is_file()
+
+
 def test_augmentations_disable_the_cache_and_bf16_runs(tmp_path, caplog):
     out = tmp_path / "aug"
     with caplog.at_level(logging.WARNING, logger="train_head.train"):

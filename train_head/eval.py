@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from nearid_reward import NearIDModel
-from nearid_reward.io import write_json_atomic, write_text_atomic
+from nearid_reward.io import remove_stale_temporaries, write_json_atomic, write_text_atomic
 
 from .batching import PixelBatcher, embed_references, gather_eval_arrays, mean_pool
 from .data import NearIDData, load_data, load_mtg, mtg_oracles, read_index_file
@@ -144,6 +144,7 @@ def write_reports(output_dir: str | Path, results: dict[str, Any]) -> dict[str, 
     """Write ``metrics.json``, ``metrics.csv`` and ``metrics.md`` (one row per setting, pooled, MTG)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     write_json_atomic(out / "metrics.json", results)
     rows = [{"setting": s, **{k: m[k] for k in TABLE_KEYS}} for s, m in results["settings"].items()]
     buf = io.StringIO()

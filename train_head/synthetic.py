@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from nearid_reward.io import atomic_write, write_json_atomic
+from nearid_reward.io import atomic_write, remove_stale_temporaries, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -474,6 +474,7 @@ def _write_table(columns: dict[str, list[Any]], image_columns: Sequence[str], fo
     table = datasets.Dataset.from_dict(data, features=datasets.Features(features))
     out = folder / "data" / "train-00000-of-00001.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out.parent)
     with atomic_write(out, "wb") as handle:
         table.to_parquet(handle)
     return out
@@ -531,6 +532,8 @@ def generate_synthetic(
 
     splits = split_by_identity(list(range(config.num_identities)), range(config.num_identities), seed=config.seed,
                                val_fraction=config.val_fraction, test_fraction=config.test_fraction)
+    for folder in (out, out / "splits"):
+        remove_stale_temporaries(folder)
     for name, indices in splits.items():
         write_json_atomic(out / "splits" / f"{name}.json", {"indices": indices, "seed": config.seed, "split": name})
     meta = asdict(config)

@@ -36,7 +36,14 @@ import torch
 import torch.nn.functional as F
 
 from nearid_reward import NearIDModel
-from nearid_reward.io import append_jsonl, write_json_atomic
+from nearid_reward.io import (
+    append_jsonl,
+    remove_stale_temporaries,
+    replace_directory,
+    swap_directory,
+    temporary_path,
+    write_json_atomic,
+)
 
 from .batching import (
     AugmentConfig,
@@ -284,31 +291,14 @@ def _flat_config(config: TrainConfig) -> dict[str, Any]:
     return out
 
 
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Move a finished folder into place; an existing ``dest`` is moved aside first and then deleted."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _save_head(model: NearIDModel, dest: Path, extra: dict[str, Any]) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, format="head", extra=extra)
-    _replace_dir(tmp, dest)
+    replace_directory(dest, lambda tmp: model.save_pretrained(tmp, format="head", extra=extra))
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run a training job; returns a summary (final step, best validation SSR, output folders)."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -332,6 +322,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     main_process = accelerator.is_main_process
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, out / "splits"):  # what a killed earlier run in this folder left half-written
+            remove_stale_temporaries(folder)
         write_json_atomic(out / "train_config.json", dataclasses.asdict(config))
 
     # ---------------------------------------------------------------- data
@@ -512,10 +504,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     def save_checkpoint(step: int) -> None:
         final = out / f"checkpoint-{step}"
-        tmp = out / f".checkpoint-{step}.tmp"
-        if main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
+        # every process writes its part of the state into the main process's temporary folder
+        tmp = Path(broadcast_object_list([str(temporary_path(final))])[0])
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if main_process:
@@ -524,7 +514,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "global_step": step, "best_val_ssr": best_ssr, "steps_per_epoch": steps_per_epoch,
                 "train_batch_size": config.train_batch_size, "num_processes": accelerator.num_processes,
             })
-            _replace_dir(tmp, final)
+            swap_directory(tmp, final)
             if config.checkpoints_total_limit:
                 ckpts = sorted((int(p.name.split("-", 1)[1]), p) for p in out.glob("checkpoint-*")
                                if p.name.split("-", 1)[1].isdigit())
