@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from nearid_reward import IdentityReward, IdentityValidator, NearIDValidationCallback
 from nearid_reward.diffusion import decode_latents, predict_x0
-from nearid_reward.images import to_pil_list
+from nearid_reward.images import to_pil_list, to_rgb
 from nearid_reward.rendering import PromptSet, RenderConfig
 
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> NearIDValidationCallback | None:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     photos = to_pil_list(args.instance_data_dir)
-    pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32))
+    pixels = torch.stack([torch.from_numpy(np.asarray(to_rgb(im).resize((size, size)), dtype=np.float32))
                           .permute(2, 0, 1) / 127.5 - 1.0 for im in photos]).to(accelerator.device)  # fmt: skip
     with torch.no_grad():
         latents = pipe.vae.encode(pixels).latent_dist.sample() * pipe.vae.config.scaling_factor

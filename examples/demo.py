@@ -146,6 +146,7 @@ def stage_projection(out: Path, head: dict[str, Any]) -> dict[str, Any]:
 def stage_dreambooth(out: Path, head: dict[str, Any]) -> dict[str, Any]:
     """A tiny DreamBooth-LoRA run hosted by ``nearid-dreambooth`` on a held-out synthetic identity."""
     from integrations import dreambooth
+    from nearid_reward.images import to_rgb
     from nearid_reward.testing_diffusers import save_tiny_sd_pipeline
 
     folder = out / "dreambooth"
@@ -159,11 +160,11 @@ def stage_dreambooth(out: Path, head: dict[str, Any]) -> dict[str, Any]:
     for d in (subject, lookalikes, classes):
         d.mkdir(parents=True)
     for j, img in enumerate(views[0]):
-        img.convert("RGB").save(subject / f"view_{j}.png")
+        to_rgb(img).save(subject / f"view_{j}.png")
     for j, img in enumerate(fakes[0]):
-        img.convert("RGB").save(lookalikes / f"lookalike_{j}.png")
+        to_rgb(img).save(lookalikes / f"lookalike_{j}.png")
     for i, vs in enumerate(views[1:5]):  # other identities of the same world stand in for class images
-        vs[0].convert("RGB").save(classes / f"other_{i}.png")
+        to_rgb(vs[0]).save(classes / f"other_{i}.png")
     sd = save_tiny_sd_pipeline(out / "models" / "tiny-sd", seed=0, scheduler="ddpm")
     prompts = folder / "prompts.json"
     prompts.write_text(json.dumps(PROMPTS))

@@ -46,7 +46,7 @@ from nearid_reward.diffusion import (
     reward_weights,
     sample_images,
 )
-from nearid_reward.images import to_pil_list
+from nearid_reward.images import to_pil_list, to_rgb
 from nearid_reward.io import append_jsonl
 from nearid_reward.rendering import PromptSet, RenderConfig, adapters_disabled
 
@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _class_latents(pipeline: Any, folder: str, size: int, device: torch.device) -> torch.Tensor:
     """VAE latents ``[N, C, h, w]`` of the class images (resized to the training resolution, no gradients)."""
     images = to_pil_list(folder, name="class_data_dir")
-    arrays = [np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32) for img in images]
+    arrays = [np.asarray(to_rgb(img).resize((size, size)), dtype=np.float32) for img in images]
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0  # [N, 3, H, W] in [-1, 1]
     vae = pipeline.vae
     with torch.no_grad():

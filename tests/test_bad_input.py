@@ -84,3 +84,16 @@ def test_float_numpy_and_unknown_types(model: NearIDModel) -> None:
         model.embed([3.14])
     with pytest.raises(TypeError, match="stack tensors"):
         model.embed([torch.rand(3, 32, 32)])
+
+
+def test_empty_pil_and_numpy_images(model: NearIDModel) -> None:
+    from PIL import Image
+
+    from nearid_reward.preprocess import preprocess_pil
+
+    with pytest.raises(ValueError, match=r"`images\[1\]` is an empty image \(size 0x0\)"):
+        model.embed([Image.new("RGB", (8, 8)), Image.new("RGB", (0, 0))])
+    with pytest.raises(ValueError, match=r"`images\[0\]` is an empty image \(size 0x5\)"):
+        model.embed([np.zeros((5, 0, 3), dtype=np.uint8)])
+    with pytest.raises(ValueError, match=r"`images\[0\]` is an empty image"):
+        preprocess_pil([Image.new("L", (0, 0))], model.preprocess)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from nearid_reward.config import PreprocessConfig
+from nearid_reward.images import to_rgb
 from nearid_reward.preprocess import PixelInputs, preprocess_pil
 
 from .data import ImageRef, TableRegistry, decode_image
@@ -67,7 +68,7 @@ class AugmentConfig:
         return self.flip_prob > 0 or self.color_jitter_prob > 0 or self.translate_prob > 0
 
     def apply(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         if rng.random() < self.flip_prob:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if rng.random() < self.color_jitter_prob:
