@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ __all__ = [
     "to_rgb",
     "check_pil_image",
     "to_pil_list",
+    "check_value_range",
     "check_image_tensor",
 ]
 
@@ -148,6 +150,33 @@ def to_pil_list(images: Any, *, name: str = "images") -> list[Image.Image]:
     return out
 
 
+def check_value_range(value_range: Any, name: str = "value_range") -> tuple[float, float]:
+    """Validate a ``(low, high)`` pixel range and return it as two floats.
+
+    Raises:
+        TypeError: not a tuple/list of two real numbers (e.g. ``255`` or ``"0-1"``).
+        ValueError: not two values, not finite, or ``high <= low``.
+
+    Example:
+        >>> check_value_range((0, 255))
+        (0.0, 255.0)
+    """
+    expected = f"`{name}` must be a (low, high) pair of numbers such as (0, 1), (-1, 1) or (0, 255)"
+    if not isinstance(value_range, (tuple, list)):
+        raise TypeError(f"{expected}; got {type(value_range).__name__} {value_range!r}")
+    if len(value_range) != 2:
+        raise ValueError(f"{expected}; got {len(value_range)} values {tuple(value_range)!r}")
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value_range):
+        kinds = ", ".join(type(v).__name__ for v in value_range)
+        raise TypeError(f"{expected}; got ({kinds}) {tuple(value_range)!r}")
+    low, high = float(value_range[0]), float(value_range[1])
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{expected}; got the non-finite {tuple(value_range)!r}")
+    if not high > low:
+        raise ValueError(f"`{name}` must be (low, high) with high > low, got {tuple(value_range)!r}")
+    return low, high
+
+
 def check_image_tensor(
     images: torch.Tensor,
     *,
@@ -164,6 +193,7 @@ def check_image_tensor(
         name: the argument name used in messages.
         check_values: also check for NaN/Inf and the value range (one device sync).
     """
+    lo, hi = check_value_range(value_range)
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(images).__name__}")
     if not (images.is_floating_point()):
@@ -180,9 +210,6 @@ def check_image_tensor(
         raise ValueError(f"`{name}` is an empty batch (shape {tuple(images.shape)}): pass at least one image")
     if images.shape[2] == 0 or images.shape[3] == 0:
         raise ValueError(f"`{name}` has an empty spatial size: shape {tuple(images.shape)}")
-    lo, hi = float(value_range[0]), float(value_range[1])
-    if not hi > lo:
-        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
     if not check_values:
         return
     vmin, vmax = torch.stack(torch.aminmax(images.detach().float())).tolist()
@@ -196,5 +223,5 @@ def check_image_tensor(
         hint = f"; did you mean value_range={guess}?" if guess else ""
         raise ValueError(
             f"`{name}` has values in [{vmin:.4g}, {vmax:.4g}], which contradicts "
-            f"value_range={tuple(value_range)}{hint}"
+            f"value_range={(lo, hi)}{hint}"
         )

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import RESAMPLE_NAMES, PreprocessConfig
-from .images import check_pil_image, is_high_bit_depth, to_rgb
+from .images import check_pil_image, check_value_range, is_high_bit_depth, to_rgb
 
 __all__ = ["PixelInputs", "preprocess_tensor", "preprocess_pil", "naflex_target_size", "patchify"]
 
@@ -143,7 +143,7 @@ def preprocess_tensor(
     Returns:
         :class:`PixelInputs` in float32 (gradients flow back to ``images``).
     """
-    lo, hi = float(value_range[0]), float(value_range[1])
+    lo, hi = check_value_range(value_range)
     x = images.float().contiguous()  # channels-last inputs (e.g. from numpy HWC) resize several times slower
     if (lo, hi) != (0.0, 1.0):
         x = (x - lo) / (hi - lo)  # [B, 3, H, W] in [0, 1]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .config import with_overrides
-from .images import ImageInput
+from .images import ImageInput, check_value_range
 from .io import append_jsonl, read_jsonl
 from .model import NearIDModel
 from .reward import IdentityReward
@@ -148,7 +148,7 @@ def image_grid(
     """Tile ``images`` ``[N, 3, H, W]`` into one uint8 ``[rows*H, cols*W, 3]`` array, captions drawn on the tiles."""
     from PIL import Image, ImageDraw
 
-    lo, hi = value_range
+    lo, hi = check_value_range(value_range)
     x = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
     arr = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # [N, H, W, 3]
     n, h, w = arr.shape[:3]
@@ -291,6 +291,7 @@ class IdentityValidator:
         value_range: tuple[float, float] = (0.0, 1.0),
     ) -> dict[str, float]:
         """Metrics of one set of generations without touching the history (flat ``dict[str, float]``, prefixed)."""
+        value_range = check_value_range(value_range)
         emb = self.embed(images, value_range=value_range, name="images")
         class_emb = base_emb = None
         if class_images is not None:
@@ -336,6 +337,7 @@ class IdentityValidator:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"`step` must be a non-negative int (the global training step), got {step!r}")
         step = int(step)
+        value_range = check_value_range(value_range)
         if prompts is not None and isinstance(images, torch.Tensor) and len(prompts) != images.shape[0]:
             raise ValueError(f"`prompts` has {len(prompts)} entries but `images` has {images.shape[0]} images")
         metrics = self.compute(images, class_images=class_images, base_images=base_images, value_range=value_range)
