@@ -103,7 +103,7 @@ def evaluate_model(
     emb, failed = embed_references(vset.refs(), batcher, pool, model=model, device=model.device,
                                    batch_size=batch_size, num_workers=num_workers)
     for ref, why in failed:
-        vset.data.report.add("unreadable images", f"{ref}: {why}")
+        vset.data.report.add("unreadable images", why, key=ref)
     vset.data.report.warn()
     dim = next(iter(emb.values())).shape[-1] if emb else model.embed_dim
     return evaluate_embeddings(vset, emb, dim)
@@ -122,7 +122,7 @@ def evaluate_mtg(
     emb, failed = embed_references(flat, PixelBatcher(data.registry(), model.preprocess), pool, model=model,
                                    device=model.device, batch_size=batch_size, num_workers=num_workers)
     for ref, why in failed:
-        data.report.add("unreadable images", f"{ref}: {why}")
+        data.report.add("unreadable images", why, key=ref)
     data.report.warn()
     dim = next(iter(emb.values())).shape[-1] if emb else model.embed_dim
     arrays = []

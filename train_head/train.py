@@ -413,7 +413,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                    report=report)
         report.warn()
         logger.info("feature cache ready in %.1f s: %d images", time.perf_counter() - started, len(keys))
-        train_batcher: Any = CachedBatcher(store, keys)
+        train_batcher: Any = CachedBatcher(store, keys, registry)
         val_batcher: Any = train_batcher
     else:
         train_batcher = PixelBatcher(registry, model.preprocess, augment=config.augment, seed=config.seed)
@@ -482,7 +482,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                            batch_size=config.encode_batch_size)
             module.train()
             for ref, why in failed:
-                vset.data.report.add("unreadable images", f"{ref}: {why}")
+                vset.data.report.add("unreadable images", why, key=ref)
             vset.data.report.warn()
             results = evaluate_embeddings(vset, emb, model.embed_dim)
             pooled = results["pooled"]
@@ -540,8 +540,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             epoch_loader.set_epoch(epoch)
         for batch in epoch_loader:
             with accelerator.accumulate(head_ddp):
-                for _, why in batch["failed"]:
-                    report.add("unreadable images", why)
+                for ref, why in batch["failed"]:
+                    report.add("unreadable images", why, key=ref)  # each image counts once, whatever the epochs
                 tokens, mask = batch_tokens(batch, model, device)
                 pooled = F.normalize(head_ddp(tokens, mask).float(), dim=-1)  # [n, E]
                 b = batch["batch_size"]
