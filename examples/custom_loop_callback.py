@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from nearid_reward import IdentityReward, IdentityValidator, NearIDValidationCallback
 from nearid_reward.diffusion import decode_latents, predict_x0
 from nearid_reward.images import to_pil_list, to_rgb
+from nearid_reward.pipelines import load_pipeline
 from nearid_reward.rendering import PromptSet, RenderConfig
 
 
@@ -39,14 +40,14 @@ def main(argv: list[str] | None = None) -> NearIDValidationCallback | None:
     args = p.parse_args(argv)
 
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler, DiffusionPipeline
+    from diffusers import DDPMScheduler
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     out = Path(args.output_dir)
     accelerator = Accelerator()
-    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path).to(accelerator.device)
+    pipe = load_pipeline(args.pretrained_model_name_or_path).to(accelerator.device)  # safetensors only
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)

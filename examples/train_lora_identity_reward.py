@@ -48,6 +48,7 @@ from nearid_reward.diffusion import (
 )
 from nearid_reward.images import to_pil_list, to_rgb
 from nearid_reward.io import append_jsonl
+from nearid_reward.pipelines import load_pipeline
 from nearid_reward.rendering import PromptSet, RenderConfig, adapters_disabled
 
 logger = logging.getLogger("train_lora_identity_reward")
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import DDPMScheduler, DiffusionPipeline
+    from diffusers import DDPMScheduler
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_seed(args.seed, device_specific=True)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    pipeline = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path)
+    pipeline = load_pipeline(args.pretrained_model_name_or_path)  # safetensors only
     pipeline.set_progress_bar_config(disable=True)
     for name in ("vae", "text_encoder", "text_encoder_2", "unet"):
         module = getattr(pipeline, name, None)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from nearid_reward.io import atomic_write, read_jsonl, write_text_atomic
+from nearid_reward.pipelines import load_pipeline
 
 from .script_hooks import ValidationFamily, install_hooks, load_script, split_argv
 
@@ -298,20 +299,16 @@ class DreamBoothSession:
     # ------------------------------------------------------------------ pipelines
     def _pipeline_from_components(self, arguments: dict[str, Any]) -> Any:
         """A pipeline over the live models that ``train_dreambooth.py`` passes to its ``log_validation``."""
-        from diffusers import DiffusionPipeline
-
         args = arguments["args"]
         unwrap = self.accelerator.unwrap_model if self.accelerator is not None else (lambda m: m)
         parts = {k: unwrap(arguments[k]) for k in ("unet", "vae", "text_encoder", "tokenizer")
                  if arguments.get(k) is not None}
-        pipeline = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **parts)
+        pipeline = load_pipeline(args.pretrained_model_name_or_path, **parts)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline.to(self.accelerator.device if self.accelerator is not None else "cpu")
 
     def _pipeline_for_models(self, models: list[Any]) -> Any:
         """A pipeline (cached) whose trained components are the live models being checkpointed."""
-        from diffusers import DiffusionPipeline
-
         unwrap = self.accelerator.unwrap_model if self.accelerator is not None else (lambda m: m)
         live = [unwrap(m) for m in models]
         base = self.args.pretrained_model_name_or_path
@@ -329,7 +326,7 @@ class DreamBoothSession:
                 logger.warning("could not match the checkpointed models %s to pipeline components; checkpoint "
                                "scoring is skipped", [type(m).__name__ for m in live])
                 return None
-            pipeline = DiffusionPipeline.from_pretrained(base, **parts)
+            pipeline = load_pipeline(base, **parts)
             pipeline.set_progress_bar_config(disable=True)
             device = self.accelerator.device if self.accelerator is not None else torch.device("cpu")
             for component in pipeline.components.values():  # never move or cast the shared trained models

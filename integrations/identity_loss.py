@@ -76,13 +76,15 @@ class IdentityLossHook:
             from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
             from nearid_reward import IdentityReward
+            from nearid_reward.pipelines import from_pretrained_safetensors
 
             args = self.session.args
             base = args.pretrained_model_name_or_path
             device = self.accelerator.device
             self._reward = IdentityReward(self.session.options.model, self.session.options.reference_dir).to(device)
             self._reward.model.gradient_checkpointing_enable()
-            self._vae = AutoencoderKL.from_pretrained(base, subfolder="vae").to(device).requires_grad_(False)
+            self._vae = from_pretrained_safetensors(AutoencoderKL, base, subfolder="vae")
+            self._vae.to(device).requires_grad_(False)
             config = DDPMScheduler.load_config(base, subfolder="scheduler")
             flow = config.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
             self._scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler).from_config(config)

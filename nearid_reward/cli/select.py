@@ -22,6 +22,7 @@ import torch
 
 from ..io import CheckpointError
 from ..model import NearIDModel
+from ..pipelines import load_pipeline
 from ..rendering import PromptSet, RenderConfig
 from ..reward import IdentityReward
 from ..selection import CheckpointSelector, SelectionConfig, format_table
@@ -76,8 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_pipeline(path: str, dtype: torch.dtype, device: Any) -> Any:
-    from diffusers import DiffusionPipeline
-
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
     index = Path(path) / "model_index.json"
     if index.is_file() and "safety_checker" in json.loads(index.read_text(encoding="utf-8")):
@@ -85,7 +84,7 @@ def _load_pipeline(path: str, dtype: torch.dtype, device: Any) -> Any:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     with warnings.catch_warnings():  # newer diffusers prefer `dtype=`; `torch_dtype=` works across versions
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipeline = DiffusionPipeline.from_pretrained(path, **kwargs)
+        pipeline = load_pipeline(path, **kwargs)  # safetensors only
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
