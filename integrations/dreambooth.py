@@ -297,11 +297,19 @@ class DreamBoothSession:
             self._select_after()
 
     # ------------------------------------------------------------------ pipelines
+    def _unwrap(self, component: Any) -> Any:
+        """The module inside an accelerate/DDP wrapper; anything else (a tokenizer) as it is.
+
+        accelerate's ``unwrap_model`` only handles modules: given a tokenizer it raises ``AttributeError``.
+        """
+        if self.accelerator is None or not isinstance(component, torch.nn.Module):
+            return component
+        return self.accelerator.unwrap_model(component)
+
     def _pipeline_from_components(self, arguments: dict[str, Any]) -> Any:
         """A pipeline over the live models that ``train_dreambooth.py`` passes to its ``log_validation``."""
         args = arguments["args"]
-        unwrap = self.accelerator.unwrap_model if self.accelerator is not None else (lambda m: m)
-        parts = {k: unwrap(arguments[k]) for k in ("unet", "vae", "text_encoder", "tokenizer")
+        parts = {k: self._unwrap(arguments[k]) for k in ("unet", "vae", "text_encoder", "tokenizer")
                  if arguments.get(k) is not None}
         pipeline = load_pipeline(args.pretrained_model_name_or_path, **parts)
         pipeline.set_progress_bar_config(disable=True)
@@ -309,8 +317,7 @@ class DreamBoothSession:
 
     def _pipeline_for_models(self, models: list[Any]) -> Any:
         """A pipeline (cached) whose trained components are the live models being checkpointed."""
-        unwrap = self.accelerator.unwrap_model if self.accelerator is not None else (lambda m: m)
-        live = [unwrap(m) for m in models]
+        live = [self._unwrap(m) for m in models]
         base = self.args.pretrained_model_name_or_path
         index = json.loads((Path(base) / "model_index.json").read_text()) if Path(base).is_dir() else None
         if self._checkpoint_pipeline is None:
