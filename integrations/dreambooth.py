@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from nearid_reward.cli.entry_points import add_debug_flag, entry_point
 from nearid_reward.io import atomic_write, read_jsonl, write_text_atomic
 from nearid_reward.pipelines import load_pipeline
 
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the identity loss only uses samples with timestep below this (of 1000)")
     p.add_argument("--nearid_dtype", default="float32", choices=sorted(_DTYPES), help="NearID backbone dtype")
     p.add_argument("--nearid_strict", action="store_true", help="re-raise scoring errors instead of logging them")
+    add_debug_flag(p)
     return p
 
 
@@ -360,7 +362,11 @@ class DreamBoothSession:
         if self.options.guidance_scale is not None:
             argv += ["--guidance_scale", str(self.options.guidance_scale)]
         argv += ["--images_per_prompt", str(self.options.images_per_prompt)]
-        select_main(argv)
+        try:
+            select_main(argv)
+        except SystemExit as exc:  # nearid-select ends on bad input by exiting; here that is a logged scoring error
+            if exc.code not in (0, None):
+                raise RuntimeError(f"--nearid_select_after: {exc.code}") from exc
 
 
 def _checkpoint_step(output_dir: str, fallback: int) -> int:
@@ -428,6 +434,7 @@ def _plot_summary(path: Path, records: list[dict[str, Any]], prefix: str, valida
     return path
 
 
+@entry_point("nearid-dreambooth")
 def main(argv: Sequence[str] | None = None) -> int:
     ours, theirs = split_argv(sys.argv[1:] if argv is None else argv)
     options = parse_options(ours)

@@ -175,7 +175,7 @@ def test_scoring_errors_never_kill_the_run(assets: dict[str, Path], tmp_path: Pa
         _run(argv)
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()  # training finished
     assert "training continues" in caplog.text and "broken.png" in caplog.text
-    with pytest.raises(ValueError, match="broken.png"):
+    with pytest.raises(SystemExit, match="nearid-dreambooth: .*broken.png"):
         _run(["--nearid_strict", *argv])
 
 
@@ -222,7 +222,7 @@ def test_both_log_validation_signature_families_are_recognised() -> None:
 def test_script_without_main_is_rejected(tmp_path: Path) -> None:
     script = tmp_path / "not_a_trainer.py"
     script.write_text("x = 1\n")
-    with pytest.raises(ValueError, match="no module-level `main`"):
+    with pytest.raises(SystemExit, match="nearid-dreambooth: .*no module-level `main`"):
         dreambooth.main(["--script", str(script), "--nearid_model", "m", "--nearid_reference_dir", "r"])
 
 

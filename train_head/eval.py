@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from nearid_reward import NearIDModel
+from nearid_reward.cli.entry_points import add_debug_flag, entry_point, torch_device
 from nearid_reward.io import remove_stale_temporaries, write_json_atomic, write_text_atomic
 
 from .batching import PixelBatcher, embed_references, gather_eval_arrays, mean_pool
@@ -190,13 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=torch_device, default="cpu", help="torch device, e.g. cpu or cuda:1")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="backbone dtype (head stays fp32)")
     p.add_argument("--data_cache_dir", default=None)
     p.add_argument("--strict", action="store_true", help="raise on bad data instead of skipping it")
+    add_debug_flag(p)
     return p
 
 
+@entry_point("nearid-eval")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from nearid_reward.cli.entry_points import add_debug_flag, entry_point
 from nearid_reward.io import atomic_write, remove_stale_temporaries, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -593,21 +594,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--view_prefix", choices=["img", "images"], default="img")
     parser.add_argument("--supersample", type=int, default=3)
     parser.add_argument("--missing_view_rate", type=float, default=0.0)
+    add_debug_flag(parser)
     return parser
 
 
+@entry_point("nearid-make-synthetic")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = SyntheticConfig(
-            num_identities=args.num_identities, image_size=args.image_size, views=args.views,
-            levels=tuple(args.levels), seed=args.seed, val_fraction=args.val_fraction,
-            test_fraction=args.test_fraction, view_prefix=args.view_prefix, supersample=args.supersample,
-            missing_view_rate=args.missing_view_rate,
-        )
-    except ValueError as exc:
-        raise SystemExit(f"nearid-make-synthetic: {exc}") from exc
+    config = SyntheticConfig(
+        num_identities=args.num_identities, image_size=args.image_size, views=args.views,
+        levels=tuple(args.levels), seed=args.seed, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, view_prefix=args.view_prefix, supersample=args.supersample,
+        missing_view_rate=args.missing_view_rate,
+    )
     out = generate_synthetic(args.output_dir, config)
     print(f"wrote {config.num_identities} identities ({', '.join(config.levels)}) to {out}")
     return 0

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from nearid_reward import NearIDModel
+from nearid_reward.cli.entry_points import add_debug_flag, entry_point
 from nearid_reward.io import (
     append_jsonl,
     remove_stale_temporaries,
@@ -232,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--report_to", default=d.report_to,
                    help="tensorboard, wandb (comma-separated), all, none, or auto (tensorboard when installed)")
     g.add_argument("--tracker_project_name", default=d.tracker_project_name)
+    add_debug_flag(p)
     return p
 
 
@@ -615,14 +617,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+@entry_point("nearid-train-head")
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    options = vars(build_parser().parse_args(argv))
+    options.pop("debug")  # read by entry_point
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = TrainConfig(**vars(args))
-    except ValueError as exc:
-        raise SystemExit(f"nearid-train-head: {exc}") from exc
-    summary = train(config)
+    summary = train(TrainConfig(**options))
     logger.info("done: %s", json.dumps(summary, default=str))
     return 0
 
