@@ -63,7 +63,8 @@ def is_high_bit_depth(image: Image.Image) -> bool:
 
 
 def to_rgb(image: Image.Image, *, name: str = "image") -> Image.Image:
-    """An 8-bit RGB copy of any PIL image; high-bit-depth grayscale is scaled to 8 bits, not clipped.
+    """An 8-bit RGB version of any PIL image (the image itself when it already is); high-bit-depth grayscale is
+    scaled to 8 bits, not clipped.
 
     ``image.convert("RGB")`` clips 16-bit and float samples at 255, which turns a 16-bit photograph almost white.
     Here integer modes (``I;16*``, ``I``) are read as 16-bit samples in [0, 65535] and scaled by 255 / 65535 (an
