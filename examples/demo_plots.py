@@ -67,41 +67,39 @@ def plot_projection(npz: Path, path: Path) -> str:
     return _save(fig, path)
 
 
-def plot_selection(history: list[dict[str, Any]], selection: dict[str, Any], path: Path) -> str:
-    """Identity against step during DreamBooth, with the base model and nearid-select's ranking of checkpoints."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    val = sorted((r["step"], r["nearid/identity_mean"]) for r in history if r.get("source") == "checkpoint")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation at each checkpoint (adapter)")
-    base = [r.get("nearid/base_identity_mean") for r in history if r.get("nearid/base_identity_mean") is not None]
-    if base:
-        ax.axhline(float(np.mean(base)), color="grey", ls="--", label="base model (adapter off)")
-    rows = [r for r in selection.get("checkpoints", []) if r.get("step") is not None]
-    if rows:
-        pts = sorted((r["step"], r["identity_mean"]) for r in rows)
-        ax.plot(*zip(*pts), "s", color="#ff7f0e", mfc="none", label="nearid-select (re-rendered)")
-        winner = next((r for r in rows if r["name"] == selection.get("winner")), None)
-        if winner is not None:
-            ax.plot([winner["step"]], [winner["identity_mean"]], "*", color="red", ms=14,
-                    label=f"selected: {winner['name']}")
-    oracle = selection.get("reference_oracle")
-    if oracle is not None:
-        spread = selection.get("reference_oracle_std") or 0.0
-        ax.axhspan(oracle - spread, oracle + spread, color="green", alpha=0.12, label="reference oracle")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("NearID identity (cosine)")
-    ax.legend(fontsize=7)
+def plot_truth(world: dict[str, Any], selected_step: int | None, path: Path) -> str:
+    """NearID identity and the oracle's true identity against DreamBooth step, with the picks of each method."""
+    rows = world["checkpoints"]
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.8, 3.6))
+    ax.plot(steps, [r["truth"] for r in rows], "o-", color="black", label="true identity (oracle)")
+    ax.axhline(world["base"]["truth"], color="black", ls=":", lw=1, label="base model, true identity")
+    best = max(rows, key=lambda r: r["truth"])
+    ax.plot([best["step"]], [best["truth"]], "D", ms=11, mfc="none", color="black", label="oracle-best checkpoint")
+    if selected_step is not None:
+        pick = next(r for r in rows if r["step"] == selected_step)
+        ax.plot([pick["step"]], [pick["truth"]], "*", ms=15, color="red", label=f"NearID pick (step {selected_step})")
+    ax.set_xlabel("DreamBooth step")
+    ax.set_ylabel("true identity (fraction of attributes)")
+    ax.set_ylim(-0.02, 1.02)
+    twin = ax.twinx()
+    for kind, colour, label in (("nearid", "#d62728", "NearID score"), ("frozen", "#1f77b4", "frozen head score"),
+                                ("meanpool", "#2ca02c", "mean-pool score")):
+        twin.plot(steps, [r[kind] for r in rows], ".--", color=colour, alpha=0.8, label=label)
+    twin.set_ylabel("cosine to the subject's views")
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=6.5, loc="lower right")
     return _save(fig, path)
 
 
-def plot_reward(rewards: list[float], path: Path) -> str:
-    fig, ax = plt.subplots(figsize=(6.5, 3.0))
-    steps = np.arange(1, len(rewards) + 1)
-    ax.plot(steps, rewards, ".", alpha=0.5, label="batch mean reward")
-    if len(rewards) >= 5:
-        kernel = np.ones(5) / 5
-        ax.plot(steps[4:], np.convolve(rewards, kernel, mode="valid"), "-", label="moving average (5)")
-    ax.set_xlabel("optimisation step")
-    ax.set_ylabel("identity reward")
-    ax.legend(fontsize=7)
+def plot_samples(panels: list[tuple[str, Path]], path: Path) -> str:
+    """Image panels side by side, each with its title (subject views, base, selected, reward-tuned...)."""
+    from PIL import Image
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 2.9))
+    for ax, (title, image) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(np.asarray(Image.open(image).convert("RGB")), interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
     return _save(fig, path)

@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_train_steps", type=int, default=200)
     p.add_argument("--learning_rate", type=float, default=1e-4)
     p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--init_lora", default=None,
+                   help="start from this LoRA (a DreamBooth checkpoint folder or a diffusers LoRA .safetensors file); "
+                        "its rank replaces --rank")
     p.add_argument("--lora_target_modules", nargs="+", default=["to_k", "to_q", "to_v", "to_out.0"],
                    help="UNet modules that get LoRA (default: attention projections, as diffusers' DreamBooth)")
     p.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -112,14 +115,38 @@ def _class_latents(pipeline: Any, folder: str, size: int, device: torch.device) 
     return latents * vae.config.scaling_factor
 
 
+def _read_lora(pipeline: Any, path: str) -> dict[str, torch.Tensor]:
+    """The UNet tensors of a diffusers LoRA (a folder with ``pytorch_lora_weights.safetensors``, or the file)."""
+    source = Path(path)
+    if source.is_dir():
+        folder, weight_name = source, "pytorch_lora_weights.safetensors"
+    else:
+        folder, weight_name = source.parent, source.name
+    if not (folder / weight_name).is_file():
+        raise FileNotFoundError(f"--init_lora {path}: expected a LoRA .safetensors file or a folder holding "
+                                f"pytorch_lora_weights.safetensors, found no {folder / weight_name}")
+    state, _ = type(pipeline).lora_state_dict(str(folder), weight_name=weight_name, use_safetensors=True)
+    unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    if not unet_state:
+        raise ValueError(f"--init_lora {path}: the file holds no UNet LoRA tensors (keys starting with 'unet.')")
+    return unet_state
+
+
+def _lora_rank(state: dict[str, torch.Tensor]) -> int:
+    ranks = {int(v.shape[0]) for k, v in state.items() if "lora_A" in k or "lora.down" in k}
+    if len(ranks) != 1:
+        raise ValueError(f"--init_lora: expected one LoRA rank, found {sorted(ranks)}")
+    return ranks.pop()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import DDPMScheduler
-    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.output_dir)
@@ -139,8 +166,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             module.requires_grad_(False)
             module.to(accelerator.device, dtype=weight_dtype if name != "vae" else torch.float32)
     unet = pipeline.unet
-    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+    init_state = _read_lora(pipeline, args.init_lora) if args.init_lora else None
+    rank = _lora_rank(init_state) if init_state else args.rank
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                 target_modules=list(args.lora_target_modules)))
+    if init_state:
+        incompatible = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(init_state),
+                                                 adapter_name="default")
+        unexpected = getattr(incompatible, "unexpected_keys", None) or []
+        if unexpected:
+            raise ValueError(f"--init_lora {args.init_lora}: {len(unexpected)} tensors do not match this UNet's LoRA "
+                             f"layers (--lora_target_modules {args.lora_target_modules}), e.g. {unexpected[0]}")
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     for param in lora_params:  # trainable tensors in fp32 under mixed precision
         param.data = param.data.float()

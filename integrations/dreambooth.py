@@ -17,7 +17,11 @@ The script file is imported as a module and its ``main`` called in this process 
   ``--nearid_score_checkpoints``, the default) and the best weights in ``best_identity/``, which checkpoint pruning
   never touches;
 * at the end: ``identity_summary.md`` and ``identity_summary.png``, and with ``--nearid_select_after`` a
-  ``nearid-select`` pass over every remaining checkpoint.
+  checkpoint selection over every remaining checkpoint (``identity_selection.json``/``.csv``/``.png``), ranked by
+  ``--nearid_monitor``/``--nearid_mode`` with this run's references, negatives, prompts and render settings.
+
+One NearID model (backbone in ``--nearid_dtype``) and one reference set serve validation, checkpoint scoring, the
+identity loss and the selection.
 
 Scoring runs on the main process only and makes no collective call. Errors while scoring are logged and training
 continues (``--nearid_strict`` re-raises).
@@ -32,13 +36,18 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from nearid_reward import IdentityValidator, NearIDModel, NearIDValidationCallback, ReferenceSet
+from nearid_reward.callback import CallbackConfig
 from nearid_reward.cli.entry_points import add_debug_flag, entry_point
-from nearid_reward.io import atomic_write, read_jsonl, write_text_atomic
-from nearid_reward.pipelines import load_pipeline
+from nearid_reward.io import read_jsonl, write_text_atomic
+from nearid_reward.rendering import PromptSet, RenderConfig
+from nearid_reward.results import SelectionResult, format_table, plot_identity_history, summary_markdown
+from nearid_reward.selection import CheckpointSelector, SelectionConfig, load_pipeline
 
 from .script_hooks import ValidationFamily, install_hooks, load_script, split_argv
 
@@ -128,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nearid_threshold", type=float, default=0.9,
                    help="fraction of the reference oracle an image must reach to count as on-identity")
     p.add_argument("--nearid_select_after", action="store_true",
-                   help="after training, rank every remaining checkpoint with nearid-select")
+                   help="after training, rank every remaining checkpoint by --nearid_monitor/--nearid_mode (as "
+                   "nearid-select does), with this run's references, negatives, prompts and render settings")
     p.add_argument("--nearid_loss_weight", type=float, default=0.0,
                    help="EXPERIMENTAL: weight of a ReFL-style identity loss on the x0 prediction (0 = off)")
     p.add_argument("--nearid_loss_max_timestep", type=int, default=400,
@@ -180,6 +190,10 @@ def derive_token_and_class(instance_prompt: str | None, class_prompt: str | None
     return words[-2], words[-1]
 
 
+# Scoring runs on the main process only: the selector must neither split its work nor gather across processes.
+_THIS_PROCESS_ONLY = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True)
+
+
 class DreamBoothSession:
     """Receives the hooks' events and turns them into NearID validation (main process only)."""
 
@@ -189,7 +203,9 @@ class DreamBoothSession:
         self.accelerator: Any = None
         self.args: Any = None
         self.step = 0
-        self._callback: Any = None
+        self._callback: NearIDValidationCallback | None = None
+        self._model: NearIDModel | None = None
+        self._references: ReferenceSet | None = None
         self._checkpoint_pipeline: Any = None
         self._identity_loss: Any = None
         self.validations = 0
@@ -207,20 +223,35 @@ class DreamBoothSession:
     def is_main(self) -> bool:
         return bool(getattr(self.accelerator, "is_main_process", True))
 
-    def callback(self) -> Any:
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.accelerator.device) if self.accelerator is not None else torch.device("cpu")
+
+    def nearid_model(self) -> NearIDModel:
+        """The run's one NearID model, loaded on first use: backbone in ``--nearid_dtype``, head in float32."""
+        if self._model is None:
+            dtype = _DTYPES[self.options.dtype]
+            self._model = NearIDModel.from_pretrained(self.options.model, torch_dtype=dtype, head_dtype=torch.float32)
+            self._model.requires_grad_(False).to(self.device)
+        return self._model
+
+    def reference_set(self) -> ReferenceSet:
+        """The subject's references and negatives, embedded once with :meth:`nearid_model`."""
+        if self._references is None:
+            self._references = ReferenceSet.from_images(self.nearid_model(), self.options.reference_dir,
+                                                        self.options.negative_dir)
+        return self._references
+
+    def callback(self) -> NearIDValidationCallback:
         """The NearID validation callback, built on first use (on the main process only)."""
         if self._callback is None:
-            from nearid_reward import IdentityValidator, NearIDValidationCallback
-            from nearid_reward.callback import CallbackConfig
-            from nearid_reward.rendering import PromptSet, RenderConfig
-
             o = self.options
             token, noun = derive_token_and_class(getattr(self.args, "instance_prompt", None),
                                                  getattr(self.args, "class_prompt", None))
             token = o.instance_token if o.instance_token is not None else token
             noun = o.class_noun if o.class_noun is not None else noun
             validator = IdentityValidator(
-                o.model, o.reference_dir, negatives=o.negative_dir, history_path=self.output_dir / HISTORY_NAME,
+                self.nearid_model(), self.reference_set(), history_path=self.output_dir / HISTORY_NAME,
                 accelerator=self.accelerator, monitor=o.monitor, mode=o.mode, patience=o.patience,
                 threshold=o.threshold,
             )  # fmt: skip
@@ -230,8 +261,6 @@ class DreamBoothSession:
                 render_base=o.render_base, render_class=bool(getattr(self.args, "class_prompt", None)),
                 scheduler=o.scheduler,
             )  # fmt: skip
-            if self.accelerator is not None:
-                validator.scorer.to(self.accelerator.device)
             self._callback = NearIDValidationCallback(
                 validator, output_dir=self.output_dir, prompts=PromptSet.load(o.prompts),
                 config=CallbackConfig(instance_token=token, class_noun=noun, render=render, strict=o.strict),
@@ -271,8 +300,7 @@ class DreamBoothSession:
         extra: dict[str, float] = {}
         if images:
             script_metrics = callback.validator.compute(list(images))
-            prefix = callback.validator.config.prefix
-            extra = {prefix + "script/" + k[len(prefix):]: v for k, v in script_metrics.items()}
+            extra = {"script/" + k: v for k, v in script_metrics.items()}  # logged as nearid/script/...
             self.script_scores.append({"step": step, **extra})
         final = bool(arguments.get("is_final_validation", False))
         callback.on_validation(pipeline, step, extra_metrics=extra, source="final" if final else "validation",
@@ -344,29 +372,17 @@ class DreamBoothSession:
             self._checkpoint_pipeline = pipeline
         return self._checkpoint_pipeline
 
-    def _select_after(self) -> None:
-        from nearid_reward.cli.select import main as select_main
-
-        argv = ["--output_dir", str(self.output_dir), "--pipeline", str(self.args.pretrained_model_name_or_path),
-                "--model", self.options.model, "--references", self.options.reference_dir,
-                "--num_inference_steps", str(self.options.num_inference_steps)]
-        if self._callback is not None:
-            argv += ["--instance_token", self._callback.config.instance_token,
-                     "--class_noun", self._callback.config.class_noun]
-        if self.options.prompts:
-            argv += ["--prompts", self.options.prompts]
-        if self.options.scheduler:
-            argv += ["--scheduler", self.options.scheduler]
-        if self.options.resolution:
-            argv += ["--resolution", str(self.options.resolution)]
-        if self.options.guidance_scale is not None:
-            argv += ["--guidance_scale", str(self.options.guidance_scale)]
-        argv += ["--images_per_prompt", str(self.options.images_per_prompt)]
-        try:
-            select_main(argv)
-        except SystemExit as exc:  # nearid-select ends on bad input by exiting; here that is a logged scoring error
-            if exc.code not in (0, None):
-                raise RuntimeError(f"--nearid_select_after: {exc.code}") from exc
+    def _select_after(self) -> SelectionResult:
+        """Rank every remaining checkpoint with the session's validator, prompts and render settings."""
+        callback = self.callback()
+        config = SelectionConfig(monitor=self.options.monitor, mode=self.options.mode, render=callback.config.render)
+        pipeline = load_pipeline(self.args.pretrained_model_name_or_path, torch_dtype=torch.float32,
+                                 device=self.device)
+        selector = CheckpointSelector(pipeline, callback.validator, callback.prompts, config=config,
+                                      state=_THIS_PROCESS_ONLY)
+        result = selector.run(self.output_dir)
+        print(format_table(result))
+        return result
 
 
 def _checkpoint_step(output_dir: str, fallback: int) -> int:
@@ -380,58 +396,22 @@ def _checkpoint_step(output_dir: str, fallback: int) -> int:
 
 
 def write_summary(output_dir: Path, validator: Any) -> tuple[Path, Path | None]:
-    """Write ``identity_summary.md`` (a table of every validation) and ``identity_summary.png`` (score vs step)."""
+    """Write ``identity_summary.md`` (a table of every validation) and ``identity_summary.png`` (score vs step).
+
+    The PNG needs matplotlib (the ``plot`` extra); without it only the table is written.
+    """
     records = read_jsonl(output_dir / HISTORY_NAME) or list(validator.history)
     prefix = validator.config.prefix
-    keys = [k for k in ("identity_mean", "relative_mean", "base_identity_mean", "identity_gain",
-                        "class_leakage_mean", "copy_suspicion", "script/identity_mean") if any(prefix + k in r
-                                                                                              for r in records)]
-    lines = [f"# NearID identity summary: {output_dir}", "",
-             f"Best step: **{validator.best_step}** ({validator.monitor_key} = {validator.best_value})", "",
-             "| step | " + " | ".join(keys) + " | best so far |", "|---|" + "---|" * (len(keys) + 1)]
-    for r in records:
-        cells = [f"{r[prefix + k]:.4f}" if isinstance(r.get(prefix + k), (int, float)) else "" for k in keys]
-        lines.append(f"| {r.get('step')} | " + " | ".join(cells) + f" | {'yes' if r.get('is_best') else ''} |")
+    text = summary_markdown(records, prefix=prefix, title=f"NearID identity summary: {output_dir}",
+                            best_step=validator.best_step, best_value=validator.best_value,
+                            monitor_key=validator.monitor_key)  # fmt: skip
     md = output_dir / f"{SUMMARY_NAME}.md"
-    write_text_atomic(md, "\n".join(lines) + "\n")
-    png = _plot_summary(output_dir / f"{SUMMARY_NAME}.png", records, prefix, validator)
+    write_text_atomic(md, text)
+    png = plot_identity_history(records, output_dir / f"{SUMMARY_NAME}.png", prefix=prefix,
+                                oracle=validator.references.oracle, best_step=validator.best_step)
     logger.info("NearID summary written to %s", md)
-    print("\n".join(lines))
+    print(text, end="")
     return md, png
-
-
-def _plot_summary(path: Path, records: list[dict[str, Any]], prefix: str, validator: Any) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # matplotlib is optional
-        logger.warning("matplotlib is not installed: no identity plot (pip install matplotlib)")
-        return None
-    points = [(r["step"], r[prefix + "identity_mean"]) for r in records if prefix + "identity_mean" in r]
-    if not points:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps, values = zip(*sorted(points))
-    ax.plot(steps, values, "o-", label="identity (adapter)")
-    base = [(r["step"], r[prefix + "base_identity_mean"]) for r in records if prefix + "base_identity_mean" in r]
-    if base:
-        bs, bv = zip(*sorted(base))
-        ax.plot(bs, bv, "--", color="grey", label="base model")
-    oracle = validator.scorer.oracle
-    if oracle == oracle:  # not NaN
-        ax.axhline(oracle, color="green", alpha=0.4, label="reference oracle")
-    if validator.best_step is not None:
-        ax.axvline(validator.best_step, color="red", alpha=0.5, label=f"best step {validator.best_step}")
-    ax.set_xlabel("global step")
-    ax.set_ylabel("NearID identity (cosine)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_write(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=100)
-    plt.close(fig)
-    return path
 
 
 @entry_point("nearid-dreambooth")

@@ -7,8 +7,8 @@ How it works without forking the script:
 2. ``accelerator.backward(loss)`` is wrapped: from the kept call it takes the instance half of the batch (the scripts
    put the class-prior half second), keeps the samples with a low-noise timestep (``t < --nearid_loss_max_timestep``),
    forms the one-step x0 prediction (epsilon, v-prediction or flow matching), decodes it with the VAE and scores it
-   with :class:`~nearid_reward.IdentityReward`; ``weight * mean(1 - identity)`` is added to the script's loss before
-   the real backward.
+   with :class:`~nearid_reward.IdentityReward` over the run's one NearID model and reference set (shared with
+   validation); ``weight * mean(1 - identity)`` is added to the script's loss before the real backward.
 
 Why experimental: the hook relies on the script calling its denoiser exactly once per step with
 ``(noisy_input, timesteps, ...)`` as the first two arguments (true of the diffusers DreamBooth scripts); packed
@@ -81,7 +81,8 @@ class IdentityLossHook:
             args = self.session.args
             base = args.pretrained_model_name_or_path
             device = self.accelerator.device
-            self._reward = IdentityReward(self.session.options.model, self.session.options.reference_dir).to(device)
+            # the session's one NearID model and reference set, shared with validation
+            self._reward = IdentityReward(self.session.nearid_model(), self.session.reference_set())
             self._reward.model.gradient_checkpointing_enable()
             self._vae = from_pretrained_safetensors(AutoencoderKL, base, subfolder="vae")
             self._vae.to(device).requires_grad_(False)
@@ -110,7 +111,7 @@ class IdentityLossHook:
         reward, vae, scheduler = self._components()
         x0 = predict_x0(pred[:n][keep], noisy[:n][keep], timesteps[:n][keep], scheduler)
         images = decode_latents(vae, x0)  # [k, 3, H, W] in [0, 1]
-        return (1.0 - reward(images)).mean()
+        return (1.0 - reward.score(images).identity).mean()  # similarity to the references only, no penalty
 
     def backward(self, original: Any, loss: torch.Tensor, **kwargs: Any) -> Any:
         extra = None

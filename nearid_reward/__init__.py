@@ -11,7 +11,9 @@ from .callback import CallbackConfig, NearIDValidationCallback
 from .config import HeadConfig, NearIDConfig, PreprocessConfig
 from .diffusion import SamplerConfig
 from .io import CheckpointError
+from .metrics import identity_metrics, metric_names
 from .model import NearIDModel
+from .references import ReferenceSet
 from .rendering import PromptSet, RenderConfig
 from .reward import IdentityReward, RewardConfig
 from .selection import CheckpointSelector, SelectionConfig
@@ -30,9 +32,12 @@ __all__ = [
     "NearIDValidationCallback",
     "PreprocessConfig",
     "PromptSet",
+    "ReferenceSet",
     "RenderConfig",
     "RewardConfig",
     "SamplerConfig",
     "SelectionConfig",
     "ValidationConfig",
+    "identity_metrics",
+    "metric_names",
 ]

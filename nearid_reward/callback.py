@@ -8,7 +8,6 @@ and the loop continues (``strict=True`` re-raises instead).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from dataclasses import dataclass, field
@@ -17,10 +16,11 @@ from typing import Any
 
 import torch
 
+from .adapters import save_pipeline_adapter
 from .config import with_overrides
 from .images import ImageInput
 from .io import remove_stale_temporaries, replace_directory, write_json_atomic
-from .rendering import PromptSet, RenderConfig, RenderedSet, denoiser_of, render_validation_set
+from .rendering import PromptSet, RenderConfig, RenderedSet, render_validation_set
 from .run_checkpoints import CHECKPOINT_PATTERN, copy_checkpoint_weights, inspect_checkpoint
 from .validation import IdentityValidator
 
@@ -64,34 +64,6 @@ class CallbackConfig:
 
 def _is_pipeline(obj: Any) -> bool:
     return callable(obj) and any(isinstance(getattr(obj, a, None), torch.nn.Module) for a in ("unet", "transformer"))
-
-
-def save_pipeline_adapter(pipeline: Any, folder: str | os.PathLike[str]) -> list[Path]:
-    """Save the pipeline's trained weights the way diffusers' training scripts do.
-
-    With a PEFT adapter on the UNet/transformer (and optionally the text encoders) this writes
-    ``pytorch_lora_weights.safetensors`` with the pipeline class's ``save_lora_weights``; a denoiser without
-    adapter is saved whole with ``save_pretrained`` into ``folder/unet`` or ``folder/transformer``.
-    """
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    denoiser, attr = denoiser_of(pipeline)
-    denoiser = getattr(denoiser, "module", denoiser)  # DDP-wrapped
-    if not getattr(denoiser, "_hf_peft_config_loaded", False):
-        denoiser.save_pretrained(str(out / attr))
-        return sorted(p for p in (out / attr).rglob("*") if p.is_file())
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
-    layers: dict[str, Any] = {f"{attr}_lora_layers": state}
-    params = inspect.signature(type(pipeline).save_lora_weights).parameters
-    for name in ("text_encoder", "text_encoder_2"):
-        encoder = getattr(pipeline, name, None)
-        if encoder is not None and getattr(encoder, "peft_config", None) and f"{name}_lora_layers" in params:
-            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
-    type(pipeline).save_lora_weights(str(out), **layers)
-    return sorted(p for p in out.iterdir() if p.is_file())
 
 
 class NearIDValidationCallback:

@@ -11,7 +11,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "ImageInput",
@@ -44,14 +44,18 @@ def list_image_files(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image file fully (so the file handle is closed) or raise a clear error."""
+    """Open an image file fully (so the file handle is closed), turned upright, or raise a clear error.
+
+    An EXIF orientation tag (phone photos) is applied with ``ImageOps.exif_transpose``, as the diffusers DreamBooth
+    scripts do with ``--instance_data_dir``: references are scored the way the subject was trained on.
+    """
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"image file not found: {file}")
     try:
         with Image.open(file) as img:
             img.load()
-            return img.copy()
+            return ImageOps.exif_transpose(img)  # a transposed copy, or a plain copy without a tag
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"could not read image file {file}: {exc}") from exc
 

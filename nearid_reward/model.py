@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NearIDModel", "check_chunk_size"]
+__all__ = ["NearIDModel", "as_nearid_model", "check_chunk_size"]
 
 SaveFormat = Literal["head", "release"]
 
@@ -87,9 +87,13 @@ class NearIDModel(nn.Module):
     to train the head calls ``model.head.requires_grad_(True)`` explicitly.
 
     Example:
-        >>> model = NearIDModel.from_pretrained("path/to/nearid")        # doctest: +SKIP
-        >>> emb = model.embed(torch.rand(2, 3, 512, 512))                 # doctest: +SKIP
-        >>> (emb[0] @ emb[1]).item()                                      # cosine in [-1, 1]  # doctest: +SKIP
+        >>> from nearid_reward.testing import tiny_nearid_model  # NearIDModel.from_pretrained("path/to/nearid")
+        >>> model = tiny_nearid_model()
+        >>> emb = model.embed(torch.rand(2, 3, 96, 64))  # any H, W; values in [0, 1]
+        >>> emb.shape, torch.allclose(emb.norm(dim=-1), torch.ones(2))  # [B, E], unit norm
+        (torch.Size([2, 32]), True)
+        >>> -1.0 <= float(emb[0] @ emb[1]) <= 1.0  # cosine: higher = more likely the same identity
+        True
     """
 
     def __init__(
@@ -389,6 +393,18 @@ class NearIDModel(nn.Module):
     def extra_repr(self) -> str:
         return f"backbone_type={self.backbone_type!r}, embed_dim={self.embed_dim}, backbone_ref={self.backbone_ref!r}"
 
+
+
+def as_nearid_model(
+    model: NearIDModel | str | os.PathLike[str], *, torch_dtype: torch.dtype | None = None
+) -> NearIDModel:
+    """``model`` itself, or the model loaded from a checkpoint folder / hub id (backbone in ``torch_dtype``, head in
+    float32), for objects that accept either."""
+    if isinstance(model, NearIDModel):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return NearIDModel.from_pretrained(model, torch_dtype=torch_dtype, head_dtype=torch.float32)
+    raise TypeError(f"`model` must be a NearIDModel or a checkpoint path, got {type(model).__name__}")
 
 def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
     def run(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,21 @@ def _only_pickled(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
 
 
+def _pipeline_index(root: Path) -> dict[str, Any]:
+    """The ``model_index.json`` of a local pipeline folder (empty for a hub id, a model folder or a broken file)."""
+    try:
+        index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
 def _pickled_components(root: Path, subfolder: str | None, given: set[str]) -> dict[str, list[str]]:
     """``{folder: pickled files}`` of the parts of a local model or pipeline folder that would be loaded."""
     if subfolder:
         folders = {subfolder: root / subfolder}
     elif (root / "model_index.json").is_file():
-        try:
-            index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            index = {}
+        index = _pipeline_index(root)
         folders = {
             name: root / name for name, spec in index.items()
             if isinstance(spec, list) and spec and spec[0] is not None and name not in given
@@ -85,12 +92,32 @@ def from_pretrained_safetensors(loader: Any, path: str | os.PathLike[str], **kwa
         raise
 
 
-def load_pipeline(path: str | os.PathLike[str], **kwargs: Any) -> Any:
-    """``DiffusionPipeline.from_pretrained`` from safetensors only (see :func:`from_pretrained_safetensors`).
+def load_pipeline(path: str | os.PathLike[str], *, device: Any = None, **kwargs: Any) -> Any:
+    """A diffusers pipeline from safetensors only (see :func:`from_pretrained_safetensors`), ready to render images
+    that are scored.
+
+    Every pipeline of the project goes through here: the checkpoint selection's base pipeline, the DreamBooth
+    launcher's scoring pipelines, the examples. The safety checker of a local pipeline folder is left out unless
+    ``kwargs`` name one (it blanks images at random, which would corrupt identity scores) and the progress bar is
+    silenced.
+
+    Args:
+        path: a local pipeline folder or a hub id.
+        device: move the pipeline there (default: where ``from_pretrained`` puts it).
+        **kwargs: passed to ``DiffusionPipeline.from_pretrained`` (``torch_dtype``, components, ...).
+
+    Raises:
+        CheckpointError: the pipeline (or a component to be loaded) has only pickled weights.
 
     Example:
-        >>> pipe = load_pipeline("stable-diffusion-v1-5", torch_dtype=torch.float16)  # doctest: +SKIP
+        >>> pipe = load_pipeline("stable-diffusion-v1-5", torch_dtype=torch.float16, device="cuda")  # doctest: +SKIP
     """
     from diffusers import DiffusionPipeline
 
-    return from_pretrained_safetensors(DiffusionPipeline, path, **kwargs)
+    if "safety_checker" not in kwargs and "safety_checker" in _pipeline_index(Path(path)):
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    with warnings.catch_warnings():  # newer diffusers prefer `dtype=`; `torch_dtype=` works across versions
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipeline = from_pretrained_safetensors(DiffusionPipeline, path, **kwargs)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline if device is None else pipeline.to(device)

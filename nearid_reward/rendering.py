@@ -5,7 +5,9 @@ checkpoints, and identical between the adapted and the base model, so scores are
 moves the pipeline's modules (the training UNet is shared), works with ``enable_model_cpu_offload`` pipelines,
 and restores every module's train/eval mode and every adapter tensor's ``requires_grad`` afterwards.
 
-diffusers is never imported here: the functions only call methods of the pipeline they are given.
+diffusers is never imported here: the functions only call methods of the pipeline they are given. The adapter
+helpers used while rendering (``denoiser_of``, ``has_active_adapter``, ``adapters_disabled``) live in
+:mod:`nearid_reward.adapters` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .adapters import adapters_disabled, denoiser_of, has_active_adapter, pipeline_modules
 from .images import to_rgb
 
 __all__ = [
@@ -212,68 +215,13 @@ class RenderedSet:
 
 
 # ---------------------------------------------------------------------------------------------- pipeline state
-def denoiser_of(pipeline: Any) -> tuple[torch.nn.Module, str]:
-    """The pipeline's denoiser and its attribute name (``"unet"`` or ``"transformer"``)."""
-    for attr in ("unet", "transformer"):
-        module = getattr(pipeline, attr, None)
-        if isinstance(module, torch.nn.Module):
-            return module, attr
-    raise TypeError(f"{type(pipeline).__name__} has neither a `unet` nor a `transformer` module")
-
-
-def _components(pipeline: Any) -> list[torch.nn.Module]:
-    comps = getattr(pipeline, "components", None)
-    if isinstance(comps, dict):
-        return [m for m in comps.values() if isinstance(m, torch.nn.Module)]
-    return [m for m in vars(pipeline).values() if isinstance(m, torch.nn.Module)]
-
-
-def _tuner_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
-    # peft's BaseTunerLayer exposes `disable_adapters` and `active_adapters`; checked by duck typing so peft is
-    # only needed when an adapter really exists.
-    return [m for m in module.modules() if hasattr(m, "active_adapters") and hasattr(m, "_disable_adapters")]
-
-
-def has_active_adapter(pipeline: Any) -> bool:
-    """True when the pipeline's denoiser (or a text encoder) carries an enabled PEFT/LoRA adapter."""
-    for module in _components(pipeline):
-        layers = _tuner_layers(module)
-        if layers and not all(bool(layer._disable_adapters) for layer in layers):
-            return True
-    return False
-
-
-@contextlib.contextmanager
-def adapters_disabled(pipeline: Any) -> Iterator[None]:
-    """Disable the pipeline's adapters inside the block (base model), re-enable and restore ``requires_grad`` after.
-
-    Uses the pipeline's ``disable_lora``/``enable_lora`` when it has them (denoiser and text encoders), else the
-    denoiser's ``disable_adapters``/``enable_adapters``. peft toggles ``requires_grad`` of adapter tensors when
-    enabling; the previous flags are restored so a training run's trainable set is unchanged.
-    """
-    flags = [(p, p.requires_grad) for m in _components(pipeline) for p in m.parameters()]
-    if hasattr(pipeline, "disable_lora") and hasattr(pipeline, "enable_lora"):
-        disable, enable = pipeline.disable_lora, pipeline.enable_lora
-    else:
-        denoiser, _ = denoiser_of(pipeline)
-        disable, enable = denoiser.disable_adapters, denoiser.enable_adapters
-    disable()
-    try:
-        yield
-    finally:
-        enable()
-        for param, flag in flags:
-            if param.requires_grad != flag:
-                param.requires_grad_(flag)
-
-
 @contextlib.contextmanager
 def inference_mode(pipeline: Any) -> Iterator[None]:
     """Eval mode and a silent progress bar inside the block; every submodule's previous mode is restored."""
-    modes = [(m, m.training) for comp in _components(pipeline) for m in comp.modules()]
+    modes = [(m, m.training) for comp in pipeline_modules(pipeline) for m in comp.modules()]
     previous_bar = getattr(pipeline, "_progress_bar_config", None)
     previous_bar = dict(previous_bar) if isinstance(previous_bar, dict) else None
-    for comp in _components(pipeline):
+    for comp in pipeline_modules(pipeline):
         comp.eval()
     if hasattr(pipeline, "set_progress_bar_config"):
         pipeline.set_progress_bar_config(disable=True)

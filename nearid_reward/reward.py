@@ -20,8 +20,9 @@ from torch import nn
 
 from .config import with_overrides
 from .images import ImageInput, check_value_range
-from .model import NearIDModel, check_chunk_size
-from .similarity import Aggregate, leave_one_out_oracle, reference_scores
+from .model import NearIDModel, as_nearid_model, check_chunk_size
+from .references import ReferenceSet, embed_images
+from .similarity import Aggregate
 
 logger = logging.getLogger(__name__)
 
@@ -166,15 +167,19 @@ class RewardOutput:
 class IdentityReward(nn.Module):
     """Differentiable identity reward: NearID similarity of generated images to a subject's reference photos.
 
-    Reference (and negative) embeddings are computed once without gradients and cached as buffers, so they move
-    with ``.to(device)``; :meth:`set_references` / :meth:`set_negatives` replace them. The encoder is frozen
-    (no parameter ever receives a gradient) and stays in eval mode even when a parent module calls ``.train()``.
+    The references (and negatives) live in a :class:`~nearid_reward.ReferenceSet`, embedded once without gradients;
+    its tensors are buffers of this module, so they move with ``.to(device)``. :meth:`set_references` /
+    :meth:`set_negatives` replace them. The encoder is frozen (no parameter ever receives a gradient) and stays in
+    eval mode even when a parent module calls ``.train()``.
 
     Args:
         model: a :class:`~nearid_reward.NearIDModel`, or a checkpoint folder / hub id to load one from.
         references: the subject's reference photos: a float tensor ``[R, 3, H, W]`` (values in
-            ``config.reference_value_range``), PIL images, uint8 arrays, file paths or a folder.
-        negatives: optional near-identity distractors (look-alikes, class images) in the same forms.
+            ``config.reference_value_range``), PIL images, uint8 arrays, file paths or a folder; or a
+            :class:`~nearid_reward.ReferenceSet` already embedded with this model (shared, not copied; its
+            aggregation must equal ``config.aggregate``).
+        negatives: optional near-identity distractors in the same image forms (not with a ``ReferenceSet``, which
+            carries its own).
         config: a :class:`RewardConfig`; keyword ``overrides`` replace its fields (e.g. ``aggregate="max"``).
 
     Shapes and ranges:
@@ -182,20 +187,24 @@ class IdentityReward(nn.Module):
         rewards; higher is better (``higher_is_better = True``). Cosine rewards lie in [-1, 1] (minus the penalty).
 
     Example:
-        >>> reward = IdentityReward("path/to/nearid", "path/to/subject_photos", aggregate="mean")  # doctest: +SKIP
-        >>> images = pipeline_output.clamp(0, 1).requires_grad_()                                # doctest: +SKIP
-        >>> loss = reward.loss(images).mean(); loss.backward()                                   # doctest: +SKIP
+        >>> from nearid_reward.testing import random_images, tiny_nearid_model
+        >>> photos = random_images(3, 48, seed=1)  # or "path/to/subject_photos"; the model: "path/to/nearid"
+        >>> reward = IdentityReward(tiny_nearid_model(), photos, aggregate="max")
+        >>> images = random_images(2, 64, seed=2).requires_grad_()  # e.g. a pipeline's output, [B, 3, H, W] in [0, 1]
+        >>> rewards = reward(images)  # [B], higher is better
+        >>> rewards.shape, bool((rewards.abs() <= 1).all())
+        (torch.Size([2]), True)
+        >>> reward.loss(images).mean().backward()  # 1 - reward; gradients reach the pixels, never the encoder
+        >>> images.grad.shape, any(p.grad is not None for p in reward.parameters())
+        (torch.Size([2, 3, 64, 64]), False)
     """
 
     higher_is_better: bool = True
-    reference_embeddings: torch.Tensor
-    negative_embeddings: torch.Tensor
-    reference_oracle: torch.Tensor
 
     def __init__(
         self,
         model: NearIDModel | str | os.PathLike[str],
-        references: ImageInput,
+        references: ImageInput | ReferenceSet,
         *,
         negatives: ImageInput | None = None,
         config: RewardConfig | None = None,
@@ -204,7 +213,7 @@ class IdentityReward(nn.Module):
         super().__init__()
         base = with_overrides(config, RewardConfig, overrides, "IdentityReward")
         self.config = base
-        self.model = _resolve_model(model, self.config.torch_backbone_dtype)
+        self.model = as_nearid_model(model, torch_dtype=self.config.torch_backbone_dtype)
         if self.config.torch_backbone_dtype is not None and self.model.dtype != self.config.torch_backbone_dtype:
             self.model.backbone.to(self.config.torch_backbone_dtype)
         if any(p.requires_grad for p in self.model.parameters()):
@@ -212,13 +221,28 @@ class IdentityReward(nn.Module):
         self.model.requires_grad_(False)
         if self.config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        self.register_buffer("reference_embeddings", torch.zeros(0, self.model.embed_dim), persistent=False)
-        self.register_buffer("negative_embeddings", torch.zeros(0, self.model.embed_dim), persistent=False)
-        self.register_buffer("reference_oracle", torch.tensor(float("nan")), persistent=False)
+        if isinstance(references, ReferenceSet):
+            if negatives is not None:
+                raise ValueError("`negatives` must not be given with a ReferenceSet: it carries its own negatives")
+            if references.aggregate != base.aggregate:
+                raise ValueError(
+                    f"the ReferenceSet aggregates with {references.aggregate!r} but RewardConfig.aggregate is "
+                    f"{base.aggregate!r}; pass aggregate={references.aggregate!r}"
+                )
+            if references.embed_dim != self.model.embed_dim:
+                raise ValueError(
+                    f"the ReferenceSet holds {references.embed_dim}-d embeddings but the model embeds to "
+                    f"{self.model.embed_dim}-d: it was built with another model"
+                )
+            self._check_relative(references.num_references)
+            self.references = references
+        else:
+            self.references = ReferenceSet.from_images(
+                self.model, references, negatives, aggregate=base.aggregate,
+                value_range=base.reference_value_range, chunk_size=base.reference_chunk_size,
+            )  # fmt: skip
+            self._check_relative(self.references.num_references)
         self.to(self.model.device)
-        self.set_references(references)
-        if negatives is not None:
-            self.set_negatives(negatives)
         self.train(False)
 
     # ------------------------------------------------------------------ modes
@@ -235,56 +259,64 @@ class IdentityReward(nn.Module):
 
     @property
     def num_references(self) -> int:
-        return int(self.reference_embeddings.shape[0])
+        return self.references.num_references
 
     @property
     def num_negatives(self) -> int:
-        return int(self.negative_embeddings.shape[0])
+        return self.references.num_negatives
 
-    def embed_images(self, images: ImageInput, *, value_range: tuple[float, float] = (0.0, 1.0), name: str = "images",
-                     chunk_size: int | None = None, check_inputs: bool = True) -> torch.Tensor:
-        """Embeddings ``[N, E]`` (float32, unit norm) of any accepted image input, without gradients."""
-        _check_not_empty(images, name)
-        with torch.no_grad():
-            try:
-                return self.model.embed(
-                    images, value_range=value_range,
-                    chunk_size=self.config.reference_chunk_size if chunk_size is None else chunk_size,
-                    check_inputs=check_inputs,
-                ).float()
-            except (ValueError, TypeError) as exc:
-                raise type(exc)(f"invalid `{name}`: {exc}") from exc
+    @property
+    def reference_embeddings(self) -> torch.Tensor:
+        """``[R, E]`` the cached reference embeddings (``self.references.references``)."""
+        return self.references.references
 
-    def set_references(self, references: ImageInput) -> None:
-        """Embed (without gradients) and cache new references; also refreshes the reference oracle."""
-        emb = self.embed_images(references, value_range=self.config.reference_value_range, name="references")
-        if self.config.kind == "relative" and emb.shape[0] < 2:
-            raise ValueError(
-                "kind='relative' divides by the reference oracle, which needs at least 2 references; "
-                f"got {emb.shape[0]}"
-            )
-        self.set_reference_embeddings(emb)
+    @property
+    def negative_embeddings(self) -> torch.Tensor:
+        """``[K, E]`` the cached negative embeddings (K = 0 without negatives)."""
+        return self.references.negatives
 
-    def set_reference_embeddings(self, embeddings: torch.Tensor) -> None:
-        """Cache precomputed reference embeddings ``[R, E]`` (e.g. shared between several scorers)."""
-        emb = _check_embeddings(embeddings, self.model.embed_dim, "reference embeddings")
-        buffer_dtype = self.reference_embeddings.dtype
-        self.reference_embeddings = emb.detach().to(device=self.reference_embeddings.device, dtype=buffer_dtype)
-        oracle = leave_one_out_oracle(emb.float(), self.config.aggregate).mean() if emb.shape[0] >= 2 else float("nan")
-        self.reference_oracle = torch.as_tensor(oracle, dtype=torch.float32, device=self.reference_oracle.device)
-
-    def set_negatives(self, negatives: ImageInput | None) -> None:
-        """Embed and cache near-identity negatives (None or an empty list removes them)."""
-        if negatives is None or (isinstance(negatives, (list, tuple)) and len(negatives) == 0):
-            emb = torch.zeros(0, self.model.embed_dim)
-        else:
-            emb = self.embed_images(negatives, value_range=self.config.reference_value_range, name="negatives")
-        self.negative_embeddings = emb.to(device=self.negative_embeddings.device, dtype=self.negative_embeddings.dtype)
+    @property
+    def reference_oracle(self) -> torch.Tensor:
+        """The reference oracle as a 0-d tensor on the reward's device (NaN with a single reference)."""
+        return self.references.oracle_tensor
 
     @property
     def oracle(self) -> float:
         """The reference oracle: mean leave-one-out reference-to-reference score (NaN with a single reference)."""
-        return float(self.reference_oracle)
+        return self.references.oracle
+
+    def embed_images(self, images: ImageInput, *, value_range: tuple[float, float] = (0.0, 1.0), name: str = "images",
+                     chunk_size: int | None = None, check_inputs: bool = True) -> torch.Tensor:
+        """Embeddings ``[N, E]`` (float32, unit norm) of any accepted image input, without gradients."""
+        return embed_images(self.model, images, value_range=value_range, name=name,
+                            chunk_size=self.config.reference_chunk_size if chunk_size is None else chunk_size,
+                            check_inputs=check_inputs)
+
+    def set_references(self, references: ImageInput) -> None:
+        """Embed (without gradients) and cache new references; also refreshes the reference oracle."""
+        emb = self.embed_images(references, value_range=self.config.reference_value_range, name="references")
+        self.set_reference_embeddings(emb)
+
+    def set_reference_embeddings(self, embeddings: torch.Tensor) -> None:
+        """Cache precomputed reference embeddings ``[R, E]`` (e.g. shared between several scorers)."""
+        if isinstance(embeddings, torch.Tensor) and embeddings.ndim == 2:
+            self._check_relative(int(embeddings.shape[0]))
+        self.references.set_references(embeddings)
+
+    def set_negatives(self, negatives: ImageInput | None) -> None:
+        """Embed and cache near-identity negatives (None or an empty list removes them)."""
+        if negatives is None or (isinstance(negatives, (list, tuple)) and len(negatives) == 0):
+            self.references.set_negatives(None)
+            return
+        emb = self.embed_images(negatives, value_range=self.config.reference_value_range, name="negatives")
+        self.references.set_negatives(emb)
+
+    def _check_relative(self, num_references: int) -> None:
+        if self.config.kind == "relative" and num_references < 2:
+            raise ValueError(
+                "kind='relative' divides by the reference oracle, which needs at least 2 references; "
+                f"got {num_references}"
+            )
 
     # ------------------------------------------------------------------ scoring
     def score(self, images: ImageInput, *, value_range: tuple[float, float] = (0.0, 1.0)) -> RewardOutput:
@@ -300,15 +332,12 @@ class IdentityReward(nn.Module):
         return self.score_embeddings(embeddings)
 
     def score_embeddings(self, embeddings: torch.Tensor) -> RewardOutput:
-        """Score precomputed unit-norm embeddings ``[B, E]`` (the single scoring path of the package)."""
+        """Score precomputed unit-norm embeddings ``[B, E]`` against :attr:`references`."""
         dtype = torch.promote_types(embeddings.dtype, torch.float32)  # at least float32, float64 when given
         embeddings = embeddings.to(dtype)
-        refs = self.reference_embeddings.to(dtype)
-        identity = reference_scores(embeddings, refs, self.config.aggregate)  # [B]
+        identity = self.references.scores(embeddings)  # [B]
         scaled = identity / self.reference_oracle.to(dtype) if self.config.kind == "relative" else identity
-        negative = None
-        if self.num_negatives > 0:
-            negative = reference_scores(embeddings, self.negative_embeddings.to(dtype), "max")  # [B]
+        negative = self.references.negative_scores(embeddings)  # [B] or None
         reward = penalised_reward(scaled, negative, self.config.negative_weight)
         return RewardOutput(reward=reward, identity=identity, negative=negative, embeddings=embeddings)
 
@@ -365,33 +394,6 @@ class IdentityReward(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _resolve_model(model: Any, dtype: torch.dtype | None) -> NearIDModel:
-    if isinstance(model, NearIDModel):
-        return model
-    if isinstance(model, (str, os.PathLike)):
-        return NearIDModel.from_pretrained(model, torch_dtype=dtype, head_dtype=torch.float32)
-    raise TypeError(f"`model` must be a NearIDModel or a checkpoint path, got {type(model).__name__}")
-
-
-def _check_not_empty(images: Any, name: str) -> None:
-    empty = (isinstance(images, torch.Tensor) and images.ndim >= 1 and images.shape[0] == 0) or (
-        isinstance(images, (list, tuple)) and len(images) == 0
-    )
-    if empty:
-        raise ValueError(f"`{name}` is empty: pass at least one image (a tensor [N, 3, H, W], PIL images or paths)")
-
-
-def _check_embeddings(embeddings: Any, dim: int, name: str) -> torch.Tensor:
-    if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2 or embeddings.shape[1] != dim:
-        shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
-        raise ValueError(f"{name} must be a tensor [R, {dim}], got {shape}")
-    if embeddings.shape[0] == 0:
-        raise ValueError(f"{name} are empty: the reference set needs at least one image")
-    if not torch.isfinite(embeddings).all():
-        raise ValueError(f"{name} contain NaN or infinite values")
-    return embeddings
-
-
 def _as_unit_tensor(images: Any) -> torch.Tensor | None:
     """uint8 batches ``[B, H, W, 3]`` (numpy or torch) -> float ``[B, 3, H, W]`` in [0, 1]; float tensors pass."""
     if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4:

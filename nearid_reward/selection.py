@@ -4,16 +4,15 @@ write ``identity_selection.json`` / ``.csv`` / ``.png``.
 
 A rerun skips checkpoints whose weights (SHA-256) and scoring settings are unchanged. Under ``accelerate launch``
 the work is split between processes with ``PartialState.split_between_processes``; the main process gathers
-(``accelerate.utils.gather_object``), ranks and writes. accelerate and matplotlib are imported lazily.
+(``accelerate.utils.gather_object``), ranks and writes. accelerate is imported lazily; the tables and plots come
+from :mod:`nearid_reward.results`, the adapter slot from :mod:`nearid_reward.adapters`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -25,9 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ._version import __version__
+from .adapters import LoraSlot, denoiser_of
 from .io import (
     CheckpointError,
-    atomic_write,
     load_safetensors,
     remove_stale_temporaries,
     replace_directory,
@@ -36,7 +35,10 @@ from .io import (
     write_json_atomic,
     write_text_atomic,
 )
-from .rendering import PromptSet, RenderConfig, denoiser_of, render_validation_set
+from .metrics import METRICS
+from .pipelines import load_pipeline
+from .rendering import PromptSet, RenderConfig, render_validation_set
+from .results import SelectionResult, format_table, plot_selection, selection_csv
 from .run_checkpoints import (
     LORA_WEIGHT_NAME,
     RunCheckpoint,
@@ -44,12 +46,19 @@ from .run_checkpoints import (
     copy_checkpoint_weights,
     find_checkpoints,
 )
-from .similarity import leave_one_out_oracle
-from .validation import IdentityValidator, identity_metrics
+from .validation import IdentityValidator
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SelectionConfig", "SelectionResult", "CheckpointSelector", "format_table", "SELECTION_JSON"]
+# SelectionResult and format_table live in .results, load_pipeline in .pipelines; they stay importable from here.
+__all__ = [
+    "SelectionConfig",
+    "SelectionResult",
+    "CheckpointSelector",
+    "load_pipeline",
+    "format_table",
+    "SELECTION_JSON",
+]
 
 SELECTION_JSON = "identity_selection.json"
 SELECTION_CSV = "identity_selection.csv"
@@ -98,33 +107,6 @@ class SelectionConfig:
             raise TypeError(f"SelectionConfig.render must be a RenderConfig, got {type(self.render).__name__}")
 
 
-@dataclass
-class SelectionResult:
-    """Outcome of a selection run (identical on every process).
-
-    Attributes:
-        rows: one dict per checkpoint, best first (``rank`` 1 is the winner): name, step, kind, hash, cached,
-            metrics (unprefixed, e.g. ``identity_mean``), ``identity_gain`` when the base model was rendered, and
-            ``time_load_s`` / ``time_render_s`` / ``time_score_s`` (0 for cached rows).
-        base: metrics of the base model (adapter-free pipeline), or None.
-        reference_oracle: mean leave-one-out reference score (None with one reference); ``reference_oracle_std``
-            its standard deviation over references.
-        files: written files by role (``json``, ``csv``, ``png``, ``winner``); empty on non-main processes.
-    """
-
-    rows: list[dict[str, Any]]
-    base: dict[str, Any] | None
-    monitor: str
-    mode: str
-    reference_oracle: float | None
-    reference_oracle_std: float | None
-    files: dict[str, Path] = field(default_factory=dict)
-
-    @property
-    def winner(self) -> dict[str, Any] | None:
-        return self.rows[0] if self.rows else None
-
-
 class CheckpointSelector:
     """Score every checkpoint of a training run with one pipeline and rank them by identity.
 
@@ -155,22 +137,24 @@ class CheckpointSelector:
             raise ValueError("`prompts` still has {token}/{class} placeholders: call prompts.fill(token, class_noun)")
         self.pipeline = pipeline
         self.validator = validator
+        self.references = validator.references  # the subject's ReferenceSet, shared with the validator
         self.prompts = prompts
         self.config = config or SelectionConfig()
         self.state = state if state is not None else _partial_state()
-        self._hotswap_ready = False
-        self._adapter_loaded = False
+        self.lora = LoraSlot(pipeline, adapter_name=self.config.adapter_name, hotswap=self.config.hotswap)
 
     # ------------------------------------------------------------------ settings and cache
     def settings(self) -> dict[str, Any]:
         """Everything that changes scores besides the checkpoint weights (the cache is keyed by it)."""
-        refs = self.validator.scorer.reference_embeddings.detach().float().cpu().contiguous()
         vcfg = self.validator.config
         render = dataclasses.replace(self.config.render, render_base=False)
         return {
-            "references_sha256": hashlib.sha256(refs.numpy().tobytes()).hexdigest(),
-            "num_references": int(refs.shape[0]),
-            "aggregate": self.validator.scorer.config.aggregate,
+            "references_sha256": self.references.fingerprint(),
+            "num_references": self.references.num_references,
+            "num_negatives": self.references.num_negatives,
+            "aggregate": self.references.aggregate,
+            "negative_weight": self.validator.reward_config.negative_weight,
+            "reward_kind": self.validator.reward_config.kind,
             "threshold": self.validator.threshold,
             "copy_margin": vcfg.copy_margin,
             "prompts": self.prompts.to_dict(),
@@ -200,14 +184,16 @@ class CheckpointSelector:
 
     def _check_monitor(self) -> None:
         """Fail before rendering anything when the monitor is not a metric this configuration produces."""
-        scorer = self.validator.scorer
-        refs = scorer.reference_embeddings.float()
         with_class = self.config.render.render_class and bool(self.prompts.class_prompts)
-        names = set(identity_metrics(
-            scorer, refs, threshold=self.validator.threshold, class_embeddings=refs if with_class else None,
-        ))  # fmt: skip
+        names = set(self.validator.metric_names(class_images=with_class))  # base images are a row of their own
         if self.config.render.render_base:
-            names.add("identity_gain")
+            names.add("identity_gain")  # a checkpoint's identity_mean minus the base row's, added by _rank
+        monitor, mode = self.config.monitor, self.config.mode
+        spec = METRICS.get(monitor)
+        if spec is not None and spec.higher_is_better is not None and spec.higher_is_better != (mode == "max"):
+            logger.warning("monitor %r is %s-is-better but mode=%r: the winner will have its %s", monitor,
+                           "higher" if spec.higher_is_better else "lower", mode,
+                           "maximum" if mode == "max" else "minimum")  # fmt: skip
         if self.config.monitor not in names:
             raise ValueError(
                 f"monitor {self.config.monitor!r} is not available with these settings (identity_gain needs the base "
@@ -220,7 +206,7 @@ class CheckpointSelector:
     def _loaded(self, checkpoint: RunCheckpoint, timing: dict[str, float]) -> Iterator[None]:
         start = time.perf_counter()
         if checkpoint.kind == "lora":
-            self._load_lora(checkpoint)
+            self.lora.load(checkpoint.path, checkpoint.files[0].name)
         else:
             denoiser, attr = denoiser_of(self.pipeline)
             if attr != checkpoint.kind:
@@ -241,33 +227,8 @@ class CheckpointSelector:
         finally:
             if checkpoint.kind == "lora" and not self.config.hotswap:
                 start = time.perf_counter()
-                self.pipeline.delete_adapters(self.config.adapter_name)
-                self._adapter_loaded = False
+                self.lora.unload()
                 timing["load"] += time.perf_counter() - start
-
-    def _load_lora(self, checkpoint: RunCheckpoint) -> None:
-        name = self.config.adapter_name
-        kwargs = {"weight_name": checkpoint.files[0].name, "adapter_name": name}
-        if self.config.hotswap and self._adapter_loaded:
-            try:
-                self.pipeline.load_lora_weights(str(checkpoint.path), hotswap=True, **kwargs)
-                return
-            except Exception as exc:  # e.g. different target modules, or text-encoder LoRA
-                logger.warning("hotswap of %s failed (%s); deleting and loading the adapter instead",
-                               checkpoint.name, exc)
-                self.pipeline.delete_adapters(name)
-                self._adapter_loaded = False
-        self.pipeline.load_lora_weights(str(checkpoint.path), **kwargs)
-        self.pipeline.set_adapters([name])
-        self._adapter_loaded = True
-
-    def _prepare_hotswap(self, checkpoints: Sequence[RunCheckpoint]) -> None:
-        if not self.config.hotswap or self._hotswap_ready:
-            return
-        ranks = [_lora_rank(c.files[0]) for c in checkpoints if c.kind == "lora"]
-        if ranks and hasattr(self.pipeline, "enable_lora_hotswap"):
-            self.pipeline.enable_lora_hotswap(target_rank=max(ranks))
-        self._hotswap_ready = True
 
     # ------------------------------------------------------------------ scoring
     def _score(self, item: tuple[str, RunCheckpoint | None], fingerprint: str) -> dict[str, Any]:
@@ -281,10 +242,8 @@ class CheckpointSelector:
             rendered = render_validation_set(self.pipeline, self.prompts, config=render_cfg)
             timing["render"] = time.perf_counter() - start
         start = time.perf_counter()
-        metrics = self.validator.compute(rendered.images, class_images=rendered.class_images)
+        row: dict[str, Any] = dict(self.validator.compute(rendered.images, class_images=rendered.class_images))
         timing["score"] = time.perf_counter() - start
-        prefix = self.validator.config.prefix
-        row: dict[str, Any] = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in metrics.items()}
         row.update(name=name, cached=False, fingerprint=fingerprint)
         if checkpoint is not None:
             row.update(step=checkpoint.step, kind=checkpoint.kind, path=str(checkpoint.path))
@@ -330,7 +289,7 @@ class CheckpointSelector:
             else:
                 work.append((entry.name, entry))
         logger.info("%d checkpoints (%d cached), %d items to render", len(entries), len(cached_rows), len(work))
-        self._prepare_hotswap([c for _, c in work if c is not None])
+        self.lora.prepare_hotswap(c.files[0] for _, c in work if c is not None and c.kind == "lora")
         mine_rows: list[dict[str, Any]] = []
         with self._split(work) as mine:
             logger.info("process %d/%d scores %s", getattr(self.state, "process_index", 0),
@@ -340,9 +299,7 @@ class CheckpointSelector:
                 if item[1] is not None:
                     row["hash"] = hashes[item[0]]
                 mine_rows.append(row)
-        if self._adapter_loaded:
-            self.pipeline.delete_adapters(self.config.adapter_name)
-            self._adapter_loaded = False
+        self.lora.unload()
         all_rows = cached_rows + self._gather(mine_rows)
         result = self._rank(all_rows)
         if self._is_main:
@@ -390,11 +347,9 @@ class CheckpointSelector:
         ckpts.sort(key=lambda r: (sign * float(r[monitor]), int(r["step"])))
         for rank, row in enumerate(ckpts, start=1):
             row["rank"] = rank
-        refs = self.validator.scorer.reference_embeddings.float()
         oracle = oracle_std = None
-        if refs.shape[0] >= 2:
-            loo = leave_one_out_oracle(refs, self.validator.scorer.config.aggregate)
-            oracle, oracle_std = float(loo.mean()), float(loo.std(unbiased=False))
+        if self.references.num_references >= 2:
+            oracle, oracle_std = self.references.oracle, self.references.oracle_std
         return SelectionResult(ckpts, base, monitor, self.config.mode, oracle, oracle_std)
 
     def _write(
@@ -423,10 +378,10 @@ class CheckpointSelector:
         files["json"] = root / SELECTION_JSON
         write_json_atomic(files["json"], payload)
         files["csv"] = root / SELECTION_CSV
-        write_text_atomic(files["csv"], _csv_text(result.rows))
-        if self.config.plot and result.rows:
-            files["png"] = root / SELECTION_PNG
-            _plot(result, files["png"])
+        write_text_atomic(files["csv"], selection_csv(result.rows))
+        png = plot_selection(result, root / SELECTION_PNG) if self.config.plot else None
+        if png is not None:
+            files["png"] = png
         return files
 
     def _place_winner(self, root: Path, result: SelectionResult, checkpoint: RunCheckpoint) -> Path:
@@ -457,84 +412,3 @@ def _partial_state() -> Any:
     except ImportError:  # selection still works in one process
         return None
     return PartialState()
-
-
-def _lora_rank(file: Path) -> int:
-    from safetensors import safe_open
-
-    rank = 0
-    with safe_open(str(file), framework="pt", device="cpu") as handle:
-        for key in handle.keys():
-            if "lora.down" in key or "lora_A" in key or "lora_down" in key:
-                rank = max(rank, int(handle.get_slice(key).get_shape()[0]))
-    return rank
-
-
-_CSV_FIRST = ("rank", "name", "step", "kind")
-_CSV_LAST = ("time_load_s", "time_render_s", "time_score_s", "cached", "hash")
-
-
-def _csv_text(rows: list[dict[str, Any]]) -> str:
-    metric_keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, float) and k not in _CSV_LAST})
-    columns = [*_CSV_FIRST, *metric_keys, *_CSV_LAST]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row.get(k), float) else row.get(k, "")) for k in columns})
-    return buffer.getvalue()
-
-
-def format_table(result: SelectionResult) -> str:
-    """A plain-text ranked table of the result (what ``nearid-select`` prints)."""
-    keys = [k for k in ("identity_mean", "relative_mean", "identity_gain", "class_leakage_mean", "copy_fraction")
-            if any(k in r for r in result.rows)]
-    if result.monitor not in keys:
-        keys.insert(0, result.monitor)
-    width = max([len("checkpoint"), *(len(r["name"]) for r in result.rows)])
-    header = f"{'rank':>4}  {'checkpoint':<{width}}  {'step':>7}  " + "  ".join(f"{k:>18}" for k in keys)
-    lines = [header, "-" * len(header)]
-    for r in result.rows:
-        values = "  ".join(f"{r[k]:>18.4f}" if isinstance(r.get(k), float) else f"{'-':>18}" for k in keys)
-        lines.append(f"{r['rank']:>4}  {r['name']:<{width}}  {r['step']:>7}  {values}")
-    if result.base is not None and "identity_mean" in result.base:
-        lines.append(f"base model identity_mean: {result.base['identity_mean']:.4f}")
-    if result.reference_oracle is not None:
-        lines.append(f"reference oracle: {result.reference_oracle:.4f} +- {result.reference_oracle_std:.4f}")
-    if result.winner is not None:
-        lines.append(f"winner: {result.winner['name']} ({result.monitor}={result.winner[result.monitor]:.4f})")
-    return "\n".join(lines)
-
-
-def _plot(result: SelectionResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    rows = sorted(result.rows, key=lambda r: r["step"])
-    steps = [r["step"] for r in rows]
-    fig = Figure(figsize=(7, 4), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
-    if result.reference_oracle is not None:
-        lo = result.reference_oracle - (result.reference_oracle_std or 0.0)
-        hi = result.reference_oracle + (result.reference_oracle_std or 0.0)
-        ax.axhspan(lo, hi, color="tab:green", alpha=0.15, label="reference oracle (mean +- std)")
-        ax.axhline(result.reference_oracle, color="tab:green", linewidth=1)
-    if result.base is not None and "identity_mean" in result.base:
-        ax.axhline(result.base["identity_mean"], color="tab:gray", linestyle="--", label="base model")
-    ax.plot(steps, [r["identity_mean"] for r in rows], marker="o", color="tab:blue", label="identity_mean")
-    if result.winner is not None and "identity_mean" in result.winner:
-        ax.plot([result.winner["step"]], [result.winner["identity_mean"]], marker="*", markersize=14,
-                color="tab:red", linestyle="none", label=f"winner ({result.winner['name']})")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("NearID identity score (cosine)")
-    ax.set_title(f"identity by checkpoint (ranked by {result.monitor}, {result.mode})")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    with atomic_write(path, "wb") as handle:
-        handle.write(buffer.getvalue())
-

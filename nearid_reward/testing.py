@@ -1,10 +1,14 @@
 """Builders for tiny random NearID models in every checkpoint format, for tests and CI (no downloads).
 
 Example:
-    >>> from nearid_reward.testing import save_tiny_nearid
+    >>> import tempfile
     >>> from nearid_reward import NearIDModel
-    >>> path = save_tiny_nearid(tmp_path / "tiny", format="head")   # doctest: +SKIP
-    >>> model = NearIDModel.from_pretrained(path)                     # doctest: +SKIP
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     model = NearIDModel.from_pretrained(save_tiny_nearid(tmp, format="head"))
+    >>> model.embed(random_images(2, 48)).shape  # [B, E]: 32-d embeddings
+    torch.Size([2, 32])
+    >>> tiny_nearid_model().embed_dim  # the same model, built in one call
+    32
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ __all__ = [
     "tiny_vision_config",
     "save_tiny_siglip",
     "save_tiny_nearid",
+    "tiny_nearid_model",
     "perturb_head",
     "random_images",
     "write_random_images",
@@ -146,6 +151,18 @@ def save_tiny_nearid(
         perturb_head(model, seed=head_seed)
         return model.save_pretrained(out, format="release")
     raise ValueError(f"format must be 'head', 'release' or 'siglip', got {format!r}")
+
+
+def tiny_nearid_model(
+    *, kind: Literal["siglip", "siglip2"] = "siglip", seed: int = 0, head_seed: int = 1, **config_overrides: Any
+) -> NearIDModel:
+    """A tiny NearID model (head-only format, saved to a temporary folder and loaded back), for examples and tests.
+
+    Same weights as ``NearIDModel.from_pretrained(save_tiny_nearid(folder, format="head", ...))``.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_tiny_nearid(tmp, format="head", kind=kind, seed=seed, head_seed=head_seed, **config_overrides)
+        return NearIDModel.from_pretrained(path)
 
 
 def random_images(n: int, size: int | tuple[int, int] = 48, *, seed: int = 0) -> torch.Tensor:

@@ -10,9 +10,9 @@ This module imports diffusers, transformers and peft at import time; ``import ne
 
 Example:
     >>> from nearid_reward.testing_diffusers import build_tiny_sd_pipeline, add_lora_adapter
-    >>> pipe = build_tiny_sd_pipeline(seed=0)                                    # doctest: +SKIP
-    >>> add_lora_adapter(pipe.unet, rank=4, seed=0)                             # doctest: +SKIP
-    >>> pipe("a photo of sks dog", num_inference_steps=2, output_type="pt").images.shape  # doctest: +SKIP
+    >>> pipe = build_tiny_sd_pipeline(seed=0)
+    >>> lora = add_lora_adapter(pipe.unet, rank=4, seed=0)  # the adapter's trainable tensors
+    >>> pipe("a photo of sks dog", num_inference_steps=2, output_type="pt").images.shape
     torch.Size([1, 3, 64, 64])
 """
 
@@ -77,28 +77,44 @@ def byte_alphabet() -> list[str]:
     return [table[b] for b in range(256)]
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The pieces byte-level BPE makes of one word under ``ranks`` (lowest rank merged first, as CLIP's tokenizer)."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        known = [(r, i) for r, i in pairs if r is not None]
+        if not known:
+            break
+        _, i = min(known)
+        pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2:]]
+    return pieces
+
+
 def build_clip_tokenizer(words: Iterable[str] = DEFAULT_WORDS, *, model_max_length: int = 77) -> CLIPTokenizer:
     """A real ``CLIPTokenizer`` over a generated BPE vocabulary: every byte, plus one token per word in ``words``.
 
-    Merges join characters left to right, so each listed (lower-case ASCII) word encodes to exactly one token;
-    other text falls back to one token per byte. Special tokens come last.
+    Each listed (lower-case ASCII) word encodes to exactly one token, whatever the other words: a word whose pieces
+    earlier merges would split differently (``"cyan"`` after ``"an"``) gets merges that join the pieces BPE actually
+    produces. Merges only ever append, so a later word never changes how an earlier one encodes. Other text falls
+    back to one token per byte. Special tokens come last.
     """
     alphabet = byte_alphabet()
     vocab: dict[str, int] = {}
     for token in alphabet + [c + "</w>" for c in alphabet]:
         vocab.setdefault(token, len(vocab))
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
         if not word:
             continue
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
+        pieces = _bpe(word, ranks)
+        while len(pieces) > 1:  # join left to right; new merges rank after every existing one
             merge = (pieces[0], pieces[1])
-            joined = pieces[0] + pieces[1]
-            if merge not in merges:
+            if merge not in ranks:
+                ranks[merge] = len(merges)
                 merges.append(merge)
-            vocab.setdefault(joined, len(vocab))
-            pieces = [joined, *pieces[2:]]
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab.setdefault(special, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)

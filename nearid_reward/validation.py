@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,12 @@ import torch
 from .config import with_overrides
 from .images import ImageInput, check_value_range
 from .io import append_jsonl, read_jsonl
-from .model import NearIDModel
-from .reward import IdentityReward
-from .similarity import Aggregate, cosine_matrix
+from .metrics import METRICS, MetricSpec, metric_names
+from .metrics import identity_metrics as _identity_metrics
+from .model import NearIDModel, as_nearid_model
+from .references import ReferenceSet, embed_images
+from .reward import IdentityReward, RewardConfig
+from .similarity import Aggregate
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +37,8 @@ class ValidationConfig:
     """Options of :class:`IdentityValidator`.
 
     Attributes:
-        aggregate: reference aggregation (``"mean"``, ``"max"``, ``"centroid"``); None uses the scorer's (mean).
+        aggregate: reference aggregation (``"mean"``, ``"max"``, ``"centroid"``); None uses the given reward's or
+            reference set's, else ``"mean"``.
         threshold: the bar for ``frac_above_threshold``.
         threshold_kind: ``"relative"`` (the bar is ``threshold x reference oracle``; needs >= 2 references) or
             ``"cosine"`` (the bar is the cosine ``threshold`` itself).
@@ -44,7 +49,8 @@ class ValidationConfig:
         mode: ``"max"`` (higher monitor is better) or ``"min"``.
         min_delta: an improvement must beat the best by more than this.
         patience: raise the early-stop signal after this many validations without improvement (None: never).
-        prefix: prefix of every metric key (e.g. ``"nearid/"`` gives ``nearid/identity_mean``).
+        prefix: added to every metric name when logging (trackers, history, the dict :meth:`IdentityValidator.validate`
+            returns): ``"nearid/"`` logs ``identity_mean`` as ``nearid/identity_mean``.
         log_images: send an image grid with scores to tensorboard/wandb trackers of the accelerator.
         max_logged_images: at most this many images in the logged grid.
     """
@@ -82,64 +88,43 @@ class ValidationConfig:
             raise ValueError(f"ValidationConfig.monitor must be a metric name, got {self.monitor!r}")
 
 
-# ---------------------------------------------------------------------------------------------- stateless metrics
-def identity_metrics(
-    scorer: IdentityReward,
-    embeddings: torch.Tensor,
-    *,
-    threshold: float | None,
-    copy_margin: float = 0.0,
-    class_embeddings: torch.Tensor | None = None,
-    base_embeddings: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Identity metrics of ``embeddings`` ``[B, E]`` against ``scorer``'s cached references (unprefixed keys).
+# ---------------------------------------------------------------------------------------------- metrics
+def identity_metrics(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """:func:`nearid_reward.metrics.identity_metrics` (``embeddings, references, ...``).
 
-    Keys: ``identity_mean/min/max/std`` (aggregated cosine to the references), ``num_images``;
-    with >= 2 references ``reference_oracle``, ``relative_mean`` (mean / oracle), ``copy_fraction`` (share of
-    generations closer to one reference than that reference is to its nearest other reference, plus
-    ``copy_margin``) and ``copy_max_excess``; ``frac_above_threshold`` when ``threshold`` is given (a cosine);
-    with negatives ``negative_max_mean`` and ``reward_mean``; with class images ``class_leakage_mean`` (identity
-    score of class-prompt images, lower is better) and ``class_leakage_relative``; with base images
-    ``base_identity_mean``, ``identity_gain`` (mean minus base mean) and, when paired, ``base_similarity`` (mean
-    cosine between each image and its base-model twin: 1.0 means the adapter changed nothing).
+    The former call ``identity_metrics(scorer, embeddings, ...)`` with an :class:`~nearid_reward.IdentityReward`
+    still works and warns (``DeprecationWarning``).
     """
-    out = scorer.score_embeddings(embeddings)
-    identity = out.identity.float()  # [B]
-    metrics: dict[str, float] = {
-        "identity_mean": float(identity.mean()),
-        "identity_min": float(identity.min()),
-        "identity_max": float(identity.max()),
-        "identity_std": float(identity.std(unbiased=False)),
-        "num_images": float(identity.shape[0]),
-    }
-    refs = scorer.reference_embeddings.float()
-    oracle = scorer.oracle
-    if threshold is not None:
-        metrics["frac_above_threshold"] = float((identity >= threshold).float().mean())
-    if refs.shape[0] >= 2 and math.isfinite(oracle):
-        metrics["reference_oracle"] = oracle
-        metrics["relative_mean"] = metrics["identity_mean"] / oracle
-        ref_sims = cosine_matrix(refs, refs)  # [R, R]
-        ref_sims.fill_diagonal_(-float("inf"))
-        nearest_other = ref_sims.max(dim=1).values  # [R]
-        excess = (cosine_matrix(embeddings.float(), refs) - nearest_other[None, :]).max(dim=1).values  # [B]
-        metrics["copy_fraction"] = float((excess > copy_margin).float().mean())
-        metrics["copy_max_excess"] = float(excess.max())
-    if out.negative is not None:
-        metrics["negative_max_mean"] = float(out.negative.mean())
-        metrics["reward_mean"] = float(out.reward.mean())
-    if class_embeddings is not None:
-        leak = scorer.score_embeddings(class_embeddings).identity.float()
-        metrics["class_leakage_mean"] = float(leak.mean())
-        if "reference_oracle" in metrics:
-            metrics["class_leakage_relative"] = metrics["class_leakage_mean"] / oracle
-    if base_embeddings is not None:
-        base = scorer.score_embeddings(base_embeddings).identity.float()
-        metrics["base_identity_mean"] = float(base.mean())
-        metrics["identity_gain"] = metrics["identity_mean"] - metrics["base_identity_mean"]
-        if base_embeddings.shape == embeddings.shape:
-            metrics["base_similarity"] = float((embeddings.float() * base_embeddings.float()).sum(-1).mean())
-    return metrics
+    if args and isinstance(args[0], IdentityReward):
+        warnings.warn(
+            "identity_metrics(scorer, embeddings, ...) is deprecated: call nearid_reward.metrics.identity_metrics("
+            "embeddings, scorer.references, ...)", DeprecationWarning, stacklevel=2,
+        )  # fmt: skip
+        scorer, embeddings, *rest = args
+        kwargs.setdefault("negative_weight", scorer.config.negative_weight)
+        kwargs.setdefault("reward_kind", scorer.config.kind)
+        return _identity_metrics(embeddings, scorer.references, *rest, **kwargs)
+    return _identity_metrics(*args, **kwargs)
+
+
+class _Metrics(dict):  # type: ignore[type-arg]
+    """The metrics of :meth:`IdentityValidator.compute`; a key with the logging prefix still works, with a warning.
+
+    ``compute`` returned prefixed keys (``nearid/identity_mean``) before the prefix moved to logging only.
+    """
+
+    def __init__(self, metrics: dict[str, float], prefix: str) -> None:
+        super().__init__(metrics)
+        self._prefix = prefix
+
+    def __missing__(self, key: str) -> float:
+        if self._prefix and isinstance(key, str) and key.startswith(self._prefix) and key[len(self._prefix):] in self:
+            warnings.warn(
+                f"IdentityValidator.compute() returns unprefixed metric names: use {key[len(self._prefix):]!r}, not "
+                f"{key!r} (the {self._prefix!r} prefix is added only when logging)", DeprecationWarning, stacklevel=2,
+            )  # fmt: skip
+            return self[key[len(self._prefix) :]]
+        raise KeyError(key)
 
 
 def image_grid(
@@ -174,9 +159,12 @@ class IdentityValidator:
 
     Args:
         model: a :class:`~nearid_reward.NearIDModel`, a checkpoint path, or an existing
-            :class:`~nearid_reward.IdentityReward` (its cached references are reused; pass ``references=None``).
-        references: the subject's reference photos (tensor ``[R, 3, H, W]`` in [0, 1], PIL, paths or a folder).
-        negatives: optional near-identity distractors (adds ``negative_max_mean`` and ``reward_mean``).
+            :class:`~nearid_reward.IdentityReward` (its model and :class:`~nearid_reward.ReferenceSet` are shared;
+            pass ``references=None``).
+        references: the subject's reference photos (tensor ``[R, 3, H, W]`` in [0, 1], PIL, paths or a folder), or a
+            :class:`~nearid_reward.ReferenceSet` embedded with ``model`` (shared, not copied).
+        negatives: optional near-identity distractors (adds ``negative_max_mean`` and ``reward_mean``); not with a
+            reward or a ``ReferenceSet``, which carry their own.
         config: a :class:`ValidationConfig`; keyword ``overrides`` replace its fields.
         history_path: JSONL file with one line per validation (appended and fsynced). An existing file is read
             back, so a resumed run keeps its best step and patience counter; a torn last line is ignored. A
@@ -186,19 +174,29 @@ class IdentityValidator:
             to its tensorboard/wandb trackers, the early-stop signal to ``accelerator.set_trigger()``; only the main
             process writes the history.
 
-    Every metric is a float in a flat ``dict[str, float]`` whose keys start with ``config.prefix``; identity scores
-    are cosines in [-1, 1], higher is better (except ``class_leakage_*`` and ``copy_*``, lower is better).
+    :meth:`compute` returns the metrics by name (``identity_mean``; see :data:`~nearid_reward.metrics.METRICS` for
+    each one's direction); :meth:`validate` logs them with ``config.prefix`` (``nearid/identity_mean``) to the
+    trackers and the history, and returns that logged dict. Identity scores are cosines in [-1, 1].
 
     Example:
-        >>> validator = IdentityValidator("nearid/", "subject/", history_path="out/history.jsonl")  # doctest: +SKIP
-        >>> metrics = validator.validate(images, step=global_step)  # [B, 3, H, W] in [0, 1]    # doctest: +SKIP
-        >>> validator.best_step, validator.should_stop                                          # doctest: +SKIP
+        >>> from nearid_reward.testing import random_images, tiny_nearid_model
+        >>> photos = random_images(3, 48, seed=1)  # or a folder; add history_path="out/identity_history.jsonl"
+        >>> validator = IdentityValidator(tiny_nearid_model(), photos, patience=1)
+        >>> first = validator.validate(random_images(2, 48, seed=7), step=100)  # generations [B, 3, H, W] in [0, 1]
+        >>> second = validator.validate(photos, step=200)  # as close to the subject as its own photos
+        >>> second["nearid/identity_mean"] > first["nearid/identity_mean"], validator.best_step
+        (True, 200)
+        >>> third = validator.validate(random_images(2, 48, seed=7), step=300)
+        >>> validator.best_step, validator.should_stop  # no improvement at step 300: patience 1 is used up
+        (200, True)
+        >>> validator.compute(photos)["identity_mean"] == second["nearid/identity_mean"]  # names without prefix
+        True
     """
 
     def __init__(
         self,
         model: NearIDModel | IdentityReward | str | os.PathLike[str],
-        references: ImageInput | None = None,
+        references: ImageInput | ReferenceSet | None = None,
         *,
         negatives: ImageInput | None = None,
         config: ValidationConfig | None = None,
@@ -208,21 +206,32 @@ class IdentityValidator:
     ) -> None:
         base = with_overrides(config, ValidationConfig, overrides, "IdentityValidator")
         self.config = base
+        self._reward: IdentityReward | None = None
         if isinstance(model, IdentityReward):
             if references is not None or negatives is not None:
                 raise ValueError(
                     "pass `references`/`negatives` to the IdentityReward, not to the validator, when reusing one"
                 )
-            if base.aggregate is not None and base.aggregate != model.config.aggregate:
-                raise ValueError(
-                    f"ValidationConfig.aggregate={base.aggregate!r} differs from the reward's aggregate "
-                    f"{model.config.aggregate!r}; leave it None to use the reward's"
-                )
-            self.scorer = model
+            self._check_aggregate(model.config.aggregate, "the reward's")
+            self._reward = model
+            self.model: NearIDModel = model.model
+            self.references: ReferenceSet = model.references
+            self.reward_config = model.config
         else:
             if references is None:
                 raise ValueError("`references` is required (the subject's reference photos)")
-            self.scorer = IdentityReward(model, references, negatives=negatives, aggregate=base.aggregate or "mean")
+            self.model = as_nearid_model(model)
+            self.model.requires_grad_(False)
+            self.model.train(False)
+            if isinstance(references, ReferenceSet):
+                if negatives is not None:
+                    raise ValueError("`negatives` must not be given with a ReferenceSet: it carries its own negatives")
+                self._check_aggregate(references.aggregate, "the ReferenceSet's")
+                self.references = references
+            else:
+                self.references = ReferenceSet.from_images(self.model, references, negatives,
+                                                           aggregate=base.aggregate or "mean")
+            self.reward_config = RewardConfig(aggregate=self.references.aggregate)
         self.accelerator = accelerator
         self.history_path = Path(history_path) if history_path is not None else None
         self.history: list[dict[str, Any]] = []
@@ -232,7 +241,12 @@ class IdentityValidator:
         self.last_scores: torch.Tensor | None = None  # [B] identity score of each image of the last compute()
         self.validations_without_improvement = 0
         self._warned_monitor = False
-        if base.threshold_kind == "relative" and not math.isfinite(self.scorer.oracle):
+        spec = METRICS.get(base.monitor)
+        if spec is not None and spec.higher_is_better is not None and spec.higher_is_better != (base.mode == "max"):
+            logger.warning("monitor %r is %s-is-better but mode=%r: the best step will be its %s", base.monitor,
+                           "higher" if spec.higher_is_better else "lower", base.mode,
+                           "maximum" if base.mode == "max" else "minimum")  # fmt: skip
+        if base.threshold_kind == "relative" and not math.isfinite(self.references.oracle):
             logger.warning(
                 "threshold_kind='relative' needs at least 2 references for the oracle; frac_above_threshold is skipped"
             )
@@ -245,13 +259,37 @@ class IdentityValidator:
                     len(self.history), self.best_step, self.config.monitor, self.best_value or float("nan"),
                 )  # fmt: skip
 
+    def _check_aggregate(self, aggregate: str, whose: str) -> None:
+        if self.config.aggregate is not None and self.config.aggregate != aggregate:
+            raise ValueError(
+                f"ValidationConfig.aggregate={self.config.aggregate!r} differs from {whose} aggregate "
+                f"{aggregate!r}; leave it None to use {whose}"
+            )
+
+    def to(self, device: torch.device | str) -> IdentityValidator:
+        """Move the model and the reference set to ``device`` (both may be shared with a reward)."""
+        self.model.to(device)
+        self.references.to(device)
+        return self
+
     # ------------------------------------------------------------------ properties
+    @property
+    def scorer(self) -> IdentityReward:
+        """Deprecated: an :class:`~nearid_reward.IdentityReward` over :attr:`model` and :attr:`references`."""
+        warnings.warn(
+            "IdentityValidator.scorer is deprecated: use validator.references (the ReferenceSet) and validator.model",
+            DeprecationWarning, stacklevel=2,
+        )  # fmt: skip
+        if self._reward is None:
+            self._reward = IdentityReward(self.model, self.references, config=self.reward_config)
+        return self._reward
+
     @property
     def threshold(self) -> float | None:
         """The cosine bar of ``frac_above_threshold`` (None when it cannot be computed)."""
         if self.config.threshold_kind == "cosine":
             return self.config.threshold
-        oracle = self.scorer.oracle
+        oracle = self.references.oracle
         return self.config.threshold * oracle if math.isfinite(oracle) else None
 
     @property
@@ -262,11 +300,21 @@ class IdentityValidator:
 
     @property
     def monitor_key(self) -> str:
+        """The monitored metric as logged (``config.prefix + config.monitor``)."""
         return self.config.prefix + self.config.monitor
 
     @property
     def is_main_process(self) -> bool:
         return bool(getattr(self.accelerator, "is_main_process", True))
+
+    def metric_names(self, *, class_images: bool = False, base_images: bool = False,
+                     paired_base: bool = True) -> dict[str, MetricSpec]:
+        """The metrics :meth:`compute` returns with these inputs (unprefixed names, each with its direction)."""
+        return metric_names(
+            oracle=self.references.num_references >= 2 and math.isfinite(self.references.oracle),
+            threshold=self.threshold is not None, negatives=self.references.num_negatives > 0,
+            class_images=class_images, base_images=base_images, paired_base=paired_base,
+        )  # fmt: skip
 
     def last_validation(self, at_or_before: int | None = None) -> dict[str, Any] | None:
         """The latest history record (with ``step <= at_or_before`` when given)."""
@@ -280,7 +328,8 @@ class IdentityValidator:
         self, images: ImageInput, *, value_range: tuple[float, float] = (0.0, 1.0), name: str = "images"
     ) -> torch.Tensor:
         """Embeddings ``[N, E]`` without gradients; NaN/Inf and value-range mistakes raise ``ValueError``."""
-        return self.scorer.embed_images(images, value_range=value_range, name=name, check_inputs=True)
+        return embed_images(self.model, images, value_range=value_range, name=name,
+                            chunk_size=self.reward_config.reference_chunk_size, check_inputs=True)
 
     def compute(
         self,
@@ -290,7 +339,10 @@ class IdentityValidator:
         base_images: ImageInput | None = None,
         value_range: tuple[float, float] = (0.0, 1.0),
     ) -> dict[str, float]:
-        """Metrics of one set of generations without touching the history (flat ``dict[str, float]``, prefixed)."""
+        """Metrics of one set of generations, by name (no prefix), without touching the history.
+
+        Every image is embedded and scored once; the per-image identity scores are kept in :attr:`last_scores`.
+        """
         value_range = check_value_range(value_range)
         emb = self.embed(images, value_range=value_range, name="images")
         class_emb = base_emb = None
@@ -299,12 +351,14 @@ class IdentityValidator:
         if base_images is not None:
             base_emb = self.embed(base_images, value_range=value_range, name="base_images")
         with torch.no_grad():
-            metrics = identity_metrics(
-                self.scorer, emb, threshold=self.threshold, copy_margin=self.config.copy_margin,
-                class_embeddings=class_emb, base_embeddings=base_emb,
+            identity = self.references.scores(emb)  # [B]
+            metrics = _identity_metrics(
+                emb, self.references, threshold=self.threshold, copy_margin=self.config.copy_margin,
+                class_embeddings=class_emb, base_embeddings=base_emb, identity=identity,
+                negative_weight=self.reward_config.negative_weight, reward_kind=self.reward_config.kind,
             )  # fmt: skip
-            self.last_scores = self.scorer.score_embeddings(emb).identity.detach().float().cpu()  # [B]
-        return {self.config.prefix + k: v for k, v in metrics.items()}
+        self.last_scores = identity.detach().float().cpu()
+        return _Metrics(metrics, self.config.prefix)
 
     def validate(
         self,
@@ -327,12 +381,13 @@ class IdentityValidator:
             class_images: generations of class prompts with the adapter (class-prompt leakage).
             base_images: the same prompts and seeds rendered by the base model (identity gain).
             value_range: ``(low, high)`` of tensor pixel values.
-            extra_metrics: more scalars to store in the same history line and log (e.g. scores of images the
-                training script rendered itself); they do not take part in best tracking unless monitored.
+            extra_metrics: more scalars, by name like the metrics (e.g. ``"script/identity_mean"`` for images the
+                training script rendered itself), stored in the same history line and logged with the prefix; they
+                do not take part in best tracking unless monitored.
             source: what triggered this validation (e.g. ``"validation"``, ``"checkpoint"``), kept in the history.
 
         Returns:
-            The flat metrics dict, plus ``{prefix}best_value`` and ``{prefix}is_best``.
+            The logged dict: every metric as ``{prefix}{name}``, plus ``{prefix}best_value`` and ``{prefix}is_best``.
         """
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"`step` must be a non-negative int (the global training step), got {step!r}")
@@ -340,9 +395,10 @@ class IdentityValidator:
         value_range = check_value_range(value_range)
         if prompts is not None and isinstance(images, torch.Tensor) and len(prompts) != images.shape[0]:
             raise ValueError(f"`prompts` has {len(prompts)} entries but `images` has {images.shape[0]} images")
-        metrics = self.compute(images, class_images=class_images, base_images=base_images, value_range=value_range)
-        if extra_metrics:
-            metrics.update({k: float(v) for k, v in extra_metrics.items()})
+        named = dict(self.compute(images, class_images=class_images, base_images=base_images, value_range=value_range))
+        named.update({k: float(v) for k, v in (extra_metrics or {}).items()})
+        p = self.config.prefix
+        metrics = {p + k: v for k, v in named.items()}  # the only place the logging prefix is added
         record: dict[str, Any] = {"step": step, "time": time.time(), **metrics}
         if source is not None:
             record["source"] = str(source)
@@ -353,7 +409,6 @@ class IdentityValidator:
         if self.history_path is not None and self.is_main_process:
             append_jsonl(self.history_path, record)
         self._commit(record, is_best, value)
-        p = self.config.prefix
         if self.best_value is not None:
             metrics[p + "best_value"] = float(self.best_value)
         metrics[p + "is_best"] = float(self.last_is_best)

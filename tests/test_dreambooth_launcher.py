@@ -245,3 +245,95 @@ def test_under_accelerate_launch_with_two_processes(assets: dict[str, Path], run
     assert [r["source"] for r in records].count("final") == 1  # written once, by the main process only
     assert (out / "checkpoint-4" / "identity_scores.json").is_file()
     assert (out / "best_identity" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_summary_has_a_column_for_every_declared_summary_metric(assets: dict[str, Path], tmp_path: Path) -> None:
+    from nearid_reward import IdentityValidator
+    from nearid_reward.testing import random_images
+
+    validator = IdentityValidator(str(assets["nearid"]), assets["references"],
+                                  history_path=tmp_path / dreambooth.HISTORY_NAME)
+    for step in (1, 2):
+        validator.validate(random_images(2, 64, seed=step), step=step)
+    md, _ = dreambooth.write_summary(tmp_path, validator)
+    header = md.read_text().splitlines()[4]
+    assert "identity_mean" in header and "relative_mean" in header and "copy_fraction" in header
+
+
+def _session(assets: dict[str, Path], out: Path, *ours: str) -> dreambooth.DreamBoothSession:
+    """A session bound to the tiny base model's arguments, without running a training script."""
+    import argparse
+
+    options = dreambooth.parse_options(["--script", str(FIXTURE), "--nearid_model", str(assets["nearid"]),
+                                        "--nearid_reference_dir", str(assets["references"]), *ours])
+    session = dreambooth.DreamBoothSession(options)
+    session.bind_args(argparse.Namespace(
+        pretrained_model_name_or_path=str(assets["sd"]), output_dir=str(out), instance_prompt="a photo of sks dog",
+        class_prompt="a photo of dog", with_prior_preservation=False,
+    ))  # fmt: skip
+    return session
+
+
+class _Accelerator:
+    """What the session and the identity-loss hook use of an accelerate.Accelerator."""
+
+    device = torch.device("cpu")
+    is_main_process = True
+
+    def prepare(self, *objects):
+        return objects
+
+    def backward(self, loss, **kwargs):
+        loss.backward()
+
+
+@pytest.fixture
+def count_model_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from nearid_reward import NearIDModel
+
+    loads: list[str] = []
+    original = NearIDModel.from_pretrained.__func__
+
+    def counting(cls, path, **kwargs):
+        loads.append(str(path))
+        return original(cls, path, **kwargs)
+
+    monkeypatch.setattr(NearIDModel, "from_pretrained", classmethod(counting))
+    return loads
+
+
+def test_nearid_dtype_is_the_dtype_of_the_nearid_model(assets: dict[str, Path], tmp_path: Path) -> None:
+    session = _session(assets, tmp_path, "--nearid_dtype", "bfloat16")
+    session.on_accelerator(_Accelerator())
+    model = session.callback().validator.model
+    assert model.dtype == torch.bfloat16 and model.head.probe.dtype == torch.float32  # the head stays float32
+
+
+def test_identity_loss_shares_the_one_nearid_model(assets: dict[str, Path], tmp_path: Path,
+                                                   count_model_loads: list[str]) -> None:
+    session = _session(assets, tmp_path, "--nearid_loss_weight", "1.0")
+    session.on_accelerator(_Accelerator())
+    validator = session.callback().validator
+    reward, _, _ = session._identity_loss._components()
+    assert reward.model is validator.model and reward.references.references is validator.references.references
+    assert count_model_loads == [str(assets["nearid"])]  # loaded once for validation and the loss
+
+
+def test_select_after_ranks_with_the_sessions_monitor_mode_and_negatives(assets: dict[str, Path], run: Path,
+                                                                         tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("identity_selection*"))
+    write_random_images(tmp_path / "negatives", 2, 64, seed=5)
+    session = _session(assets, out, "--nearid_negative_dir", str(tmp_path / "negatives"), "--nearid_monitor",
+                       "class_leakage_mean", "--nearid_mode", "min", "--nearid_select_after",
+                       "--nearid_num_inference_steps", "2", "--nearid_prompts", str(assets["root"] / "prompts.json"))
+    session.on_accelerator(_Accelerator())
+    session.callback()
+    session.on_end_training()  # writes the summary, then selects
+    data = json.loads((out / "identity_selection.json").read_text())
+    assert (data["monitor"], data["mode"]) == ("class_leakage_mean", "min")
+    assert data["settings"]["num_negatives"] == 2 and data["settings"]["render"]["num_inference_steps"] == 2
+    assert [r["name"] for r in data["checkpoints"]] == ["checkpoint-4"]
+    assert "negative_max_mean" in data["checkpoints"][0] and "class_leakage_mean" in data["checkpoints"][0]

@@ -49,3 +49,22 @@ def test_every_test_named_in_the_reliability_table_exists() -> None:
             defined = {n.name for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
                        if isinstance(n, ast.FunctionDef)}
             assert test in defined, f"{file}::{test}"
+
+
+def test_plots_have_their_own_extra() -> None:
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("matplotlib") for req in extras["plot"])
+    assert not any(req.startswith("matplotlib") for req in extras["diffusers"] + extras["train"])
+
+
+def test_docstring_examples_run_with_the_tests() -> None:
+    import tomllib
+
+    pytest_options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "nearid_reward" in pytest_options["testpaths"] and "--doctest-modules" in pytest_options["addopts"]
+    # the public objects show an example that runs, not only skipped ones
+    for module in ("reward", "validation", "references", "metrics", "model"):
+        text = (ROOT / "nearid_reward" / f"{module}.py").read_text()
+        assert any(">>>" in line and "doctest: +SKIP" not in line for line in text.splitlines()), module

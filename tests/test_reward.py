@@ -184,6 +184,30 @@ def test_reference_inputs_files_folder_pil(model, nearid_path, tmp_path):
     assert from_path_model.num_references == 3
 
 
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_reference_photos_are_read_upright_from_their_exif_orientation(model, tmp_path, suffix):
+    """A phone photo stored sideways with an EXIF orientation tag is scored as the upright photo (as the diffusers
+    DreamBooth scripts train on it), not as the sideways pixels."""
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 256, (48, 32, 3), dtype=np.uint8))  # portrait: 32 wide, 48 high
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # the sensor's landscape pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    (tmp_path / "tagged").mkdir()
+    (tmp_path / "plain").mkdir()
+    stored.save(tmp_path / "tagged" / f"photo{suffix}", exif=exif.tobytes(), quality=100)
+    stored.save(tmp_path / "plain" / f"photo{suffix}", quality=100)
+    # the upright reference is the tagged file's own pixels turned upright (JPEG is lossy: not `upright` itself)
+    with Image.open(tmp_path / "plain" / f"photo{suffix}") as img:
+        expected = img.convert("RGB").transpose(Image.Transpose.ROTATE_270)
+    tagged = IdentityReward(model, tmp_path / "tagged")
+    torch.testing.assert_close(tagged.reference_embeddings, IdentityReward(model, [expected]).reference_embeddings)
+    sideways = IdentityReward(model, tmp_path / "plain").reference_embeddings
+    assert not torch.allclose(tagged.reference_embeddings, sideways, atol=1e-3)
+    images = random_images(2, 48, seed=3)
+    torch.testing.assert_close(tagged(images), IdentityReward(model, [expected])(images))
+
+
 def test_reward_fn_adapter(model, refs):
     reward = IdentityReward(model, refs, negatives=random_images(2, 48, seed=30))
     images = random_images(3, 48, seed=12)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from nearid_reward.io import read_jsonl
@@ -87,3 +88,43 @@ def test_custom_loop_example(assets: dict[str, Path]) -> None:
     assert [r["step"] for r in read_jsonl(out / "identity_history.jsonl")] == [1, 2]
     assert json.loads((out / "checkpoint-2" / "identity_scores.json").read_text())["step"] == 2
     assert (out / "best_identity" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state(*([True] if state is AcceleratorState else []))
+
+
+def test_init_lora_starts_from_the_given_adapter(assets: dict[str, Path]) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from nearid_reward.testing_diffusers import add_lora_adapter, write_lora_checkpoint
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(assets["sd"]), use_safetensors=True)
+    add_lora_adapter(pipe.unet, rank=6, seed=3)
+    init = assets["root"] / "init_run" / "checkpoint-5"
+    write_lora_checkpoint(init, pipe)
+    out = assets["root"] / "from_init"
+    argv = ["--pretrained_model_name_or_path", str(assets["sd"]), "--nearid_model", str(assets["nearid"]),
+            "--reference_dir", str(assets["refs"]), "--class_noun", "dog", "--prompts", str(assets["prompts"]),
+            "--init_lora", str(init), "--num_inference_steps", "2", "--backprop_num_steps", "1",
+            "--max_train_steps", "1", "--checkpointing_steps", "1", "--validation_steps", "1",
+            "--validation_inference_steps", "2", "--train_batch_size", "1", "--learning_rate", "0",
+            "--output_dir", str(out)]  # fmt: skip
+    _reset_accelerate()
+    _load_example().main(argv)
+    started = load_file(str(Path(init) / "pytorch_lora_weights.safetensors"))
+    saved = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert set(saved) == set(started)  # same layers, rank 6 taken from the file (not --rank's 4)
+    assert all(torch.equal(saved[k], started[k]) for k in saved)  # learning rate 0: the adapter is the initial one
+
+
+def test_init_lora_names_a_missing_file(assets: dict[str, Path]) -> None:
+    argv = ["--pretrained_model_name_or_path", str(assets["sd"]), "--nearid_model", str(assets["nearid"]),
+            "--reference_dir", str(assets["refs"]), "--init_lora", str(assets["root"] / "nowhere"),
+            "--output_dir", str(assets["root"] / "never")]
+    _reset_accelerate()
+    with pytest.raises(FileNotFoundError, match="--init_lora .*nowhere"):
+        _load_example().main(argv)

@@ -128,6 +128,27 @@ def test_rerun_uses_the_content_hash_cache(nearid, run, ranked, tmp_path, monkey
     assert other.fingerprint() != fingerprint
 
 
+def test_without_matplotlib_the_ranking_is_written_and_only_the_plot_is_skipped(
+    nearid, run, ranked, tmp_path, monkeypatch, caplog
+):
+    import logging
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(ranked[0], out)
+    (out / "identity_selection.png").unlink()
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    with caplog.at_level(logging.WARNING):
+        result = _selector(nearid[1], run[1]).run(out)  # plot=True, the default; every row comes from the cache
+    assert [r["name"] for r in result.rows] == EXPECTED
+    assert "png" not in result.files and not (out / "identity_selection.png").exists()
+    assert json.loads((out / "identity_selection.json").read_text())["winner"] == "checkpoint-200"
+    assert (out / "identity_selection.csv").is_file()
+    assert "matplotlib is not installed" in caplog.text and "nearid-reward[plot]" in caplog.text
+
+
 def test_hotswap_gives_the_same_scores(nearid, run, ranked):
     names = ["checkpoint-100", "checkpoint-200", "checkpoint-300"]
     render = RenderConfig(num_inference_steps=2, guidance_scale=1.0, render_class=False, render_base=False)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from nearid_reward import IdentityReward, IdentityValidator, NearIDModel, ValidationConfig
+from nearid_reward import IdentityReward, IdentityValidator, NearIDModel, ReferenceSet, ValidationConfig
 from nearid_reward.io import read_jsonl
+from nearid_reward.metrics import METRICS, identity_metrics, metric_names
 from nearid_reward.testing import random_images, save_tiny_nearid
 from nearid_reward.validation import image_grid
 
@@ -35,30 +36,30 @@ def test_metrics_match_hand_computation(model, refs):
     images = torch.cat([refs[:1], random_images(3, 48, seed=3)])  # first generation is an exact copy of ref 0
     class_images = random_images(2, 48, seed=5)
     base_images = random_images(4, 48, seed=6)
-    m = validator.compute(images, class_images=class_images, base_images=base_images)
+    m = validator.compute(images, class_images=class_images, base_images=base_images)  # names, no prefix
 
     e, r = _emb(model, images), _emb(model, refs)
     s = (e @ r.T).mean(1)
     oracle = np.mean([float(np.mean([r[i] @ r[j] for j in range(4) if j != i])) for i in range(4)])
-    assert m["nearid/identity_mean"] == pytest.approx(float(s.mean()), abs=1e-5)
-    assert m["nearid/identity_min"] == pytest.approx(float(s.min()), abs=1e-5)
-    assert m["nearid/identity_max"] == pytest.approx(float(s.max()), abs=1e-5)
-    assert m["nearid/reference_oracle"] == pytest.approx(oracle, abs=1e-5)
-    assert m["nearid/relative_mean"] == pytest.approx(float(s.mean()) / oracle, abs=1e-5)
-    assert m["nearid/frac_above_threshold"] == pytest.approx(float((s >= 0.95 * oracle).float().mean()))
+    assert m["identity_mean"] == pytest.approx(float(s.mean()), abs=1e-5)
+    assert m["identity_min"] == pytest.approx(float(s.min()), abs=1e-5)
+    assert m["identity_max"] == pytest.approx(float(s.max()), abs=1e-5)
+    assert m["reference_oracle"] == pytest.approx(oracle, abs=1e-5)
+    assert m["relative_mean"] == pytest.approx(float(s.mean()) / oracle, abs=1e-5)
+    assert m["frac_above_threshold"] == pytest.approx(float((s >= 0.95 * oracle).float().mean()))
     # copy suspicion, written out with loops: closer to some reference than that reference's nearest other one
     flags = []
     for g in e:
         flags.append(any(float(g @ r[i]) > max(float(r[i] @ r[j]) for j in range(4) if j != i) for i in range(4)))
     assert flags[0] is True
-    assert m["nearid/copy_fraction"] == pytest.approx(sum(flags) / 4)
+    assert m["copy_fraction"] == pytest.approx(sum(flags) / 4)
     c = _emb(model, class_images)
-    assert m["nearid/class_leakage_mean"] == pytest.approx(float((c @ r.T).mean()), abs=1e-5)
+    assert m["class_leakage_mean"] == pytest.approx(float((c @ r.T).mean()), abs=1e-5)
     b = _emb(model, base_images)
-    assert m["nearid/base_identity_mean"] == pytest.approx(float((b @ r.T).mean()), abs=1e-5)
-    assert m["nearid/identity_gain"] == pytest.approx(float(s.mean() - (b @ r.T).mean(1).mean()), abs=1e-5)
-    assert m["nearid/base_similarity"] == pytest.approx(float((e * b).sum(1).mean()), abs=1e-5)
-    assert m["nearid/num_images"] == 4.0
+    assert m["base_identity_mean"] == pytest.approx(float((b @ r.T).mean()), abs=1e-5)
+    assert m["identity_gain"] == pytest.approx(float(s.mean() - (b @ r.T).mean(1).mean()), abs=1e-5)
+    assert m["base_similarity"] == pytest.approx(float((e * b).sum(1).mean()), abs=1e-5)
+    assert m["num_images"] == 4.0
     assert all(isinstance(v, float) for v in m.values())
 
 
@@ -66,8 +67,8 @@ def test_adapter_that_changes_nothing_is_visible(model, refs):
     validator = IdentityValidator(model, refs)
     images = random_images(3, 48, seed=2)
     m = validator.compute(images, base_images=images.clone())
-    assert m["nearid/identity_gain"] == pytest.approx(0.0, abs=1e-6)
-    assert m["nearid/base_similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert m["identity_gain"] == pytest.approx(0.0, abs=1e-6)
+    assert m["base_similarity"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_negatives_and_shared_reward(model, refs):
@@ -85,6 +86,88 @@ def test_negatives_and_shared_reward(model, refs):
         IdentityValidator(reward, refs)
 
 
+def test_reward_validator_and_reference_set_share_one_reference_set(model, refs):
+    reward = IdentityReward(model, refs, negatives=random_images(2, 48, seed=40))
+    validator = IdentityValidator(reward)
+    assert validator.references is reward.references and validator.model is reward.model
+    images = random_images(2, 48, seed=41)
+    before = validator.compute(images)["identity_mean"]
+    reward.set_references(random_images(3, 48, seed=42))  # replaced in place: every holder sees the new set
+    assert validator.references.num_references == 3
+    assert validator.compute(images)["identity_mean"] != pytest.approx(before, abs=1e-6)
+    # a ReferenceSet built once serves a validator of the same model without embedding the photos again
+    shared = ReferenceSet.from_images(model, refs)
+    other = IdentityValidator(model, shared)
+    assert other.references is shared
+    torch.testing.assert_close(shared.references, IdentityReward(model, refs).reference_embeddings)
+    with pytest.raises(ValueError, match="aggregates with 'mean' but RewardConfig.aggregate is 'max'"):
+        IdentityReward(model, shared, aggregate="max")
+    with pytest.raises(ValueError, match="differs from the ReferenceSet's aggregate"):
+        IdentityValidator(model, shared, aggregate="max")
+    with pytest.raises(ValueError, match="carries its own negatives"):
+        IdentityValidator(model, shared, negatives=refs)
+    with pytest.raises(ValueError, match=r"reference embeddings must be a tensor \[R, E\], got \(8,\)"):
+        ReferenceSet(torch.ones(8))
+
+
+def test_compute_embeds_and_scores_each_image_once(model, refs, monkeypatch):
+    validator = IdentityValidator(model, refs)
+    calls: list[int] = []
+    original = ReferenceSet.scores
+    monkeypatch.setattr(ReferenceSet, "scores", lambda self, e: calls.append(e.shape[0]) or original(self, e))
+    validator.compute(random_images(3, 48, seed=1), class_images=random_images(2, 48, seed=2))
+    assert calls == [3, 2]  # the generations once, the class images once
+    assert validator.last_scores.shape == (3,)
+
+
+@pytest.mark.parametrize("with_negatives", [False, True])
+@pytest.mark.parametrize("num_refs", [1, 4])
+def test_metric_names_declare_exactly_what_compute_returns(model, refs, num_refs, with_negatives):
+    negatives = random_images(2, 48, seed=40) if with_negatives else None
+    validator = IdentityValidator(model, refs[:num_refs], negatives=negatives)
+    images = random_images(3, 48, seed=1)
+    for class_images, base_images in [(None, None), (random_images(2, 48, seed=2), images.flip(-1))]:
+        m = validator.compute(images, class_images=class_images, base_images=base_images)
+        declared = validator.metric_names(class_images=class_images is not None, base_images=base_images is not None)
+        assert list(m) == list(declared)
+        assert set(m) <= set(metric_names()) == set(METRICS)
+    assert METRICS["identity_mean"].higher_is_better is True
+    assert METRICS["class_leakage_mean"].higher_is_better is False
+    assert METRICS["copy_fraction"].higher_is_better is False
+    assert METRICS["num_images"].higher_is_better is None
+
+
+def test_prefix_only_when_logging(model, refs, tmp_path):
+    validator = IdentityValidator(model, refs, history_path=tmp_path / "h.jsonl")
+    images = random_images(2, 48, seed=1)
+    computed = validator.compute(images)
+    assert "identity_mean" in computed and not any(k.startswith("nearid/") for k in computed)
+    logged = validator.validate(images, step=3, extra_metrics={"script/identity_mean": 0.25})
+    assert logged["nearid/identity_mean"] == pytest.approx(computed["identity_mean"])
+    assert logged["nearid/script/identity_mean"] == 0.25 and logged["nearid/is_best"] == 1.0
+    record = read_jsonl(tmp_path / "h.jsonl")[0]
+    assert record["nearid/identity_mean"] == logged["nearid/identity_mean"] and "identity_mean" not in record
+    with pytest.warns(DeprecationWarning, match="unprefixed metric names: use 'identity_mean'"):
+        assert computed["nearid/identity_mean"] == computed["identity_mean"]  # the former keys still read
+    with pytest.raises(KeyError):
+        computed["nearid/no_such_metric"]
+
+
+def test_former_entry_points_warn_and_agree(model, refs):
+    from nearid_reward.validation import identity_metrics as former_identity_metrics
+
+    reward = IdentityReward(model, refs, negatives=random_images(2, 48, seed=40), negative_weight=0.5)
+    emb = _emb(model, random_images(2, 48, seed=1))
+    with pytest.warns(DeprecationWarning, match="identity_metrics\\(scorer, embeddings, ...\\) is deprecated"):
+        former = former_identity_metrics(reward, emb, threshold=0.5)
+    assert former == identity_metrics(emb, reward.references, threshold=0.5, negative_weight=0.5)
+    assert former["reward_mean"] == pytest.approx(float(reward.score_embeddings(emb).reward.mean()), abs=1e-6)
+    validator = IdentityValidator(model, refs)
+    with pytest.warns(DeprecationWarning, match="validator.references"):
+        scorer = validator.scorer
+    assert scorer.references is validator.references and scorer.model is validator.model
+
+
 def _sequence(validator, values):
     """Validate with images whose identity score is controlled: mix a reference with noise."""
     out = []
@@ -97,8 +180,8 @@ def _sequence(validator, values):
 def test_best_tracking_both_modes_and_patience(model, refs, tmp_path, mode):
     close, far = refs[:2], random_images(2, 48, seed=77)
     v = IdentityValidator(model, refs, mode=mode, patience=2, history_path=tmp_path / "h.jsonl")
-    s_close = v.compute(close)["nearid/identity_mean"]
-    s_far = v.compute(far)["nearid/identity_mean"]
+    s_close = v.compute(close)["identity_mean"]
+    s_far = v.compute(far)["identity_mean"]
     assert s_close > s_far
     good, bad = (close, far) if mode == "max" else (far, close)
     v.validate(bad, step=10)

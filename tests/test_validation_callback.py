@@ -137,7 +137,7 @@ def test_checkpoint_scores_and_best_outside_pruning(model, refs, lora_pipe, tmp_
     validator = IdentityValidator(model, refs)
     callback = NearIDValidationCallback(validator, output_dir=tmp_path)
     close, far = refs[:2], random_images(2, 64, seed=50)
-    assert validator.compute(close)["nearid/identity_mean"] > validator.compute(far)["nearid/identity_mean"]
+    assert validator.compute(close)["identity_mean"] > validator.compute(far)["identity_mean"]
     write_lora_checkpoint(tmp_path / "checkpoint-100", lora_pipe, scale=1.0)
     write_lora_checkpoint(tmp_path / "checkpoint-200", lora_pipe, scale=0.5)
     write_lora_checkpoint(tmp_path / "checkpoint-300", lora_pipe, scale=0.25)
@@ -158,7 +158,8 @@ def test_checkpoint_scores_and_best_outside_pruning(model, refs, lora_pipe, tmp_
     # train_dreambooth.py order: the checkpoint is saved first, validation at the same step comes after
     scores = json.loads(callback.on_checkpoint(tmp_path, 300).read_text())
     assert scores["validation_step"] == 200
-    top = refs[int(validator.scorer(refs).argmax())].expand(2, -1, -1, -1)  # beats the mean of any two references
+    scores_of_refs = validator.references.scores(validator.embed(refs))  # [R]
+    top = refs[int(scores_of_refs.argmax())].expand(2, -1, -1, -1)  # beats the mean of any two references
     callback.on_validation(top, 300)  # best: the weights come from checkpoint-300
     kept = json.loads((tmp_path / "best_identity" / "identity_scores.json").read_text())
     assert kept["step"] == 300 and kept["source"].endswith("checkpoint-300")

@@ -53,6 +53,7 @@ __all__ = [
     "render",
     "generate_synthetic",
     "generate_synthetic_mtg",
+    "write_image_table",
     "main",
 ]
 
@@ -457,7 +458,8 @@ def _identity_row(index: int, config: SyntheticConfig) -> _Row:
     return row
 
 
-def _write_table(columns: dict[str, list[Any]], image_columns: Sequence[str], folder: Path) -> Path:
+def write_image_table(columns: dict[str, list[Any]], image_columns: Sequence[str], folder: Path) -> Path:
+    """Write one NearID-schema parquet table under ``folder/data`` (``image_columns`` hold PNG bytes or None)."""
     import datasets
 
     features = {}
@@ -518,7 +520,7 @@ def generate_synthetic(
     }
     for j, col in enumerate(view_cols):
         positives[col] = [r.views[j] for r in rows]
-    _write_table(positives, view_cols, out / "positives")
+    write_image_table(positives, view_cols, out / "positives")
     neg_cols = ["nimg1", "nimg2", "nimg3"]
     for lv in config.levels:
         table: dict[str, list[Any]] = {
@@ -528,7 +530,7 @@ def generate_synthetic(
         }
         for j, col in enumerate(neg_cols):
             table[col] = [r.distractors[lv][j] for r in rows]
-        _write_table(table, neg_cols, out / "distractors" / lv)
+        write_image_table(table, neg_cols, out / "distractors" / lv)
     from .data import split_by_identity
 
     splits = split_by_identity(list(range(config.num_identities)), range(config.num_identities), seed=config.seed,
@@ -574,7 +576,7 @@ def generate_synthetic_mtg(
             cols[f"image_{k}_inpainted"].append(_png(img_e))
             cols[f"image_{k}_object_mask"].append(_png(obj_mask.astype(np.uint8) * 255))
             cols[f"image_{k}_part_mask"].append(_png(edit_mask.astype(np.uint8) * 255))
-    _write_table(cols, list(cols), out)
+    write_image_table(cols, list(cols), out)
     return out
 
 

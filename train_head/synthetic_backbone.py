@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,26 @@ from .synthetic import PARTS, PATTERNS, SHAPES, SIDES, background, render, sampl
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BackbonePretrainConfig", "pretrain_synthetic_backbone", "scene_labels"]
+__all__ = ["BackbonePretrainConfig", "pretrain_synthetic_backbone", "register_scene_sampler", "scene_labels"]
 
 STAMP = "pretrain_config.json"
 OBJECTIVE_VERSION = 3  # bump when the pretraining task changes, so cached backbones are not reused
 _CLASSES = {"shape": SHAPES, "pattern": PATTERNS, "part": PARTS, "side": SIDES}
 _REGRESSION = 20  # 5 RGB colours + cx, cy, radius, rotation, brightness
 _DENSE = 11  # per token: body and part coverage, the object's colour there, its primary and secondary colours
+
+
+SceneSampler = Callable[[np.random.Generator], tuple[Any, Any]]
+# world name -> draws one (SynthObject, SynthContext) scene; other worlds built on the same renderer register theirs
+_SCENE_SAMPLERS: dict[str, SceneSampler] = {"nearid": lambda rng: (sample_object(rng), sample_context(rng))}
+
+
+def register_scene_sampler(name: str, sampler: SceneSampler) -> None:
+    """Make ``BackbonePretrainConfig(world=name)`` pretrain on scenes drawn by ``sampler(rng) -> (object, context)``.
+
+    The objects must use this renderer's shapes, patterns, parts and sides (the read-out classes).
+    """
+    _SCENE_SAMPLERS[name] = sampler
 
 
 @dataclass
@@ -56,6 +70,8 @@ class BackbonePretrainConfig:
         steps, batch_size, learning_rate, weight_decay, warmup_steps: AdamW with a cosine schedule.
         seed: everything is derived from it.
         supersample: rendering supersampling.
+        world: which registered scene sampler draws the scenes (:func:`register_scene_sampler`; default the NearID
+            world of :mod:`train_head.synthetic`).
     """
 
     image_size: int = 64
@@ -73,6 +89,7 @@ class BackbonePretrainConfig:
     warmup_steps: int = 50
     seed: int = 0
     supersample: int = 2
+    world: str = "nearid"
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -83,6 +100,9 @@ class BackbonePretrainConfig:
         for name in ("num_images", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"BackbonePretrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.world not in _SCENE_SAMPLERS:
+            raise ValueError(f"BackbonePretrainConfig.world must be one of {sorted(_SCENE_SAMPLERS)} (see "
+                             f"register_scene_sampler), got {self.world!r}")
 
 
 def scene_labels(obj: Any, ctx: Any) -> tuple[list[int], list[float]]:
@@ -109,7 +129,7 @@ def _render_pool(
     dense_classes = np.empty((n, grid * grid, 4), dtype=np.int64)
     for i in tqdm(range(n), desc="pretraining scenes", disable=not progress, leave=False):
         rng = np.random.default_rng([config.seed, 5150, offset + i])
-        obj, ctx = sample_object(rng), sample_context(rng)
+        obj, ctx = _SCENE_SAMPLERS[config.world](rng)
         bg = background(ctx, size * config.supersample)
         img, body, part = render(obj, ctx, size, supersample=config.supersample, bg=bg, masks=True)
         images[i] = img
@@ -205,7 +225,9 @@ def pretrain_synthetic_backbone(
     stamp = out / STAMP
     if not force and stamp.is_file() and (out / "model.safetensors").is_file():
         stored = json.loads(stamp.read_text(encoding="utf-8"))
-        if stored.get("config") == wanted and stored.get("objective_version") == OBJECTIVE_VERSION:
+        # backbones cached before the ``world`` option existed were NearID-world ones
+        same = {"world": "nearid", **stored.get("config", {})} == wanted
+        if same and stored.get("objective_version") == OBJECTIVE_VERSION:
             logger.info("reusing the pretrained synthetic backbone in %s", out)
             return out
     started = time.perf_counter()

@@ -13,10 +13,7 @@ import argparse
 import json
 import logging
 import sys
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -78,19 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_pipeline(path: str, dtype: torch.dtype, device: Any) -> Any:
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
-    index = Path(path) / "model_index.json"
-    if index.is_file() and "safety_checker" in json.loads(index.read_text(encoding="utf-8")):
-        # The safety checker blanks images at random, which would corrupt identity scores.
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    with warnings.catch_warnings():  # newer diffusers prefer `dtype=`; `torch_dtype=` works across versions
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipeline = load_pipeline(path, **kwargs)  # safetensors only
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
-
-
 @entry_point("nearid-select")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -120,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ).to(device)
     scorer = IdentityReward(model, list(args.nearid_reference_dir), aggregate=args.aggregate)
     validator = IdentityValidator(scorer, prefix="")
-    pipeline = _load_pipeline(args.pretrained_model_name_or_path, _DTYPES[args.dtype], device)
+    pipeline = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=_DTYPES[args.dtype], device=device)
     result = CheckpointSelector(pipeline, validator, prompts, config=config, state=state).run(
         args.output_dir, checkpoints=args.checkpoints
     )

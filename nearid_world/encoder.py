@@ -1,0 +1,234 @@
+"""The generation world's NearID encoder: a tiny SigLIP backbone and a NearID head trained with the project's trainer.
+
+Three steps, each with the project's own tools:
+
+1. a NearID-schema dataset of the generation world (:func:`write_world_dataset`): per identity three views in random
+   contexts and, for every view, one near-identity distractor per identity attribute (the same object with one
+   attribute changed, on the same background at the same place); the benchmark's held-out identities are left out;
+2. a tiny SigLIP backbone with the generic synthetic pretraining of :mod:`train_head.synthetic_backbone` on
+   generation-world scenes (attribute and scene read-outs, never the identity task); its own pooling head is the
+   frozen baseline;
+3. ``nearid-train-head`` (two-tier objective with every distractor level) on the training identities, then the best
+   head by validation SSR, saved head-only next to the backbone it references (``backbone/`` and ``head/``).
+
+Command that made the shipped encoder (``nearid_world/weights/nearid``)::
+
+    python -m nearid_world.encoder --output_dir nearid_world/weights/nearid --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from nearid_reward.io import write_json_atomic
+
+from . import scenes
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EncoderConfig", "write_world_dataset", "train_world_encoder", "main"]
+
+WORLD = "generation"
+
+
+def _scene(rng: np.random.Generator) -> tuple[Any, Any]:
+    ident = scenes.sample_identity(rng)
+    context = list(scenes.CONTEXTS)[int(rng.integers(len(scenes.CONTEXTS)))]
+    return scenes.synth_object(ident, rng), scenes.view_context(context, rng)
+
+
+def register() -> None:
+    """Register the generation world's scenes with the synthetic backbone pretraining (``world="generation"``)."""
+    from train_head.synthetic_backbone import register_scene_sampler
+
+    register_scene_sampler(WORLD, _scene)
+
+
+@dataclass
+class EncoderConfig:
+    """Settings of the world encoder (each is a ``python -m nearid_world.encoder`` flag).
+
+    Attributes:
+        num_identities: identities in the NearID-schema dataset (train / val / test split by identity).
+        image_size, patch_size, hidden_size, num_layers, backbone_steps, backbone_images: the tiny SigLIP and its
+            pretraining.
+        head_steps, batch_size, learning_rate, temperature, alpha: ``nearid-train-head`` settings.
+        held_out: benchmark identities left out of the dataset.
+        seed: everything derives from it.
+    """
+
+    num_identities: int = 2000
+    image_size: int = 32
+    patch_size: int = 4
+    hidden_size: int = 128
+    num_layers: int = 1
+    backbone_steps: int = 800
+    backbone_images: int = 4000
+    head_steps: int = 600
+    batch_size: int = 128
+    learning_rate: float = 3e-3
+    temperature: float = 0.1
+    alpha: float = 0.0
+    held_out: int = 48
+    seed: int = 0
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_world_dataset(output_dir: str | Path, config: EncoderConfig, *, progress: bool = False) -> Path:
+    """Write the generation world in the NearID schema: ``positives/``, ``distractors/<attribute>/``, ``splits/``.
+
+    Distractor level ``<attribute>`` changes that one identity attribute (:data:`scenes.NEAR_ATTRIBUTES`).
+    """
+    from tqdm.auto import tqdm
+
+    from train_head.data import split_by_identity
+    from train_head.synthetic import write_image_table
+
+    out = Path(output_dir)
+    banned = scenes.held_out_identities(config.held_out) if config.held_out else []
+    n = config.num_identities
+    views: list[list[bytes]] = []
+    distractors: dict[str, list[list[bytes]]] = {a: [] for a in scenes.NEAR_ATTRIBUTES}
+    descriptions = []
+    contexts = list(scenes.CONTEXTS)
+    for i in tqdm(range(n), desc="world identities", disable=not progress, leave=False):
+        rng = np.random.default_rng([config.seed, 7004, i])
+        ident = scenes.sample_identity(rng, banned)
+        descriptions.append(ident.describe())
+        row: list[bytes] = []
+        per_level: dict[str, list[bytes]] = {a: [] for a in scenes.NEAR_ATTRIBUTES}
+        for context in rng.permutation(contexts)[:3]:
+            ctx = scenes.view_context(str(context), rng)
+            view_seed = int(rng.integers(2**31))
+            row.append(_png(scenes.render_view(ident, str(context), np.random.default_rng(view_seed),
+                                               config.image_size, ctx=ctx)))
+            for attribute in scenes.NEAR_ATTRIBUTES:
+                other = scenes.near_identity(ident, attribute, rng)
+                # same background, place and colour shades: only the attribute differs
+                per_level[attribute].append(_png(scenes.render_view(other, str(context),
+                                                                    np.random.default_rng(view_seed),
+                                                                    config.image_size, ctx=ctx)))
+        views.append(row)
+        for attribute in scenes.NEAR_ATTRIBUTES:
+            distractors[attribute].append(per_level[attribute])
+    ids = list(range(n))
+    positives: dict[str, list[Any]] = {"id": ids, "category": ["world"] * n, "category_description": descriptions,
+                                       "n_images": [3] * n}
+    for j in range(3):
+        positives[f"img{j + 1}"] = [r[j] for r in views]
+    write_image_table(positives, [f"img{j + 1}" for j in range(3)], out / "positives")
+    for attribute, rows in distractors.items():
+        table: dict[str, list[Any]] = {"id": ids, "category": ["world"] * n, "n_images": [3] * n}
+        for j in range(3):
+            table[f"nimg{j + 1}"] = [r[j] for r in rows]
+        write_image_table(table, [f"nimg{j + 1}" for j in range(3)], out / "distractors" / attribute)
+    splits = split_by_identity(ids, ids, seed=config.seed, val_fraction=0.1, test_fraction=0.1)
+    for name, indices in splits.items():
+        write_json_atomic(out / "splits" / f"{name}.json", {"indices": indices, "seed": config.seed, "split": name})
+    return out
+
+
+def train_world_encoder(output_dir: str | Path, config: EncoderConfig | None = None, *,
+                        work_dir: str | Path | None = None, progress: bool = False) -> Path:
+    """Build the world's NearID encoder into ``output_dir`` (``backbone/``, ``head/``, ``encoder_config.json``).
+
+    Args:
+        output_dir: destination (the parts that are shipped).
+        config: settings.
+        work_dir: where the dataset and the trainer's run go (default ``output_dir/../encoder_work``).
+        progress: progress bars.
+
+    Returns:
+        ``output_dir``; ``NearIDModel.from_pretrained(output_dir / "head")`` loads the trained encoder and
+        ``NearIDModel.from_pretrained(output_dir / "backbone")`` the frozen baseline.
+    """
+    from nearid_reward import NearIDModel
+    from train_head import eval as nearid_eval
+    from train_head import train as nearid_train
+    from train_head.synthetic_backbone import BackbonePretrainConfig, pretrain_synthetic_backbone
+
+    config = config or EncoderConfig()
+    out = Path(output_dir)
+    work = Path(work_dir) if work_dir is not None else out.parent / "encoder_work"
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    data = write_world_dataset(work / "data", config, progress=progress)
+    seconds["dataset"] = time.perf_counter() - t
+    register()
+    t = time.perf_counter()
+    backbone = pretrain_synthetic_backbone(out / "backbone", BackbonePretrainConfig(
+        image_size=config.image_size, patch_size=config.patch_size, hidden_size=config.hidden_size,
+        intermediate_size=4 * config.hidden_size, num_hidden_layers=config.num_layers, steps=config.backbone_steps,
+        num_images=config.backbone_images, seed=config.seed, world=WORLD,
+    ), force=True, progress=progress)  # fmt: skip
+    seconds["backbone"] = time.perf_counter() - t
+    t = time.perf_counter()
+    run = work / "run"
+    if run.exists():
+        shutil.rmtree(run)
+    levels = [str(data / "distractors" / a) for a in scenes.NEAR_ATTRIBUTES]
+    nearid_train.main([
+        "--backbone", str(backbone), "--output_dir", str(run), "--train_data", str(data / "positives"),
+        "--distractors", *levels, "--train_indices", str(data / "splits" / "train.json"),
+        "--val_data", str(data / "positives"), "--val_distractors", *levels,
+        "--val_indices", str(data / "splits" / "val.json"),
+        "--train_batch_size", str(config.batch_size), "--max_train_steps", str(config.head_steps),
+        "--learning_rate", str(config.learning_rate), "--lr_warmup_steps", "50", "--alpha", str(config.alpha),
+        "--temperature", str(config.temperature), "--validation_steps", "100",
+        "--checkpointing_steps", str(config.head_steps), "--logging_steps", "100", "--report_to", "none",
+        "--seed", str(config.seed),
+    ])  # fmt: skip
+    seconds["head"] = time.perf_counter() - t
+    model = NearIDModel.from_pretrained(run / "best")
+    model.save_pretrained(out / "head", backbone=Path("..") / "backbone")
+    evaluation: dict[str, Any] = {}
+    for name, folder in (("frozen", backbone), ("nearid", out / "head")):
+        report = work / "eval" / name
+        nearid_eval.main(["--model", str(folder), "--data", str(data / "positives"), "--distractors", *levels,
+                          "--indices", str(data / "splits" / "test.json"), "--output_dir", str(report)])
+        settings = json.loads((report / "metrics.json").read_text())["settings"]
+        evaluation[name] = {k: {"ssr": round(v["ssr"], 1), "pa": round(v["pa"], 1)} for k, v in settings.items()}
+    write_json_atomic(out / "encoder_config.json", {
+        "config": dataclasses.asdict(config), "held_out_test_identities": evaluation,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "total_seconds": round(time.perf_counter() - started, 1),
+    })  # fmt: skip
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nearid_world.encoder", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--work_dir", default=None,
+                        help="dataset and trainer run (default OUTPUT_DIR/../encoder_work)")
+    for f in dataclasses.fields(EncoderConfig):
+        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = EncoderConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EncoderConfig)})
+    out = train_world_encoder(args.output_dir, config, work_dir=args.work_dir, progress=True)
+    print(json.dumps(json.loads((out / "encoder_config.json").read_text()), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
