@@ -302,6 +302,16 @@ def test_pickled_pipeline_weights_are_refused_and_never_read(cli_setup, nearid, 
         from_pretrained_safetensors(HubModel, "org/model", use_safetensors=False)
 
 
+def test_one_load_pipeline_ready_to_render(tmp_path):
+    from nearid_reward import pipelines, selection
+
+    assert selection.load_pipeline is pipelines.load_pipeline  # one implementation, importable from both
+    folder = save_tiny_sd_pipeline(tmp_path / "sd", seed=0)
+    pipe = selection.load_pipeline(folder, torch_dtype=torch.bfloat16, device="cpu")
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.unet.device.type == "cpu"
+    assert getattr(pipe, "safety_checker", None) is None and pipe._progress_bar_config == {"disable": True}
+
+
 def test_two_processes_split_and_gather(cli_setup, nearid, run, tmp_path):
     """torchrun with two CPU processes: each scores its share, the main process writes the same ranking."""
     from nearid_reward.cli.select import main
