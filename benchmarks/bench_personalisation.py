@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Perso
     p.add_argument("--reward_steps", type=int, default=40, help="DRaFT-K steps (0: skip reward fine-tuning)")
     p.add_argument("--reward_learning_rate", type=float, default=1e-3)
     p.add_argument("--reward_backprop_steps", type=int, default=2)
+    p.add_argument("--reward_negative_weight", type=float, default=0.5, help="lambda of the look-alike penalty")
     p.add_argument("--no_prior_run", action="store_true", help="skip the reward run without the prior term")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -129,10 +130,33 @@ def summarise(subjects: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     return out
 
 
-def markdown(summary: dict[str, Any]) -> str:
+def markdown(summary: dict[str, Any], subjects: list[dict[str, Any]] | None = None) -> str:
+    """The averaged figures, then (with ``subjects``) one row per subject."""
     lines = ["| figure | value |", "|---|---|"]
     for key, value in summary.items():
         lines.append(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    if subjects:
+        lines += ["", "| subject | look-alike changes | base truth | best truth "
+                  "| Spearman NearID / frozen / mean pool | regret NearID / frozen / mean pool / last "
+                  "| reward: truth before -> after (no prior) "
+                  "| prompt fidelity before -> after (no prior) | look-alike rate before -> after |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for s in subjects:
+            sp, rg = s["spearman"], s["regret"]
+            rf = s.get("reward_finetune", {})
+            b, a, n = rf.get("before", {}), rf.get("after_prior", {}), rf.get("after_noprior", {})
+
+            def f(m: dict[str, Any], k: str) -> str:
+                return f"{m[k]:.2f}" if k in m else "-"
+
+            lines.append(
+                f"| {s['subject']['index']} | {s['subject']['changed']} | {s['base_truth']:.2f} "
+                f"| {s['best_truth']:.2f} "
+                f"| {sp['nearid']:.2f} / {sp['frozen']:.2f} / {sp['meanpool']:.2f} "
+                f"| {rg['nearid']:.2f} / {rg['frozen']:.2f} / {rg['meanpool']:.2f} / {rg['last']:.2f} "
+                f"| {f(b, 'truth')} -> {f(a, 'truth')} ({f(n, 'truth')}) "
+                f"| {f(b, 'prompt_fidelity')} -> {f(a, 'prompt_fidelity')} ({f(n, 'prompt_fidelity')}) "
+                f"| {f(b, 'lookalike_rate')} -> {f(a, 'lookalike_rate')} |")
     return "\n".join(lines)
 
 
@@ -144,7 +168,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     subjects = sorted((s for run in runs for s in run["per_subject"]), key=lambda s: s["subject"]["index"])
     summary = summarise(subjects, max(run["seconds"] for run in runs))
     report = {**summary, "settings": runs[0]["settings"], "merged_from": list(args.merge), "per_subject": subjects}
-    print(markdown(summary))
+    print(markdown(summary, subjects))
     if args.json:
         from nearid_reward.io import write_json_atomic
 
@@ -179,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = summarise(subjects, time.perf_counter() - started)
     report = {**summary, "settings": {k: v for k, v in vars(args).items() if k != "json"},
               "per_subject": subjects}
-    print(markdown(summary))
+    print(markdown(summary, subjects))
     if args.json:
         from nearid_reward.io import write_json_atomic
 

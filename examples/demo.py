@@ -196,6 +196,8 @@ def stage_report(out: Path, results: dict[str, Any], timings: dict[str, float]) 
     from demo_plots import plot_metrics, plot_projection, plot_samples, plot_truth
     from demo_report import Report
 
+    from nearid_world.personalise import PersonaliseConfig, reward_dir_name
+
     head, proj, world, sel = (results[k] for k in ("head", "projection", "world", "select"))
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -264,8 +266,9 @@ def stage_report(out: Path, results: dict[str, Any], timings: dict[str, float]) 
     panels = [("subject (training views)", renders / "subject.png"), ("look-alike", renders / "lookalike.png"),
               ("base model", renders / "base.png"), (f"NearID pick (step {selected_step})",
                                                       renders / f"checkpoint-{selected_step}.png")]
-    if (renders / "reward_prior.png").is_file():
-        panels.append(("after identity reward", renders / "reward_prior.png"))
+    tuned = renders / f"{reward_dir_name(PersonaliseConfig(**WORLD_RUN), prior=True)}.png"
+    if tuned.is_file():
+        panels.append(("after identity reward", tuned))
     report.image(plot_samples(panels, figures / "samples.png"),
                  "Rows: beach, grass, snow, night prompts ('a sks object on the ...'); same seeds in every panel")
     report.heading("4. Identity-reward fine-tuning (DRaFT-K) from the selected checkpoint")

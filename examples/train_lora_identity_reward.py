@@ -9,10 +9,14 @@ Three modes (``--mode``):
 * ``rwr`` (reward-weighted regression): sample without gradients, score, and train the ordinary diffusion loss on
   the generated images weighted by their normalised reward (no backprop through the sampler).
 
-A prior term keeps the adapter close to the base model on class images (``--class_data_dir``): ``--prior_type kl``
-regresses the adapter's prediction onto the base model's (adapter disabled), ``--prior_type mse`` is DreamBooth's
-prior preservation. Checkpoints are scored by :class:`~nearid_reward.NearIDValidationCallback` and the best adapter
-is kept in ``output_dir/best_identity``. Runs with ``python`` or ``accelerate launch`` (several GPUs, mixed precision).
+A prior term keeps the adapter close to a reference on class images (``--class_data_dir``): ``--prior_type kl``
+regresses the adapter's prediction onto the reference's, ``--prior_type mse`` is DreamBooth's prior preservation.
+The reference is the base model (adapter disabled), or with ``--init_lora`` the starting adapter itself
+(``--prior_reference init``, the default then): continuing a DreamBooth LoRA, a KL to the base model pulls the
+subject out of the adapter, while a KL to the starting adapter keeps what DreamBooth learned and only limits how far
+the reward moves it, as RL fine-tuning keeps its policy near the model it started from. Checkpoints are scored by
+:class:`~nearid_reward.NearIDValidationCallback` and the best adapter is kept in ``output_dir/best_identity``. Runs
+with ``python`` or ``accelerate launch`` (several GPUs, mixed precision).
 
 Example (SD 1.5, one GPU)::
 
@@ -88,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--class_data_dir", default=None, help="class images for the prior term")
     p.add_argument("--prior_type", choices=["kl", "mse"], default="kl")
+    p.add_argument("--prior_reference", choices=["base", "init"], default=None,
+                   help="what the kl prior regresses onto: the base model (adapter disabled) or the --init_lora "
+                        "adapter (default: init with --init_lora, else base)")
     p.add_argument("--prior_loss_weight", type=float, default=1.0)
     p.add_argument("--checkpointing_steps", type=int, default=100)
     p.add_argument("--validation_steps", type=int, default=100)
@@ -98,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.backprop_num_steps < 1 or args.backprop_num_steps > args.num_inference_steps:
         p.error(f"--backprop_num_steps must be in [1, --num_inference_steps={args.num_inference_steps}]")
+    if args.prior_reference is None:
+        args.prior_reference = "init" if args.init_lora else "base"
+    if args.prior_reference == "init" and not args.init_lora:
+        p.error("--prior_reference init needs --init_lora (the adapter to stay close to)")
     lo, hi = args.refl_range
     if not 0.0 <= lo <= hi < 1.0:
         p.error(f"--refl_range must satisfy 0 <= low <= high < 1, got {args.refl_range}")
@@ -170,6 +181,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rank = _lora_rank(init_state) if init_state else args.rank
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                 target_modules=list(args.lora_target_modules)))
+    if init_state and args.prior_reference == "init":  # a frozen copy of the starting adapter: the prior's target
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=list(args.lora_target_modules)), adapter_name=_REFERENCE)
+        set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(init_state), adapter_name=_REFERENCE)
+        unet.set_adapter("default")  # trainable again; the reference's tensors are frozen by the switch
     if init_state:
         incompatible = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(init_state),
                                                  adapter_name="default")
@@ -183,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.gradient_checkpointing and args.mode != "draft":  # draft checkpoints each sampler step instead
         unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate)
+    reference_model: Any = (_BaseModel(pipeline) if args.prior_reference == "base"
+                            else _StartingAdapter(pipeline, lora_params))
     unet, optimizer = accelerator.prepare(unet, optimizer)
     pipeline.unet = accelerator.unwrap_model(unet)
 
@@ -268,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                  width=size)
                 if args.prior_type == "kl":
                     prior = denoising_loss(unet, noise_scheduler, class_latents[idx].to(weight_dtype), cls_embeds,
-                                           unet_kwargs=cls_kwargs, target_unet=_BaseModel(pipeline),
+                                           unet_kwargs=cls_kwargs, target_unet=reference_model,
                                            generator=generator).mean()
                 else:
                     prior = denoising_loss(unet, noise_scheduler, class_latents[idx].to(weight_dtype), cls_embeds,
@@ -310,6 +328,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 indent=2))  # fmt: skip
     accelerator.end_training()
     return result
+
+
+_REFERENCE = "prior_reference"
+
+
+class _StartingAdapter:
+    """Calls the pipeline's UNet with the frozen copy of the starting adapter (the KL prior's target, no gradients)."""
+
+    def __init__(self, pipeline: Any, trainable: list[torch.nn.Parameter]) -> None:
+        self.pipeline = pipeline
+        self.trainable = trainable
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        unet = self.pipeline.unet
+        try:
+            unet.set_adapter(_REFERENCE)
+            with torch.no_grad():
+                return unet(*args, **kwargs)
+        finally:
+            unet.set_adapter("default")
+            for param in self.trainable:  # set_adapter toggles requires_grad; the trained tensors stay trainable
+                param.requires_grad_(True)
 
 
 class _BaseModel:

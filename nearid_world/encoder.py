@@ -75,9 +75,9 @@ class EncoderConfig:
     image_size: int = 32
     patch_size: int = 4
     hidden_size: int = 128
-    num_layers: int = 1
-    backbone_steps: int = 800
-    backbone_images: int = 4000
+    num_layers: int = 2
+    backbone_steps: int = 2000
+    backbone_images: int = 8000
     head_steps: int = 600
     batch_size: int = 128
     learning_rate: float = 3e-3

@@ -180,7 +180,7 @@ def load_world_pipeline(assets: WorldAssets) -> Any:
     """The shipped world model as a ``StableDiffusionPipeline`` (float32, CPU, safetensors only)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(assets.world_model), torch_dtype=torch.float32,
+    pipe = StableDiffusionPipeline.from_pretrained(str(assets.world_model), dtype=torch.float32,
                                                    use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -41,7 +41,7 @@ from .evaluate import (
 )
 from .oracle import AttributeOracle
 
-__all__ = ["PersonaliseConfig", "personalise_subject", "class_images", "spearman", "nanmean"]
+__all__ = ["PersonaliseConfig", "personalise_subject", "class_images", "reward_dir_name", "spearman", "nanmean"]
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = "pytorch_lora_weights.safetensors"
@@ -56,6 +56,7 @@ class PersonaliseConfig:
         steps, checkpointing_steps, learning_rate, rank: DreamBooth-LoRA.
         per_context, inference_steps, guidance_scale: the fixed evaluation set and how it is rendered.
         reward_steps, reward_learning_rate, reward_backprop_steps: DRaFT-K (``reward_steps=0`` skips it).
+        reward_negative_weight: lambda of the look-alike penalty in the reward (``--negative_weight``).
         no_prior_run: skip the reward run without the prior term.
         seed: training seed.
     """
@@ -71,6 +72,7 @@ class PersonaliseConfig:
     reward_steps: int = 40
     reward_learning_rate: float = 1e-3
     reward_backprop_steps: int = 2
+    reward_negative_weight: float = 0.5
     no_prior_run: bool = False
     seed: int = 0
 
@@ -144,15 +146,21 @@ def dreambooth(args: PersonaliseConfig, assets: WorldAssets, subject: Any, folde
     return out
 
 
+def reward_dir_name(args: PersonaliseConfig, *, prior: bool) -> str:
+    """Folder (and render grid) name of a reward run: with or without the prior, and the penalty weight."""
+    return f"reward_{'prior' if prior else 'noprior'}_neg{args.reward_negative_weight:g}"
+
+
 def reward_finetune(args: PersonaliseConfig, assets: WorldAssets, subject: Any, init: Path, folder: Path,
                     classes: Path, *, prior: bool) -> Path:
-    out = folder / ("reward_prior" if prior else "reward_noprior")
+    out = folder / reward_dir_name(args, prior=prior)
     if (out / LORA).is_file():
         return out
     command = [
         sys.executable, str(ROOT / "examples" / "train_lora_identity_reward.py"),
         "--pretrained_model_name_or_path", str(assets.world_model), "--nearid_model", str(assets.nearid),
         "--reference_dir", str(subject.instance_dir), "--negative_dir", str(subject.negative_dir),
+        "--negative_weight", str(args.reward_negative_weight),
         "--instance_token", scenes.INSTANCE_TOKEN, "--class_noun", scenes.CLASS_NOUN, "--prompts", str(PROMPTS),
         "--init_lora", str(init), "--mode", "draft", "--backprop_num_steps", str(args.reward_backprop_steps),
         "--num_inference_steps", str(args.inference_steps), "--guidance_scale", str(args.guidance_scale),
