@@ -27,6 +27,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, median_time, peak_memory_mib  # noqa: E402
 
+from nearid_reward.images import load_image, to_rgb  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CONFIGS = {
@@ -43,7 +45,7 @@ def _photos(n: int, size: int) -> list[Image.Image]:
     root = Path(os.path.dirname(skimage.data.__file__))
     names = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "hubble_deep_field.jpg",
              "motorcycle_left.png"]
-    base = [Image.open(root / name).convert("RGB").resize((size, size), Image.BICUBIC) for name in names]
+    base = [to_rgb(load_image(root / name)).resize((size, size), Image.BICUBIC) for name in names]
     return [base[i % len(base)].rotate(7 * (i // len(base))) for i in range(n)]
 
 

@@ -72,7 +72,7 @@ def main() -> None:
         reloads = []
         for _ in range(3):
             start = time.perf_counter()
-            DiffusionPipeline.from_pretrained(str(folder / "sd"))
+            DiffusionPipeline.from_pretrained(str(folder / "sd"), use_safetensors=True)
             reloads.append(time.perf_counter() - start)
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; {args.checkpoints} LoRA checkpoints, "
               f"prompt set 8 instance + 4 class prompts, {args.steps} steps, 64 px, render batch {args.batch_size}")

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from nearid_reward import IdentityReward, IdentityValidator, NearIDValidationCallback
 from nearid_reward.diffusion import decode_latents, predict_x0
-from nearid_reward.images import to_pil_list
+from nearid_reward.images import to_pil_list, to_rgb
+from nearid_reward.pipelines import load_pipeline
 from nearid_reward.rendering import PromptSet, RenderConfig
 
 
@@ -39,14 +40,14 @@ def main(argv: list[str] | None = None) -> NearIDValidationCallback | None:
     args = p.parse_args(argv)
 
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler, DiffusionPipeline
+    from diffusers import DDPMScheduler
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     out = Path(args.output_dir)
     accelerator = Accelerator()
-    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path).to(accelerator.device)
+    pipe = load_pipeline(args.pretrained_model_name_or_path).to(accelerator.device)  # safetensors only
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> NearIDValidationCallback | None:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     size = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     photos = to_pil_list(args.instance_data_dir)
-    pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32))
+    pixels = torch.stack([torch.from_numpy(np.asarray(to_rgb(im).resize((size, size)), dtype=np.float32))
                           .permute(2, 0, 1) / 127.5 - 1.0 for im in photos]).to(accelerator.device)  # fmt: skip
     with torch.no_grad():
         latents = pipe.vae.encode(pixels).latent_dist.sample() * pipe.vae.config.scaling_factor

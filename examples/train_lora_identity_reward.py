@@ -50,8 +50,9 @@ from nearid_reward.diffusion import (
     reward_weights,
     sample_images,
 )
-from nearid_reward.images import to_pil_list
+from nearid_reward.images import to_pil_list, to_rgb
 from nearid_reward.io import append_jsonl
+from nearid_reward.pipelines import load_pipeline
 from nearid_reward.rendering import PromptSet, RenderConfig, adapters_disabled
 
 logger = logging.getLogger("train_lora_identity_reward")
@@ -117,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _class_latents(pipeline: Any, folder: str, size: int, device: torch.device) -> torch.Tensor:
     """VAE latents ``[N, C, h, w]`` of the class images (resized to the training resolution, no gradients)."""
     images = to_pil_list(folder, name="class_data_dir")
-    arrays = [np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32) for img in images]
+    arrays = [np.asarray(to_rgb(img).resize((size, size)), dtype=np.float32) for img in images]
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0  # [N, 3, H, W] in [-1, 1]
     vae = pipeline.vae
     with torch.no_grad():
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import DDPMScheduler, DiffusionPipeline
+    from diffusers import DDPMScheduler
     from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_seed(args.seed, device_specific=True)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    pipeline = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path)
+    pipeline = load_pipeline(args.pretrained_model_name_or_path)  # safetensors only
     pipeline.set_progress_bar_config(disable=True)
     for name in ("vae", "text_encoder", "text_encoder_2", "unet"):
         module = getattr(pipeline, name, None)

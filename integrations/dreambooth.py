@@ -43,6 +43,7 @@ import torch
 
 from nearid_reward import IdentityValidator, NearIDModel, NearIDValidationCallback, ReferenceSet
 from nearid_reward.callback import CallbackConfig
+from nearid_reward.cli.entry_points import add_debug_flag, entry_point
 from nearid_reward.io import read_jsonl, write_text_atomic
 from nearid_reward.rendering import PromptSet, RenderConfig
 from nearid_reward.results import SelectionResult, format_table, plot_identity_history, summary_markdown
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the identity loss only uses samples with timestep below this (of 1000)")
     p.add_argument("--nearid_dtype", default="float32", choices=sorted(_DTYPES), help="NearID backbone dtype")
     p.add_argument("--nearid_strict", action="store_true", help="re-raise scoring errors instead of logging them")
+    add_debug_flag(p)
     return p
 
 
@@ -325,24 +327,27 @@ class DreamBoothSession:
             self._select_after()
 
     # ------------------------------------------------------------------ pipelines
+    def _unwrap(self, component: Any) -> Any:
+        """The module inside an accelerate/DDP wrapper; anything else (a tokenizer) as it is.
+
+        accelerate's ``unwrap_model`` only handles modules: given a tokenizer it raises ``AttributeError``.
+        """
+        if self.accelerator is None or not isinstance(component, torch.nn.Module):
+            return component
+        return self.accelerator.unwrap_model(component)
+
     def _pipeline_from_components(self, arguments: dict[str, Any]) -> Any:
         """A pipeline over the live models that ``train_dreambooth.py`` passes to its ``log_validation``."""
-        from diffusers import DiffusionPipeline
-
         args = arguments["args"]
-        unwrap = self.accelerator.unwrap_model if self.accelerator is not None else (lambda m: m)
-        parts = {k: unwrap(arguments[k]) for k in ("unet", "vae", "text_encoder", "tokenizer")
+        parts = {k: self._unwrap(arguments[k]) for k in ("unet", "vae", "text_encoder", "tokenizer")
                  if arguments.get(k) is not None}
-        pipeline = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **parts)
+        pipeline = load_pipeline(args.pretrained_model_name_or_path, **parts)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline.to(self.accelerator.device if self.accelerator is not None else "cpu")
 
     def _pipeline_for_models(self, models: list[Any]) -> Any:
         """A pipeline (cached) whose trained components are the live models being checkpointed."""
-        from diffusers import DiffusionPipeline
-
-        unwrap = self.accelerator.unwrap_model if self.accelerator is not None else (lambda m: m)
-        live = [unwrap(m) for m in models]
+        live = [self._unwrap(m) for m in models]
         base = self.args.pretrained_model_name_or_path
         index = json.loads((Path(base) / "model_index.json").read_text()) if Path(base).is_dir() else None
         if self._checkpoint_pipeline is None:
@@ -358,7 +363,7 @@ class DreamBoothSession:
                 logger.warning("could not match the checkpointed models %s to pipeline components; checkpoint "
                                "scoring is skipped", [type(m).__name__ for m in live])
                 return None
-            pipeline = DiffusionPipeline.from_pretrained(base, **parts)
+            pipeline = load_pipeline(base, **parts)
             pipeline.set_progress_bar_config(disable=True)
             device = self.accelerator.device if self.accelerator is not None else torch.device("cpu")
             for component in pipeline.components.values():  # never move or cast the shared trained models
@@ -409,6 +414,7 @@ def write_summary(output_dir: Path, validator: Any) -> tuple[Path, Path | None]:
     return md, png
 
 
+@entry_point("nearid-dreambooth")
 def main(argv: Sequence[str] | None = None) -> int:
     ours, theirs = split_argv(sys.argv[1:] if argv is None else argv)
     options = parse_options(ours)

@@ -76,6 +76,7 @@ class IdentityLossHook:
             from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
             from nearid_reward import IdentityReward
+            from nearid_reward.pipelines import from_pretrained_safetensors
 
             args = self.session.args
             base = args.pretrained_model_name_or_path
@@ -83,7 +84,8 @@ class IdentityLossHook:
             # the session's one NearID model and reference set, shared with validation
             self._reward = IdentityReward(self.session.nearid_model(), self.session.reference_set())
             self._reward.model.gradient_checkpointing_enable()
-            self._vae = AutoencoderKL.from_pretrained(base, subfolder="vae").to(device).requires_grad_(False)
+            self._vae = from_pretrained_safetensors(AutoencoderKL, base, subfolder="vae")
+            self._vae.to(device).requires_grad_(False)
             config = DDPMScheduler.load_config(base, subfolder="scheduler")
             flow = config.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
             self._scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler).from_config(config)

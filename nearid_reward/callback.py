@@ -19,9 +19,9 @@ import torch
 from .adapters import save_pipeline_adapter
 from .config import with_overrides
 from .images import ImageInput
-from .io import write_json_atomic
+from .io import remove_stale_temporaries, replace_directory, write_json_atomic
 from .rendering import PromptSet, RenderConfig, RenderedSet, render_validation_set
-from .run_checkpoints import CHECKPOINT_PATTERN, copy_checkpoint_weights, inspect_checkpoint, replace_directory
+from .run_checkpoints import CHECKPOINT_PATTERN, copy_checkpoint_weights, inspect_checkpoint
 from .validation import IdentityValidator
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ class NearIDValidationCallback:
     Args:
         validator: the :class:`~nearid_reward.IdentityValidator` (references, metrics, history, trackers).
         output_dir: the run's output folder (holds ``checkpoint-N/`` and ``best_identity/``); None disables
-            saving the best adapter.
+            saving the best adapter. Temporaries that a killed earlier run of the callback left in it (and in its
+            ``checkpoint-N/`` folders) are removed on the main process.
         prompts: a :class:`~nearid_reward.PromptSet` (default: the shipped identity prompt set), filled with
             ``config.instance_token`` and ``config.class_noun`` when it has placeholders.
         config: a :class:`CallbackConfig`; keyword ``overrides`` replace its fields.
@@ -104,6 +105,9 @@ class NearIDValidationCallback:
         self.best_saved_step: int | None = None
         self.last_error: BaseException | None = None
         self._last_render: tuple[int, RenderedSet] | None = None
+        self._cleaned: set[Path] = set()
+        if self.output_dir is not None:
+            self._remove_stale_temporaries(self.output_dir)
 
     @property
     def best_dir(self) -> Path | None:
@@ -183,6 +187,7 @@ class NearIDValidationCallback:
                 checkpoint, run_dir = folder / f"checkpoint-{step}", folder
             if self.output_dir is None:
                 self.output_dir = run_dir
+                self._remove_stale_temporaries(run_dir)
             if not checkpoint.is_dir():
                 raise FileNotFoundError(f"checkpoint folder not found: {checkpoint}")
             record = self.validator.last_validation(at_or_before=int(step))
@@ -195,6 +200,13 @@ class NearIDValidationCallback:
             return self._failed("checkpoint", step, exc)
 
     # ------------------------------------------------------------------ internals
+    def _remove_stale_temporaries(self, run_dir: Path) -> None:
+        if run_dir in self._cleaned or not self.validator.is_main_process or not run_dir.is_dir():
+            return
+        self._cleaned.add(run_dir)
+        for folder in [run_dir, *sorted(p for p in run_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name))]:
+            remove_stale_temporaries(folder)
+
     def _should_save(self, step: int) -> bool:
         return (
             self.config.save_best

@@ -2,20 +2,36 @@
 
 Every file the project writes goes through these helpers: content is written to a temporary file in the
 destination folder, flushed and fsynced, then renamed over the destination, so a crash leaves either the old
-file or the new one, never a torn one. Histories are appended line by line and fsynced.
+file or the new one, never a torn one. Files are created with the permissions a plain ``open`` would give them
+(``0o666`` minus the umask; an existing file keeps its mode). Histories are appended line by line and fsynced.
+
+Temporaries are named ``.<name>.tmp-<host>-<pid>-<random>`` (``.old-`` for a folder moved aside while it is
+replaced), where ``<host>`` is a short hash of the host name and ``<pid>`` the writing process, so a temporary left
+behind by a killed process can be told from one being written: :func:`remove_stale_temporaries`, called when a run
+starts, removes the stale ones in the folders the run writes to, and nothing else.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import logging
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import socket
+import stat
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "atomic_write",
@@ -25,6 +41,10 @@ __all__ = [
     "read_jsonl",
     "save_safetensors_atomic",
     "load_safetensors",
+    "temporary_path",
+    "swap_directory",
+    "replace_directory",
+    "remove_stale_temporaries",
     "CheckpointError",
 ]
 
@@ -46,19 +66,192 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _host_tag() -> str:
+    """8 hex digits naming this host in temporary names (a pid only identifies a process on its own host)."""
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def temporary_path(dest: str | os.PathLike[str], *, role: Literal["tmp", "old"] = "tmp") -> Path:
+    """A fresh hidden name next to ``dest``: ``.<name>.<role>-<host>-<pid>-<random>``.
+
+    ``role="tmp"`` names content being written (renamed over ``dest`` once complete), ``"old"`` a previous ``dest``
+    moved aside to be deleted.
+    """
+    target = Path(dest)
+    return target.parent / f".{target.name}.{role}-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+# Names written by this version: the writer's host tag and pid are in the name.
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<role>tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}$")
+# Names written by earlier versions, with the writer's pid (the head trainer's best/final folders, replace_directory,
+# the selection's winner link, the synthetic data's parquet files) ...
+_LEGACY_WITH_PID = re.compile(
+    r"^\.(?P<name>.+)\.(?:(?P<role>tmp|old|link)-(?P<pid>\d+)(?:-\d+)?|(?P<file_pid>\d+)\.tmp)$"
+)
+# ... and without one (the head trainer's checkpoint folders; atomic files named by tempfile.mkstemp).
+_LEGACY_WITHOUT_PID = re.compile(r"^\.(?:checkpoint-\d+\.tmp|.+\.[a-z0-9_]{8}\.tmp)$")
+LEGACY_STALE_AFTER_S = 3600.0
+"""A temporary whose name carries no pid (earlier versions) is stale once unmodified for this many seconds."""
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (True whenever that cannot be told safely)."""
+    if pid == os.getpid():
+        return True
+    if os.name != "posix" or pid <= 0:  # signal 0 probes liveness only on POSIX; pid 0 means a process group
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def _stale(entry: Path, now: float) -> tuple[bool, str | None]:
+    """Whether ``entry`` is a stale temporary of this project, and the name it replaces when it is an aside copy."""
+    match = _TEMP_NAME.match(entry.name)
+    if match is not None:
+        stale = match["host"] == _host_tag() and not _pid_alive(int(match["pid"]))
+        return stale, match["name"] if match["role"] == "old" else None
+    match = _LEGACY_WITH_PID.match(entry.name)
+    if match is not None:
+        stale = not _pid_alive(int(match["pid"] or match["file_pid"]))
+        return stale, match["name"] if match["role"] == "old" else None
+    if _LEGACY_WITHOUT_PID.match(entry.name) is not None:
+        try:
+            return now - entry.lstat().st_mtime > LEGACY_STALE_AFTER_S, None
+        except FileNotFoundError:
+            return False, None
+    return False, None
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove what interrupted runs of this project left directly inside ``folder``; touch nothing else.
+
+    Only the exact temporary names this project writes are considered (see the module docstring), and of those
+    only the stale ones: a name that carries a pid is stale when that process no longer runs on this host
+    (temporaries written from another host of a shared filesystem are left alone); a name without one, written by
+    an earlier version, when it has not been modified for :data:`LEGACY_STALE_AFTER_S` seconds. A folder that was
+    moved aside by :func:`swap_directory` and whose replacement never arrived is renamed back instead of removed.
+
+    Returns:
+        The removed paths.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    now = time.time()
+    removed: list[Path] = []
+    for entry in sorted(root.iterdir()):
+        if not entry.name.startswith("."):
+            continue
+        stale, replaces = _stale(entry, now)
+        if not stale:
+            continue
+        try:
+            original = root / replaces if replaces else None
+            if original is not None and not original.exists() and not original.is_symlink():
+                os.replace(entry, original)  # killed between the two renames of a swap: the old copy is all there is
+                logger.warning("restored %s from %s, left by an interrupted run", original, entry.name)
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:  # removed meanwhile by another process
+            continue
+        except OSError as exc:  # e.g. not ours to delete: leave it, the run itself does not need it gone
+            logger.warning("could not remove the stale temporary %s: %s", entry, exc)
+            continue
+        removed.append(entry)
+    if removed:
+        logger.info("removed %d stale temporaries left by interrupted runs in %s: %s", len(removed), root,
+                    ", ".join(p.name for p in removed))
+    return removed
+
+
+def swap_directory(tmp: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Move the finished folder ``tmp`` to ``dest``, replacing what is there (a folder, a file or a link).
+
+    A folder at ``dest`` is first renamed aside (:func:`temporary_path` with ``role="old"``) and deleted after the
+    swap. A crash leaves the old folder or the new one in place; between the two renames the old one exists only
+    under its aside name, and :func:`remove_stale_temporaries` renames it back.
+    """
+    source, target = Path(tmp), Path(dest)
+    old = None
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.exists():
+        old = temporary_path(target, role="old")
+        os.replace(target, old)
+    try:
+        os.replace(source, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def replace_directory(dest: str | os.PathLike[str], build: Callable[[Path], None]) -> Path:
+    """Build a folder next to ``dest`` with ``build(tmp)`` and swap it into place (:func:`swap_directory`).
+
+    A crash while building leaves the old ``dest`` untouched plus a temporary folder that
+    :func:`remove_stale_temporaries` recognises. The folder is created like ``mkdir`` does: ``0o777`` minus the umask.
+    """
+    target = Path(dest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(target)
+    try:
+        tmp.mkdir()
+        build(tmp)
+        swap_directory(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # still there only when building or swapping failed
+    return target
+
+
+def _create_exclusive(dest: Path) -> tuple[int, Path]:
+    """Create a new temporary file next to ``dest`` with ``open``'s permissions (0o666 minus the umask)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = temporary_path(dest)
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file next to ``path``; on success it replaces ``path`` atomically.
+
+    The file gets the permissions a plain ``open(path, mode)`` would give it: ``0o666`` minus the umask for a new
+    file, the current mode for an existing one (``tempfile.mkstemp`` would make every file ``0o600``).
 
     Args:
         path: destination file.
         mode: ``"w"`` for text or ``"wb"`` for bytes.
     """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        existing_mode: int | None = stat.S_IMODE(dest.stat().st_mode)
+    except FileNotFoundError:
+        existing_mode = None
+    fd, tmp = _create_exclusive(dest)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            if existing_mode is not None and hasattr(os, "fchmod"):
+                os.fchmod(handle.fileno(), existing_mode)
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -96,21 +289,35 @@ def _json_default(obj: Any) -> Any:
 def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
     """Append one JSON line to ``path`` and fsync it, so a crash never loses an earlier line.
 
-    A torn last line left by a crash in the middle of an earlier write is tolerated by :func:`read_jsonl`.
+    The line is written whole or not at all: when writing or syncing it fails (a full disk, a quota), the file is cut
+    back to its previous length before the error propagates, so no later line ever follows a torn one. A torn last
+    line left by a process killed mid-write is skipped by :func:`read_jsonl` and this append starts a fresh line.
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(dict(record), sort_keys=True, default=_json_default)
-    with open(dest, "a+", encoding="utf-8") as handle:
-        # If the previous writer died mid-line, start on a fresh line so this record stays parseable.
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() > 0:
-            handle.seek(handle.tell() - 1)
-            if handle.read(1) != "\n":
-                handle.write("\n")
-        handle.write(line + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    data = (json.dumps(dict(record), sort_keys=True, default=_json_default) + "\n").encode("utf-8")
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(dest, flags, 0o666)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size > 0:
+            os.lseek(fd, size - 1, os.SEEK_SET)
+            if os.read(fd, 1) != b"\n":  # the previous writer died mid-line: keep this record parseable
+                data = b"\n" + data
+        try:
+            view = memoryview(data)
+            while view:  # O_APPEND: every write lands at the end, whatever the file position
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            try:
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            except OSError as exc:  # the write's own error is the one to raise
+                logger.error("could not cut %s back to %d bytes after a failed append: %s", dest, size, exc)
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

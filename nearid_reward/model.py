@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from .checkpoint import (
 )
 from .config import HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME, NearIDConfig, PreprocessConfig
 from .head import MAPHead
-from .images import ImageInput, check_image_tensor, to_pil_list
+from .images import ImageInput, check_image_tensor, check_value_range, to_pil_list
 from .io import save_safetensors_atomic, write_json_atomic
 from .preprocess import PixelInputs, preprocess_pil, preprocess_tensor
 
@@ -34,9 +35,26 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NearIDModel", "as_nearid_model"]
+__all__ = ["NearIDModel", "as_nearid_model", "check_chunk_size"]
 
 SaveFormat = Literal["head", "release"]
+
+
+def check_chunk_size(chunk_size: Any, name: str = "chunk_size", *, allow_none: bool = True) -> int | None:
+    """Validate a number of images per backbone call: an int >= 1 (or None when ``allow_none``).
+
+    Raises:
+        TypeError: not an int (bools and floats included).
+        ValueError: below 1.
+    """
+    expected = f"`{name}` must be an int >= 1 (images per backbone call)" + (" or None" if allow_none else "")
+    if chunk_size is None and allow_none:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"{expected}; got {type(chunk_size).__name__} {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"{expected}; got {chunk_size}")
+    return int(chunk_size)
 
 
 def _build_backbone(
@@ -97,7 +115,7 @@ class NearIDModel(nn.Module):
         self.vision_config = vision_config
         self.backbone_ref = backbone_ref
         self.extra: dict[str, Any] = dict(extra or {})
-        self.chunk_size: int | None = None
+        self._chunk_size: int | None = None
         self._checkpointing = False
         self.requires_grad_(False)
         self.eval()
@@ -266,6 +284,15 @@ class NearIDModel(nn.Module):
         return next(self.backbone.parameters()).dtype
 
     # ------------------------------------------------------------------ modes and memory options
+    @property
+    def chunk_size(self) -> int | None:
+        """Run the backbone on at most this many images at a time in :meth:`forward` (None: the whole batch)."""
+        return self._chunk_size
+
+    @chunk_size.setter
+    def chunk_size(self, value: int | None) -> None:
+        self._chunk_size = check_chunk_size(value, "chunk_size")
+
     def train(self, mode: bool = True) -> NearIDModel:
         """The backbone always stays in eval mode; the head follows ``mode`` (it has no dropout)."""
         super().train(mode)
@@ -300,6 +327,7 @@ class NearIDModel(nn.Module):
         self, images: ImageInput, *, value_range: tuple[float, float] = (0.0, 1.0), check_inputs: bool = True
     ) -> PixelInputs:
         """Validate and preprocess ``images`` into model inputs on the model's device (see :meth:`embed`)."""
+        value_range = check_value_range(value_range)
         if isinstance(images, torch.Tensor):
             check_image_tensor(images, value_range=value_range, check_values=check_inputs)
             return preprocess_tensor(images.to(self.device), self.preprocess, value_range=value_range)
@@ -343,15 +371,16 @@ class NearIDModel(nn.Module):
             images: a float tensor ``[B, 3, H, W]`` of any H, W with values in ``value_range`` (differentiable
                 w.r.t. the pixels: resized and normalised with tensor ops); or PIL images, uint8 numpy arrays
                 ``[H, W, 3]``, file paths or folders (processed exactly like the HF image processor).
-            value_range: ``(low, high)`` of tensor pixel values, e.g. ``(0, 1)`` or ``(-1, 1)``; ignored for
-                PIL/numpy/path inputs, which are 8-bit.
-            chunk_size: run the backbone on at most this many images at a time (default: the model's
+            value_range: ``(low, high)`` numbers with ``high > low`` giving the range of tensor pixel values, e.g.
+                ``(0, 1)`` or ``(-1, 1)``; checked but not used for PIL/numpy/path inputs, which are 8-bit.
+            chunk_size: run the backbone on at most this many images at a time, an int >= 1 (default: the model's
                 ``chunk_size`` attribute, None = whole batch).
             check_inputs: check tensors for NaN/Inf and for values contradicting ``value_range`` (one device sync).
 
         Returns:
             ``[B, E]`` float32 embeddings with unit L2 norm; cosine similarity is their dot product.
         """
+        chunk_size = check_chunk_size(chunk_size, "chunk_size")
         inputs = self.prepare(images, value_range=value_range, check_inputs=check_inputs)
         if chunk_size is None:
             return self(inputs)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import RESAMPLE_NAMES, PreprocessConfig
+from .images import check_pil_image, check_value_range, is_high_bit_depth, to_rgb
 
 __all__ = ["PixelInputs", "preprocess_tensor", "preprocess_pil", "naflex_target_size", "patchify"]
 
@@ -142,7 +143,7 @@ def preprocess_tensor(
     Returns:
         :class:`PixelInputs` in float32 (gradients flow back to ``images``).
     """
-    lo, hi = float(value_range[0]), float(value_range[1])
+    lo, hi = check_value_range(value_range)
     x = images.float().contiguous()  # channels-last inputs (e.g. from numpy HWC) resize several times slower
     if (lo, hi) != (0.0, 1.0):
         x = (x - lo) / (hi - lo)  # [B, 3, H, W] in [0, 1]
@@ -168,8 +169,8 @@ def preprocess_tensor(
 
 
 def _pil_array(image: Image.Image, size: tuple[int, int] | None, config: PreprocessConfig) -> np.ndarray:
-    if config.do_convert_rgb:
-        image = image.convert("RGB")
+    if config.do_convert_rgb or is_high_bit_depth(image):  # 16-bit and float images are scaled to 8 bits
+        image = to_rgb(image)
     if size is not None and (image.height, image.width) != size:
         image = image.resize((size[1], size[0]), resample=config.resample)
     arr = np.asarray(image, dtype=np.float32)
@@ -186,12 +187,18 @@ def preprocess_pil(images: Sequence[Image.Image], config: PreprocessConfig) -> P
     """Preprocess PIL images exactly as the HF image processor does (8-bit PIL resize, then float32 maths).
 
     Args:
-        images: non-empty sequence of PIL images (any mode; converted to RGB when the processor does).
+        images: non-empty sequence of PIL images with at least one pixel each (any mode; converted to RGB when
+            the processor does; 16-bit and float images are scaled to 8 bits first, see
+            :func:`~nearid_reward.images.to_rgb`).
         config: the checkpoint's preprocessing.
 
     Returns:
         :class:`PixelInputs` in float32; NaFlex batches are padded to the longest patch sequence with a mask.
     """
+    if len(images) == 0:
+        raise ValueError("`images` is empty: pass at least one PIL image")
+    for i, img in enumerate(images):
+        check_pil_image(img, f"images[{i}]")
     if config.mode == "fixed":
         size = (config.height, config.width) if config.do_resize else None
         arrays = [_pil_array(img, size, config) for img in images]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .adapters import adapters_disabled, denoiser_of, has_active_adapter, pipeline_modules
+from .images import to_rgb
 
 __all__ = [
     "PromptSet",
@@ -248,7 +249,7 @@ def _to_unit_tensor(images: Any) -> torch.Tensor:
         arr = images.astype(np.float32) / (255.0 if images.dtype == np.uint8 else 1.0)
         return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().clamp(0, 1)
     if isinstance(images, (list, tuple)) and images:
-        arrays = [np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0 for img in images]
+        arrays = [np.asarray(to_rgb(img), dtype=np.float32) / 255.0 for img in images]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     raise TypeError(f"unexpected pipeline output {type(images).__name__}; expected tensors, numpy arrays or PIL")
 

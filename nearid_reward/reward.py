@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .config import with_overrides
-from .images import ImageInput
-from .model import NearIDModel, as_nearid_model
+from .images import ImageInput, check_value_range
+from .model import NearIDModel, as_nearid_model, check_chunk_size
 from .references import ReferenceSet, embed_images
 from .similarity import Aggregate
 
@@ -122,10 +122,10 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.kind must be 'cosine' or 'relative', got {self.kind!r}")
         if not self.negative_weight >= 0.0:
             raise ValueError(f"RewardConfig.negative_weight must be >= 0, got {self.negative_weight}")
-        if self.chunk_size is not None and int(self.chunk_size) < 1:
-            raise ValueError(f"RewardConfig.chunk_size must be >= 1 or None, got {self.chunk_size}")
-        if int(self.reference_chunk_size) < 1:
-            raise ValueError(f"RewardConfig.reference_chunk_size must be >= 1, got {self.reference_chunk_size}")
+        self.chunk_size = check_chunk_size(self.chunk_size, "RewardConfig.chunk_size")
+        self.reference_chunk_size = check_chunk_size(  # type: ignore[assignment]
+            self.reference_chunk_size, "RewardConfig.reference_chunk_size", allow_none=False
+        )
         if isinstance(self.backbone_dtype, torch.dtype):
             names = {v: k for k, v in _DTYPES.items()}
             if self.backbone_dtype not in names:
@@ -137,13 +137,9 @@ class RewardConfig:
             raise ValueError(
                 f"RewardConfig.backbone_dtype must be one of {sorted(_DTYPES)} or None, got {self.backbone_dtype!r}"
             )
-        low_high = tuple(float(v) for v in self.reference_value_range)
-        if len(low_high) != 2 or not low_high[1] > low_high[0]:
-            raise ValueError(
-                "RewardConfig.reference_value_range must be (low, high) with high > low, "
-                f"got {self.reference_value_range}"
-            )
-        self.reference_value_range = (low_high[0], low_high[1])
+        self.reference_value_range = check_value_range(
+            self.reference_value_range, "RewardConfig.reference_value_range"
+        )
 
     @property
     def torch_backbone_dtype(self) -> torch.dtype | None:
@@ -293,7 +289,8 @@ class IdentityReward(nn.Module):
                      chunk_size: int | None = None, check_inputs: bool = True) -> torch.Tensor:
         """Embeddings ``[N, E]`` (float32, unit norm) of any accepted image input, without gradients."""
         return embed_images(self.model, images, value_range=value_range, name=name,
-                            chunk_size=chunk_size or self.config.reference_chunk_size, check_inputs=check_inputs)
+                            chunk_size=self.config.reference_chunk_size if chunk_size is None else chunk_size,
+                            check_inputs=check_inputs)
 
     def set_references(self, references: ImageInput) -> None:
         """Embed (without gradients) and cache new references; also refreshes the reference oracle."""
@@ -324,6 +321,7 @@ class IdentityReward(nn.Module):
     # ------------------------------------------------------------------ scoring
     def score(self, images: ImageInput, *, value_range: tuple[float, float] = (0.0, 1.0)) -> RewardOutput:
         """Score images; differentiable w.r.t. tensor ``images`` ``[B, 3, H, W]`` (see :class:`RewardOutput`)."""
+        value_range = check_value_range(value_range)
         if isinstance(images, torch.Tensor):
             embeddings = self.model.embed(
                 images, value_range=value_range, chunk_size=self.config.chunk_size,

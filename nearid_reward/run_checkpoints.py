@@ -17,13 +17,12 @@ import json
 import os
 import re
 import shutil
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .io import CheckpointError, _fsync_dir
+from .io import CheckpointError, replace_directory
 
 __all__ = [
     "LORA_WEIGHT_NAME",
@@ -32,7 +31,7 @@ __all__ = [
     "find_checkpoints",
     "content_hash",
     "copy_checkpoint_weights",
-    "replace_directory",
+    "replace_directory",  # moved to nearid_reward.io; kept here for existing imports
 ]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -179,32 +178,6 @@ def content_hash(checkpoint: RunCheckpoint, *, chunk_bytes: int = 1 << 20) -> st
             while block := handle.read(chunk_bytes):
                 digest.update(block)
     return digest.hexdigest()
-
-
-def replace_directory(dest: str | os.PathLike[str], build: Callable[[Path], None]) -> Path:
-    """Build a folder next to ``dest`` with ``build(tmp)`` and swap it into place.
-
-    A crash while building leaves the old ``dest`` untouched (plus a hidden temporary folder); the swap itself is
-    two renames, so at worst ``dest`` is briefly missing while the old copy still exists as ``.<name>.old-*``.
-    """
-    target = Path(dest)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    stamp = f"{os.getpid()}-{time.time_ns()}"
-    tmp = target.parent / f".{target.name}.tmp-{stamp}"
-    old = target.parent / f".{target.name}.old-{stamp}"
-    try:
-        tmp.mkdir()
-        build(tmp)
-        if target.is_symlink() or target.is_file():
-            target.unlink()
-        elif target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def copy_checkpoint_weights(checkpoint: RunCheckpoint, dest_dir: str | os.PathLike[str]) -> list[Path]:

@@ -17,20 +17,26 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from ._version import __version__
 from .adapters import LoraSlot, denoiser_of
-from .io import CheckpointError, load_safetensors, write_json_atomic, write_text_atomic
+from .io import (
+    CheckpointError,
+    load_safetensors,
+    remove_stale_temporaries,
+    replace_directory,
+    swap_directory,
+    temporary_path,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .metrics import METRICS
+from .pipelines import load_pipeline
 from .rendering import PromptSet, RenderConfig, render_validation_set
 from .results import SelectionResult, format_table, plot_selection, selection_csv
 from .run_checkpoints import (
@@ -39,13 +45,12 @@ from .run_checkpoints import (
     content_hash,
     copy_checkpoint_weights,
     find_checkpoints,
-    replace_directory,
 )
 from .validation import IdentityValidator
 
 logger = logging.getLogger(__name__)
 
-# SelectionResult and format_table live in .results; they stay importable from here.
+# SelectionResult and format_table live in .results, load_pipeline in .pipelines; they stay importable from here.
 __all__ = [
     "SelectionConfig",
     "SelectionResult",
@@ -260,6 +265,10 @@ class CheckpointSelector:
         """
         root = Path(output_dir)
         self._check_monitor()
+        if self._is_main:  # what a killed earlier selection left half-written
+            remove_stale_temporaries(root)
+            if self.config.winner_dir:
+                remove_stale_temporaries(Path(self.config.winner_dir).parent)
         entries = find_checkpoints(root, names=checkpoints, skip_invalid=self.config.skip_invalid,
                                    weight_name=self.config.weight_name)
         fingerprint = self.fingerprint()
@@ -380,16 +389,11 @@ class CheckpointSelector:
         summary = {"selected_by": SELECTION_FORMAT, "monitor": result.monitor, "mode": result.mode,
                    "row": result.winner, "source": str(checkpoint.path)}
         if self.config.winner == "symlink":
-            tmp = dest.parent / f".{dest.name}.link-{os.getpid()}"
-            if tmp.is_symlink() or tmp.exists():
-                tmp.unlink()
+            tmp = temporary_path(dest)
             target = os.path.relpath(checkpoint.path.resolve(), dest.parent.resolve())
             os.symlink(target, tmp, target_is_directory=True)
-            if dest.exists() and not dest.is_symlink():  # a previously copied winner: move it aside first
-                old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-                os.replace(dest, old)
-                os.replace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
+            if dest.exists() and not dest.is_symlink():  # a previously copied winner: moved aside, then deleted
+                swap_directory(tmp, dest)
             else:
                 os.replace(tmp, dest)  # atomically replaces a previous link
             return dest
@@ -402,25 +406,6 @@ class CheckpointSelector:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def load_pipeline(path: str | os.PathLike[str], *, torch_dtype: torch.dtype, device: torch.device | str) -> Any:
-    """The base diffusers pipeline the checkpoints of a run are swapped into, ready to render.
-
-    The safety checker is left out (it blanks images at random, which would corrupt identity scores) and the
-    progress bar is silenced.
-    """
-    from diffusers import DiffusionPipeline
-
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
-    index = Path(path) / "model_index.json"
-    if index.is_file() and "safety_checker" in json.loads(index.read_text(encoding="utf-8")):
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    with warnings.catch_warnings():  # newer diffusers prefer `dtype=`; `torch_dtype=` works across versions
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipeline = DiffusionPipeline.from_pretrained(str(path), **kwargs)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
-
-
 def _partial_state() -> Any:
     try:
         from accelerate import PartialState

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import with_overrides
-from .images import ImageInput
+from .images import ImageInput, check_value_range
 from .io import append_jsonl, read_jsonl
 from .metrics import METRICS, MetricSpec, metric_names
 from .metrics import identity_metrics as _identity_metrics
@@ -133,7 +133,7 @@ def image_grid(
     """Tile ``images`` ``[N, 3, H, W]`` into one uint8 ``[rows*H, cols*W, 3]`` array, captions drawn on the tiles."""
     from PIL import Image, ImageDraw
 
-    lo, hi = value_range
+    lo, hi = check_value_range(value_range)
     x = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
     arr = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # [N, H, W, 3]
     n, h, w = arr.shape[:3]
@@ -167,7 +167,9 @@ class IdentityValidator:
             reward or a ``ReferenceSet``, which carry their own.
         config: a :class:`ValidationConfig`; keyword ``overrides`` replace its fields.
         history_path: JSONL file with one line per validation (appended and fsynced). An existing file is read
-            back, so a resumed run keeps its best step and patience counter; a torn last line is ignored.
+            back, so a resumed run keeps its best step and patience counter; a torn last line is ignored. A
+            validation counts (best step, patience) only once its line is on disk: when the append fails, the
+            error propagates and the file and the in-memory state stay as they were.
         accelerator: an ``accelerate.Accelerator``: scalars go to ``accelerator.log(..., step=step)``, image grids
             to its tensorboard/wandb trackers, the early-stop signal to ``accelerator.set_trigger()``; only the main
             process writes the history.
@@ -341,6 +343,7 @@ class IdentityValidator:
 
         Every image is embedded and scored once; the per-image identity scores are kept in :attr:`last_scores`.
         """
+        value_range = check_value_range(value_range)
         emb = self.embed(images, value_range=value_range, name="images")
         class_emb = base_emb = None
         if class_images is not None:
@@ -389,6 +392,7 @@ class IdentityValidator:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"`step` must be a non-negative int (the global training step), got {step!r}")
         step = int(step)
+        value_range = check_value_range(value_range)
         if prompts is not None and isinstance(images, torch.Tensor) and len(prompts) != images.shape[0]:
             raise ValueError(f"`prompts` has {len(prompts)} entries but `images` has {images.shape[0]} images")
         named = dict(self.compute(images, class_images=class_images, base_images=base_images, value_range=value_range))
@@ -398,12 +402,16 @@ class IdentityValidator:
         record: dict[str, Any] = {"step": step, "time": time.time(), **metrics}
         if source is not None:
             record["source"] = str(source)
-        self._track(record, replay=False)
+        # The history line reaches the disk first: if that fails (e.g. a full disk) the error propagates and the
+        # in-memory best/patience state stays that of the file.
+        is_best, value = self._judge(record)
+        record["is_best"] = is_best
+        if self.history_path is not None and self.is_main_process:
+            append_jsonl(self.history_path, record)
+        self._commit(record, is_best, value)
         if self.best_value is not None:
             metrics[p + "best_value"] = float(self.best_value)
         metrics[p + "is_best"] = float(self.last_is_best)
-        if self.history_path is not None and self.is_main_process:
-            append_jsonl(self.history_path, record)
         if self.accelerator is not None:
             self._log(metrics, step, images, prompts, value_range)
             if self.should_stop and hasattr(self.accelerator, "set_trigger"):
@@ -418,29 +426,36 @@ class IdentityValidator:
 
     # ------------------------------------------------------------------ best tracking
     def _track(self, record: dict[str, Any], *, replay: bool) -> None:
+        is_best, value = self._judge(record)
+        record["is_best"] = is_best
+        self._commit(record, is_best, value)
+
+    def _judge(self, record: dict[str, Any]) -> tuple[bool, float | None]:
+        """Whether ``record`` improves on the best so far, and its monitored value (None when it has none)."""
         value = record.get(self.monitor_key)
         if value is None:
             value = record.get(self.config.monitor)
-        is_best = False
         if value is None or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
             if not self._warned_monitor:
                 logger.warning("monitor %r is not among the metrics of step %s; best tracking skips it",
                                self.monitor_key, record.get("step"))
                 self._warned_monitor = True
-        else:
-            value = float(value)
-            if self.best_value is None:
-                is_best = True
-            elif self.config.mode == "max":
-                is_best = value > self.best_value + self.config.min_delta
-            else:
-                is_best = value < self.best_value - self.config.min_delta
+            return False, None
+        value = float(value)
+        if self.best_value is None:
+            return True, value
+        if self.config.mode == "max":
+            return value > self.best_value + self.config.min_delta, value
+        return value < self.best_value - self.config.min_delta, value
+
+    def _commit(self, record: dict[str, Any], is_best: bool, value: float | None) -> None:
+        """Record a judged validation in memory: history, best step and value, patience counter."""
+        if value is not None:
             if is_best:
                 self.best_value, self.best_step = value, int(record.get("step", -1))
                 self.validations_without_improvement = 0
             else:
                 self.validations_without_improvement += 1
-        record["is_best"] = is_best
         self.last_is_best = is_best
         self.history.append(record)
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from nearid_reward.cli.entry_points import add_debug_flag, entry_point
 from nearid_reward.io import write_json_atomic
 
 from . import scenes
@@ -215,6 +216,7 @@ def train_world_encoder(output_dir: str | Path, config: EncoderConfig | None = N
     return out
 
 
+@entry_point("python -m nearid_world.encoder")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nearid_world.encoder", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True)
@@ -222,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="dataset and trainer run (default OUTPUT_DIR/../encoder_work)")
     for f in dataclasses.fields(EncoderConfig):
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = EncoderConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EncoderConfig)})

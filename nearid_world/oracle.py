@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nearid_reward.io import write_json_atomic
+from nearid_reward.cli.entry_points import add_debug_flag, entry_point
+from nearid_reward.io import save_safetensors_atomic, write_json_atomic
 
 from . import scenes
 
@@ -115,14 +116,9 @@ class AttributeOracle(nn.Module):
         return out
 
     def save_pretrained(self, folder: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        tmp = out / f".{WEIGHTS_NAME}.tmp"
-        save_file(state, str(tmp))
-        tmp.replace(out / WEIGHTS_NAME)
+        save_safetensors_atomic(self.state_dict(), out / WEIGHTS_NAME)
         write_json_atomic(out / CONFIG_NAME, {"config": dataclasses.asdict(self.config),
                                               "attributes": {n: list(scenes.choices(n)) for n in scenes.ATTRIBUTES}})
         return out
@@ -239,11 +235,13 @@ def train_oracle(output_dir: str | Path, config: OracleConfig | None = None, *, 
     return out
 
 
+@entry_point("python -m nearid_world.oracle")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nearid_world.oracle", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True)
     for f in dataclasses.fields(OracleConfig):
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = OracleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(OracleConfig)})

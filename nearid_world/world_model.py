@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nearid_reward.cli.entry_points import add_debug_flag, entry_point
 from nearid_reward.io import write_json_atomic
 
 from . import scenes
@@ -364,9 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--snapshot_every", type=int, default=0,
                         help="save the EMA weights so far to OUTPUT_DIR/snapshot every N denoiser steps")
+    add_debug_flag(parser)
     return parser
 
 
+@entry_point("nearid-make-world")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -84,3 +84,95 @@ def test_float_numpy_and_unknown_types(model: NearIDModel) -> None:
         model.embed([3.14])
     with pytest.raises(TypeError, match="stack tensors"):
         model.embed([torch.rand(3, 32, 32)])
+
+
+def test_empty_pil_and_numpy_images(model: NearIDModel) -> None:
+    from PIL import Image
+
+    from nearid_reward.preprocess import preprocess_pil
+
+    with pytest.raises(ValueError, match=r"`images\[1\]` is an empty image \(size 0x0\)"):
+        model.embed([Image.new("RGB", (8, 8)), Image.new("RGB", (0, 0))])
+    with pytest.raises(ValueError, match=r"`images\[0\]` is an empty image \(size 0x5\)"):
+        model.embed([np.zeros((5, 0, 3), dtype=np.uint8)])
+    with pytest.raises(ValueError, match=r"`images\[0\]` is an empty image"):
+        preprocess_pil([Image.new("L", (0, 0))], model.preprocess)
+
+
+BAD_VALUE_RANGES = [
+    (255, TypeError, r"`value_range` must be a \(low, high\) pair of numbers such as \(0, 1\).*; got int 255"),
+    ("0-1", TypeError, r"`value_range` must be a \(low, high\) pair .*; got str '0-1'"),
+    ((0, 1, 2), ValueError, r"`value_range` must be a \(low, high\) pair .*; got 3 values \(0, 1, 2\)"),
+    ((0, "1"), TypeError, r"`value_range` must be a \(low, high\) pair .*; got \(int, str\) \(0, '1'\)"),
+    ((0, float("inf")), ValueError, r"`value_range` must be a \(low, high\) pair .*; got the non-finite"),
+    ((1, 1), ValueError, r"`value_range` must be \(low, high\) with high > low, got \(1, 1\)"),
+]
+
+
+@pytest.mark.parametrize("value_range,error,message", BAD_VALUE_RANGES)
+def test_bad_value_range_is_named(model: NearIDModel, value_range: object, error: type, message: str) -> None:
+    # tensors and 8-bit inputs alike (the range is ignored for the latter, but a wrong one is still a mistake)
+    for images in (torch.rand(1, 3, 32, 32), [np.zeros((8, 8, 3), dtype=np.uint8)]):
+        with pytest.raises(error, match=message):
+            model.embed(images, value_range=value_range)
+
+
+def test_value_range_is_checked_wherever_it_is_accepted(model: NearIDModel) -> None:
+    from nearid_reward import IdentityReward, IdentityValidator, RewardConfig
+    from nearid_reward.preprocess import preprocess_tensor
+    from nearid_reward.validation import image_grid
+
+    images = torch.rand(2, 3, 32, 32)
+    reward = IdentityReward(model, images)
+    validator = IdentityValidator(reward)
+    calls = {
+        "reward": lambda: reward(images, value_range=255),
+        "reward.score (PIL)": lambda: reward.score([np.zeros((8, 8, 3), dtype=np.uint8)], value_range="0-1"),
+        "reward.loss": lambda: reward.loss(images, value_range=255),
+        "validator.compute": lambda: validator.compute(images, value_range=255),
+        "validator.validate": lambda: validator.validate(images, step=1, value_range=255),
+        "image_grid": lambda: image_grid(images, value_range=255),
+        "preprocess_tensor": lambda: preprocess_tensor(images, model.preprocess, value_range=255),
+    }
+    for where, call in calls.items():
+        with pytest.raises(TypeError, match=r"`value_range` must be a \(low, high\) pair"):
+            call()
+        assert validator.history == [], where
+    with pytest.raises(TypeError, match=r"`RewardConfig.reference_value_range` must be a \(low, high\) pair"):
+        RewardConfig(reference_value_range=255)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`RewardConfig.reference_value_range` .*; got str '0-1'"):
+        IdentityReward(model, images, reference_value_range="0-1")
+
+
+@pytest.mark.parametrize("chunk_size,error,message", [
+    (0, ValueError, r"`chunk_size` must be an int >= 1 \(images per backbone call\) or None; got 0"),
+    (-1, ValueError, r"`chunk_size` must be an int >= 1 .*; got -1"),
+    (2.5, TypeError, r"`chunk_size` must be an int >= 1 .*; got float 2.5"),
+    (True, TypeError, r"`chunk_size` must be an int >= 1 .*; got bool True"),
+])
+def test_bad_chunk_size_is_named(model: NearIDModel, chunk_size: object, error: type, message: str) -> None:
+    from nearid_reward import IdentityReward, RewardConfig
+
+    images = torch.rand(3, 3, 32, 32)
+    with pytest.raises(error, match=message):
+        model.embed(images, chunk_size=chunk_size)
+    with pytest.raises(error, match=message):
+        model.chunk_size = chunk_size
+    assert model.chunk_size is None
+    reward = IdentityReward(model, images)
+    with pytest.raises(error, match=message):
+        reward.embed_images(images, chunk_size=chunk_size)  # 0 used to fall back silently to the default
+    with pytest.raises(error, match=message.replace("`chunk_size`", "`RewardConfig.chunk_size`")):
+        RewardConfig(chunk_size=chunk_size)  # type: ignore[arg-type]
+    with pytest.raises(error, match=r"`RewardConfig.reference_chunk_size` must be an int >= 1 \(images per"):
+        RewardConfig(reference_chunk_size=chunk_size)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"`RewardConfig.reference_chunk_size` .*; got NoneType None"):
+        RewardConfig(reference_chunk_size=None)  # type: ignore[arg-type]
+
+
+def test_chunked_embedding_equals_the_whole_batch(model: NearIDModel) -> None:
+    images = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        whole = model.embed(images)
+        for chunk_size in (1, 2, 5, 9):
+            assert torch.allclose(model.embed(images, chunk_size=chunk_size), whole, atol=1e-5)

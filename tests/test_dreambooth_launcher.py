@@ -18,6 +18,8 @@ from nearid_reward.testing_diffusers import save_tiny_sd_pipeline
 
 # Our minimal script shaped like diffusers' train_dreambooth_lora.py (including its reliance on a global `args`).
 FIXTURE = Path(__file__).resolve().parents[1] / "examples" / "dreambooth_lora_minimal.py"
+# ... and one shaped like the full (non-LoRA) train_dreambooth.py, whose log_validation takes the live components.
+FULL_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "dreambooth_full_minimal.py"
 
 
 def _reset_accelerate() -> None:
@@ -130,6 +132,38 @@ def test_summary_written_at_the_end(run: Path) -> None:
     assert (run / "identity_summary.png").stat().st_size > 1000
 
 
+def test_full_dreambooth_script_with_a_real_accelerator_scores_its_own_images(
+    assets: dict[str, Path], run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The "components" log_validation family (train_dreambooth.py): the launcher rebuilds a pipeline from the live
+    models the script passes, tokenizer included, under a real accelerate Accelerator."""
+    out = tmp_path / "full"
+    argv = [
+        "--script", str(FULL_FIXTURE), "--nearid_model", str(assets["nearid"]),
+        "--nearid_reference_dir", str(assets["references"]), "--nearid_num_inference_steps", "2",
+        "--nearid_prompts", str(assets["root"] / "prompts.json"), "--",
+        "--pretrained_model_name_or_path", str(assets["sd"]), "--instance_data_dir", str(assets["instance"]),
+        "--instance_prompt", "a photo of sks dog", "--validation_prompt", "a photo of sks dog",
+        "--num_validation_images", "1", "--output_dir", str(out), "--max_train_steps", "4", "--train_batch_size", "2",
+        "--checkpointing_steps", "2", "--validation_steps", "2", "--seed", "0", "--report_to", "tensorboard",
+    ]  # fmt: skip
+    with caplog.at_level(logging.ERROR):
+        _run(argv)
+    assert "training continues" not in caplog.text  # no scoring failure was swallowed
+    records = read_jsonl(out / dreambooth.HISTORY_NAME)
+    assert [(r["step"], r["source"]) for r in records] == [
+        (2, "checkpoint"), (2, "validation"), (4, "checkpoint"), (4, "validation"),
+    ]
+    for r in records:
+        assert -1.0 <= r["nearid/identity_mean"] <= 1.0
+    scored = [r for r in records if r["source"] == "validation"]
+    assert all(r["nearid/script/num_images"] == 1.0 and -1.0 <= r["nearid/script/identity_mean"] <= 1.0
+               for r in scored)  # the script's own validation image, scored into the same line
+    assert (out / "checkpoint-4" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((out / "checkpoint-4" / "identity_scores.json").read_text())["validation_step"] == 4
+    assert (out / "best_identity" / "unet" / "diffusion_pytorch_model.safetensors").is_file()  # whole UNet kept
+
+
 def test_scoring_errors_never_kill_the_run(assets: dict[str, Path], tmp_path: Path,
                                            caplog: pytest.LogCaptureFixture) -> None:
     bad_refs = tmp_path / "refs"
@@ -141,7 +175,7 @@ def test_scoring_errors_never_kill_the_run(assets: dict[str, Path], tmp_path: Pa
         _run(argv)
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()  # training finished
     assert "training continues" in caplog.text and "broken.png" in caplog.text
-    with pytest.raises(ValueError, match="broken.png"):
+    with pytest.raises(SystemExit, match="nearid-dreambooth: .*broken.png"):
         _run(["--nearid_strict", *argv])
 
 
@@ -188,7 +222,7 @@ def test_both_log_validation_signature_families_are_recognised() -> None:
 def test_script_without_main_is_rejected(tmp_path: Path) -> None:
     script = tmp_path / "not_a_trainer.py"
     script.write_text("x = 1\n")
-    with pytest.raises(ValueError, match="no module-level `main`"):
+    with pytest.raises(SystemExit, match="nearid-dreambooth: .*no module-level `main`"):
         dreambooth.main(["--script", str(script), "--nearid_model", "m", "--nearid_reference_dir", "r"])
 
 

@@ -35,6 +35,22 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert "make test" in ci
 
 
+def test_every_test_named_in_the_reliability_table_exists() -> None:
+    import ast
+    import re
+
+    text = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    named = re.findall(r"`(test_\w+\.py)(?:::(test_\w+))?`", text)
+    assert len(named) >= 7
+    for file, test in named:
+        path = ROOT / "tests" / file
+        assert path.is_file(), file
+        if test:
+            defined = {n.name for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                       if isinstance(n, ast.FunctionDef)}
+            assert test in defined, f"{file}::{test}"
+
+
 def test_plots_have_their_own_extra() -> None:
     import tomllib
 

@@ -133,3 +133,59 @@ def test_value_ranges_are_equivalent() -> None:
     b = preprocess_tensor(x * 2 - 1, cfg, value_range=(-1.0, 1.0)).pixel_values
     c = preprocess_tensor(x * 255, cfg, value_range=(0.0, 255.0)).pixel_values
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+
+
+def _high_bit_versions(gray8: Image.Image) -> dict[str, Image.Image]:
+    """The same grayscale picture as 16-bit (I;16), 32-bit integer (I) and float (F) images."""
+    levels = np.asarray(gray8)  # [H, W] uint8
+    return {
+        "I;16": Image.fromarray(levels.astype(np.uint16) * 257),
+        "I": Image.fromarray(levels.astype(np.int32) * 257),
+        "F": Image.fromarray(levels.astype(np.float32) / 255.0),
+    }
+
+
+def test_high_bit_depth_images_are_scaled_to_8_bits_not_clipped(
+    tiny_head: Path, photos: list[Image.Image], tmp_path: Path
+) -> None:
+    from nearid_reward.images import to_rgb
+    from nearid_reward.rendering import _to_unit_tensor
+    from train_head.batching import AugmentConfig, PixelBatcher
+    from train_head.data import PathImageTable
+
+    gray8 = photos[0].resize((64, 48)).convert("L")
+    versions = _high_bit_versions(gray8)
+    assert [im.mode for im in versions.values()] == ["I;16", "I", "F"]
+    versions["I;16"].save(tmp_path / "g16.png")
+    gray8.save(tmp_path / "g8.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"  # how PIL opens a 16-bit grayscale PNG
+    expected = np.asarray(gray8.convert("RGB"))
+    for mode, image in versions.items():
+        assert np.array_equal(np.asarray(to_rgb(image)), expected), mode
+    # every loader: embedding (files and PIL images), the trainer's reader and augmentation, pipeline outputs
+    model = NearIDModel.from_pretrained(tiny_head)
+    with torch.no_grad():
+        reference = model.embed([tmp_path / "g8.png"])
+        assert torch.allclose(model.embed([tmp_path / "g16.png"]), reference, atol=1e-6)
+        for image in versions.values():
+            assert torch.allclose(model.embed([image]), reference, atol=1e-6)
+    table = PathImageTable("t", {"view1": [tmp_path / "g8.png", tmp_path / "g16.png"]}, ids=[0, 1])
+    batch = PixelBatcher({"t": table}, model.preprocess)([("t", 0, "view1"), ("t", 1, "view1")])
+    assert torch.equal(batch["pixel_values"][0], batch["pixel_values"][1])
+    flip = AugmentConfig(flip_prob=1.0)
+    rng = np.random.default_rng(0)
+    assert np.array_equal(np.asarray(flip.apply(versions["I;16"], rng)), expected[:, ::-1])
+    assert torch.equal(_to_unit_tensor([versions["I;16"]]), _to_unit_tensor([gray8]))
+
+
+def test_high_bit_depth_values_outside_their_range_raise() -> None:
+    from nearid_reward.images import to_rgb
+
+    with pytest.raises(ValueError,
+                       match=r"`ref`: float images \(mode F\) must have values in \[0, 1\]; got .* \[0, 2\]"):
+        to_rgb(Image.fromarray(np.array([[0.0, 2.0]], dtype=np.float32)), name="ref")
+    with pytest.raises(ValueError,
+                       match=r"\(mode I\) are read as 16-bit .* \[0, 65535\]; got values in \[-1, 70000\]"):
+        to_rgb(Image.fromarray(np.array([[-1, 70000]], dtype=np.int32)))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        to_rgb(Image.fromarray(np.array([[0.0, np.nan]], dtype=np.float32)))

@@ -271,6 +271,47 @@ def test_cli_main(cli_setup, nearid, run, tmp_path, capsys):
         main([*args, "--copy_winner", "--link_winner"])
 
 
+def test_pickled_pipeline_weights_are_refused_and_never_read(cli_setup, nearid, tmp_path, monkeypatch):
+    from nearid_reward.cli.select import main
+    from nearid_reward.pipelines import from_pretrained_safetensors, load_pipeline
+
+    pickled = tmp_path / "sd-bin"
+    build_tiny_sd_pipeline(seed=0).save_pretrained(str(pickled), safe_serialization=False)
+    assert list((pickled / "unet").glob("*.bin")) and not list((pickled / "unet").glob("*.safetensors"))
+
+    def unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", unpickling)
+    with pytest.raises(CheckpointError, match=r"only pickled .*unet/: diffusion_pytorch_model\.bin.*never unpickles"):
+        load_pipeline(pickled)
+    args = _cli_args(cli_setup, nearid[0], cli_setup / "refs", tmp_path / "out")
+    args[args.index("--pretrained_model_name_or_path") + 1] = str(pickled)
+    with pytest.raises(SystemExit, match=r"nearid-select: .*sd-bin: only pickled weights.*safetensors only"):
+        main(args)
+
+    class HubModel:  # what diffusers raises for a hub id without safetensors weights
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            assert kwargs["use_safetensors"] is True
+            raise OSError(f"Error no file named diffusion_pytorch_model.safetensors found in directory {path}.")
+
+    with pytest.raises(CheckpointError, match=r"org/model: no safetensors weights found .*never unpickles"):
+        from_pretrained_safetensors(HubModel, "org/model", subfolder="unet")
+    with pytest.raises(ValueError, match="use_safetensors must be True"):
+        from_pretrained_safetensors(HubModel, "org/model", use_safetensors=False)
+
+
+def test_one_load_pipeline_ready_to_render(tmp_path):
+    from nearid_reward import pipelines, selection
+
+    assert selection.load_pipeline is pipelines.load_pipeline  # one implementation, importable from both
+    folder = save_tiny_sd_pipeline(tmp_path / "sd", seed=0)
+    pipe = selection.load_pipeline(folder, torch_dtype=torch.bfloat16, device="cpu")
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.unet.device.type == "cpu"
+    assert getattr(pipe, "safety_checker", None) is None and pipe._progress_bar_config == {"disable": True}
+
+
 def test_two_processes_split_and_gather(cli_setup, nearid, run, tmp_path):
     """torchrun with two CPU processes: each scores its share, the main process writes the same ranking."""
     from nearid_reward.cli.select import main

@@ -16,6 +16,7 @@ from train_head_fixtures import (
 )
 
 from nearid_reward import NearIDModel
+from nearid_reward.io import _host_tag
 from train_head.batching import CachedBatcher, PixelBatcher, TrainCollate, batch_tokens, scatter_embeddings
 from train_head.cache import FeatureStore, build_feature_cache, content_key, model_fingerprint
 from train_head.data import BadDataReport, NearIDTrainDataset, decode_image, load_folder, load_nearid
@@ -53,6 +54,29 @@ def test_store_ignores_a_shard_without_its_index(tmp_path):
     folder.mkdir()
     np.save(folder / "tokens-r000-interrupted.npy", np.zeros((1, 2, 2), np.float16))
     assert len(FeatureStore(folder)) == 0
+
+
+def test_opening_the_store_removes_shards_of_killed_builds(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a writer that is gone
+    folder = tmp_path / "cache" / ("f" * 24)
+    folder.mkdir(parents=True)
+    np.save(folder / "tokens-r000-complete.npy", np.zeros((1, 2, 2), np.float16))
+    stale = [folder / f".tokens-r000-aaaa.npy.tmp-{_host_tag()}-{child.pid}-0123abcd",
+             folder / ".tokens-r000-bbbb.npy.x1y2z3w4.tmp"]  # as named by earlier versions (no pid), an hour old
+    live = folder / f".tokens-r001-cccc.npy.tmp-{_host_tag()}-{os.getpid()}-0123abcd"  # a build still running
+    for path in [*stale, live]:
+        path.write_bytes(b"partial shard")
+    os.utime(stale[1], (0, 0))
+    FeatureStore.open(tmp_path / "cache", "f" * 32, {}, rank=1)  # only rank 0 cleans
+    assert all(p.exists() for p in stale)
+    FeatureStore.open(tmp_path / "cache", "f" * 32, {}, rank=0)
+    assert not any(p.exists() for p in stale) and live.exists()
+    assert (folder / "tokens-r000-complete.npy").exists()
 
 
 def test_build_is_incremental_and_tokens_match_the_backbone(tmp_path):

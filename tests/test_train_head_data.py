@@ -257,3 +257,23 @@ def test_folder_missing_root_and_empty(tmp_path):
     with pytest.raises(ValueError, match="no identity folders"):
         load_folder(tmp_path / "empty")
     shutil.rmtree(tmp_path / "empty")
+
+
+def test_images_are_named_by_their_file_or_by_table_row_and_id(tmp_path):
+    import datasets
+
+    from train_head.data import ArrowImageTable, PathImageTable, describe_ref
+
+    ds = datasets.Dataset.from_dict(
+        {"id": [7, 8], "img1": [{"bytes": b"not an image", "path": None}, {"bytes": None, "path": "pics/a.png"}]},
+        features=datasets.Features({"id": datasets.Value("int64"), "img1": datasets.Image(decode=False)}),
+    )
+    arrow = ArrowImageTable(ds, "nearid:positives", root=tmp_path)
+    files = PathImageTable("folder:positives", {"view1": [tmp_path / "x.png", None]}, ids=["cat", "dog"])
+    registry = {"nearid:positives": arrow, "folder:positives": files}
+    named = {ref: describe_ref(registry, ref) for ref in [("nearid:positives", 0, "img1"),
+                                                          ("folder:positives", 1, "view1")]}
+    assert named[("nearid:positives", 0, "img1")] == "table 'nearid:positives' row 0 (id 7) column 'img1'"
+    assert describe_ref(registry, ("nearid:positives", 1, "img1")) == str(tmp_path / "pics" / "a.png")
+    assert describe_ref(registry, ("folder:positives", 0, "view1")) == str(tmp_path / "x.png")
+    assert named[("folder:positives", 1, "view1")] == "table 'folder:positives' row 1 (id 'dog') column 'view1'"

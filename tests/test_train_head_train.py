@@ -118,6 +118,77 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path):
     assert 0.0 < _max_diff(_head(full / "final"), _head(pixels / "final")) < 2e-3
 
 
+def test_start_removes_what_a_killed_run_left_half_written(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from nearid_reward.io import _host_tag
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # the killed run's process
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / f".final.tmp-{child.pid}", out / f".checkpoint-2.tmp-{_host_tag()}-{child.pid}-0123abcd"]
+    live = out / f".best.tmp-{_host_tag()}-{os.getpid()}-0123abcd"
+    for folder in [*stale, live]:
+        folder.mkdir()
+        (folder / "head.safetensors").write_bytes(b"partial")
+    train_cli.main(_argv(out, "--train_batch_size", "4", "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    assert not any(p.exists() for p in stale) and live.exists()
+    assert sorted(p.name for p in out.glob(".*")) == [live.name]  # the run's own temporaries are gone too
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file() and (out / "final" / "head.safetensors").is_file()
+
+
+def _folder_data(root: Path, identities: int = 8, size: int = 32) -> Path:
+    """A folder-format dataset of random images: root/<identity>/{a,b,c}.png and distractors/{a,b,c}.png."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(identities):
+        for folder in (root / f"id{i}", root / f"id{i}" / "distractors"):
+            folder.mkdir(parents=True)
+            for stem in "abc":
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{stem}.png")
+    return root
+
+
+def _argv_with_a_truncated_view(tmp_path: Path, cache: bool) -> tuple[list[str], Path]:
+    data = _folder_data(tmp_path / "data")
+    broken = data / "id3" / "b.png"
+    broken.write_bytes(broken.read_bytes()[:60])
+    argv = ["--backbone", str(tiny_backbone()), "--train_data", str(data), "--data_format", "folder",
+            "--report_to", "none", "--train_batch_size", "4", "--max_train_steps", "8", "--checkpointing_steps",
+            "100", "--validation_steps", "4", "--val_indices", str(_index_file(tmp_path)),
+            *([] if cache else ["--no_feature_cache"])]
+    return argv, broken
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_bad_image_counts_once(tmp_path, cache):
+    argv, _ = _argv_with_a_truncated_view(tmp_path, cache)
+    assert train_cli.main(["--output_dir", str(tmp_path / "run"), *argv]) == 0
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["global_step"] == 8  # 4 epochs of 2 steps, and 3 validations: the view was met many times
+    assert summary["bad_data"] == {"unreadable images": 1}
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_strict_names_the_bad_image_by_its_file(tmp_path, cache):
+    argv, broken = _argv_with_a_truncated_view(tmp_path, cache)
+    with pytest.raises(SystemExit) as raised:
+        train_cli.main(["--output_dir", str(tmp_path / "strict"), "--strict", *argv])
+    message = str(raised.value)
+    assert f"unreadable images: {broken}: unreadable image" in message and "folder:positives" not in message
+
+
+def _index_file(tmp_path: Path) -> Path:
+    path = tmp_path / "val.json"
+    path.write_text('{"indices": [0, 1, 2, 3]}')
+    return path
+
+
 def test_augmentations_disable_the_cache_and_bf16_runs(tmp_path, caplog):
     out = tmp_path / "aug"
     with caplog.at_level(logging.WARNING, logger="train_head.train"):
@@ -143,7 +214,7 @@ def test_bad_arguments_exit_with_a_clear_message(tmp_path, flag, value, message)
 
 
 def test_batch_larger_than_the_data_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="lower --train_batch_size"):
+    with pytest.raises(SystemExit, match="nearid-train-head: .*lower --train_batch_size"):
         train_cli.main(_argv(tmp_path / "x", "--train_batch_size", "64"))
 
 

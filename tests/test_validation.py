@@ -220,6 +220,35 @@ def test_history_survives_a_crash_between_two_writes(model, refs, tmp_path):
     assert json.loads(lines[3])["step"] == 300  # the append after the crash started on a fresh line
 
 
+def test_failed_history_append_is_not_recorded_in_memory(model, refs, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    path = tmp_path / "identity_history.jsonl"
+    v = IdentityValidator(model, refs, history_path=path, patience=1)
+    v.validate(random_images(2, 48, seed=77), step=100)  # far from the references (see the test above)
+    before = path.read_bytes()
+    state = (len(v.history), v.best_step, v.best_value, v.validations_without_improvement, v.last_is_best)
+    real_write = os.write
+
+    def disk_full(fd, data):  # half the line reaches the file, then the disk is full
+        real_write(fd, bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        v.validate(refs[:2], step=200)  # would have been the new best
+    monkeypatch.undo()
+    assert path.read_bytes() == before  # cut back: no torn line
+    assert (len(v.history), v.best_step, v.best_value, v.validations_without_improvement, v.last_is_best) == state
+    assert not v.should_stop
+    v.validate(refs[:2], step=300)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [100, 300]
+    resumed = IdentityValidator(model, refs, history_path=path, patience=1)
+    assert v.best_step == 300 and (resumed.best_step, resumed.best_value) == (v.best_step, v.best_value)
+
+
 def test_missing_monitor_is_warned_not_fatal(model, refs, caplog):
     v = IdentityValidator(model, refs, monitor="identity_gain")
     with caplog.at_level(logging.WARNING):

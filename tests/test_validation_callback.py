@@ -189,6 +189,26 @@ def test_callback_never_kills_the_run(model, refs, tmp_path, caplog):
         NearIDValidationCallback(IdentityValidator(model, refs), best_dir_name="checkpoint-best")
 
 
+def test_callback_removes_what_a_killed_run_left_half_written(model, refs, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from nearid_reward.io import _host_tag
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    (tmp_path / "checkpoint-4").mkdir()
+    stale = [tmp_path / f".best_identity.tmp-{_host_tag()}-{child.pid}-0123abcd",
+             tmp_path / "checkpoint-4" / f".identity_scores.json.tmp-{_host_tag()}-{child.pid}-0123abcd"]
+    live = tmp_path / f".best_identity.tmp-{_host_tag()}-{os.getpid()}-0123abcd"
+    stale[0].mkdir()
+    live.mkdir()
+    stale[1].write_text("{")
+    NearIDValidationCallback(IdentityValidator(model, refs), output_dir=tmp_path)
+    assert not any(p.exists() for p in stale) and live.exists()
+
+
 def test_save_pipeline_adapter_full_model(tmp_path):
     pipe = build_tiny_sd_pipeline(seed=0)
     files = save_pipeline_adapter(pipe, tmp_path / "best")

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from nearid_reward.config import PreprocessConfig
+from nearid_reward.images import to_rgb
 from nearid_reward.preprocess import PixelInputs, preprocess_pil
 
-from .data import ImageRef, TableRegistry, decode_image
+from .data import ImageRef, TableRegistry, decode_image, describe_ref
 
 if TYPE_CHECKING:
     from nearid_reward import NearIDModel
@@ -67,7 +68,7 @@ class AugmentConfig:
         return self.flip_prob > 0 or self.color_jitter_prob > 0 or self.translate_prob > 0
 
     def apply(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         if rng.random() < self.flip_prob:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if rng.random() < self.color_jitter_prob:
@@ -140,12 +141,12 @@ class PixelBatcher:
                 continue
             raw = self.registry[ref[0]].read(ref[1], ref[2])
             if raw is None:
-                failed.append((pos, f"missing image {ref}"))
+                failed.append((pos, f"{describe_ref(self.registry, ref)}: missing image"))
                 continue
             try:
                 image = decode_image(raw)
             except ValueError as exc:
-                failed.append((pos, f"{ref}: {exc}"))
+                failed.append((pos, f"{describe_ref(self.registry, ref)}: {exc}"))
                 continue
             if self.augment is not None:
                 key = aug_keys[pos] if aug_keys is not None else (pos,)
@@ -167,11 +168,15 @@ class CachedBatcher:
     Args:
         store: the :class:`~train_head.cache.FeatureStore`.
         keys: reference -> content key (references without a key were unreadable when the cache was built).
+        registry: table key -> table, to name unreadable images by their file (optional).
     """
 
-    def __init__(self, store: FeatureStore, keys: dict[ImageRef, str]) -> None:
+    def __init__(
+        self, store: FeatureStore, keys: dict[ImageRef, str], registry: TableRegistry | None = None
+    ) -> None:
         self.store = store
         self.keys = keys
+        self.registry = registry or {}
 
     def __call__(
         self, refs: Sequence[ImageRef | None], aug_keys: Sequence[tuple[int, ...]] | None = None
@@ -184,7 +189,7 @@ class CachedBatcher:
                 continue
             key = self.keys.get(ref)
             if key is None:
-                failed.append((pos, f"unreadable image {ref}"))
+                failed.append((pos, f"{describe_ref(self.registry, ref)}: unreadable image"))
                 continue
             index.append(pos)
             wanted.append(key)
@@ -200,7 +205,8 @@ class TrainCollate:
     """Collate :class:`~train_head.data.NearIDTrainDataset` items into one batch.
 
     Output: ``slot_index`` (flat positions in ``[B * 2V]`` of the available images), the pixels or tokens of those
-    images, ``pos_mask`` / ``neg_mask`` ``[B, V]`` and ``failed`` (unreadable images). A sample whose anchor is
+    images, ``pos_mask`` / ``neg_mask`` ``[B, V]`` and ``failed`` (``(reference, reason)`` of each unreadable
+    image). A sample whose anchor is
     unreadable gets its next readable view as anchor (its distractor follows); a sample left with fewer than two
     readable views is masked out entirely.
     """
@@ -215,6 +221,7 @@ class TrainCollate:
         refs = [r for item in items for r in item["refs"]]
         keys = [(int(item["epoch"]), int(item["index"]), s) for item in items for s in range(slots)]
         out = self.batcher(refs, keys)
+        out["failed"] = [(refs[pos], why) for pos, why in out["failed"]]
         b = len(items)
         ok = torch.zeros(b * slots, dtype=torch.bool)
         ok[out["slot_index"]] = True

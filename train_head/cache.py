@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from nearid_reward.io import atomic_write, write_json_atomic
+from nearid_reward.io import atomic_write, remove_stale_temporaries, write_json_atomic
 from nearid_reward.preprocess import preprocess_pil
 
 from .batching import _merge_pixel_inputs, batch_tokens
-from .data import BadDataReport, ImageRef, TableRegistry, decode_image
+from .data import BadDataReport, ImageRef, TableRegistry, decode_image, describe_ref
 
 if TYPE_CHECKING:
     from nearid_reward import NearIDModel
@@ -87,9 +87,15 @@ class FeatureStore:
     def open(
         cls, cache_dir: str | os.PathLike[str], fingerprint: str, meta: dict[str, Any], *, rank: int = 0
     ) -> FeatureStore:
-        """The store of ``fingerprint`` under ``cache_dir`` (created with ``meta`` in its config if new)."""
+        """The store of ``fingerprint`` under ``cache_dir`` (created with ``meta`` in its config if new).
+
+        Rank 0 first removes the shards that killed builds left half-written (``.tokens-*.npy.tmp-*``; see
+        :func:`nearid_reward.io.remove_stale_temporaries`), so open it on rank 0 before the other ranks.
+        """
         folder = Path(cache_dir) / fingerprint[:24]
         folder.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            remove_stale_temporaries(folder)
         config = folder / CACHE_CONFIG_NAME
         if not config.is_file() and rank == 0:
             write_json_atomic(config, {"fingerprint": fingerprint, **meta})
@@ -226,7 +232,7 @@ class _ScanCollate:
             raw = self.registry[ref[0]].read(ref[1], ref[2])
             if raw is None:
                 keys.append(None)
-                failed.append((ref, "missing image"))
+                failed.append((ref, f"{describe_ref(self.registry, ref)}: missing image"))
                 continue
             key = content_key(raw)
             if key in self.known or key in seen:
@@ -236,7 +242,7 @@ class _ScanCollate:
                 image = decode_image(raw)
             except ValueError as exc:
                 keys.append(None)
-                failed.append((ref, str(exc)))
+                failed.append((ref, f"{describe_ref(self.registry, ref)}: {exc}"))
                 continue
             keys.append(key)
             seen.add(key)
@@ -329,7 +335,7 @@ def build_feature_cache(
     store.reload()
     if report is not None:
         for ref, why in failed:
-            report.add("unreadable images", f"{ref}: {why}")
+            report.add("unreadable images", why, key=ref)
     logger.info("feature cache %s: %d images encoded now, %d cached in total (%.1f MiB)", store.folder, encoded,
                 len(store), store.size_bytes() / 2**20)
     return keys

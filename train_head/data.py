@@ -62,6 +62,7 @@ __all__ = [
     "NearIDTrainDataset",
     "EpochShuffleSampler",
     "TableRegistry",
+    "describe_ref",
 ]
 
 # (table key, row, column): where an image lives.
@@ -87,10 +88,21 @@ class BadDataReport:
         self.counts: dict[str, int] = {}
         self.examples: dict[str, list[str]] = {}
         self._warned: set[str] = set()
+        self._seen: dict[str, set[Any]] = {}
 
-    def add(self, reason: str, detail: str, count: int = 1) -> None:
+    def add(self, reason: str, detail: str, count: int = 1, *, key: Any = None) -> None:
+        """Count ``count`` cases of ``reason`` (``detail`` names one of them).
+
+        ``key`` identifies the bad item (e.g. an image reference): an item already counted for this reason is not
+        counted again, so an unreadable image met in every epoch counts once.
+        """
         if count <= 0:
             return
+        if key is not None:
+            seen = self._seen.setdefault(reason, set())
+            if key in seen:
+                return
+            seen.add(key)
         if self.strict:
             raise ValueError(f"{self.where}: {reason}: {detail} (run without --strict to skip such data)")
         self.counts[reason] = self.counts.get(reason, 0) + count
@@ -154,6 +166,11 @@ class ImageTable:
         """The encoded bytes of one image, or None when the cell is empty or the file is missing."""
         raise NotImplementedError
 
+    def describe(self, row: int, column: str) -> str:
+        """How messages name one image: its file path when it has one, else its table, row, id and column."""
+        ident = f" (id {self.ids[row]!r})" if self.ids is not None and 0 <= row < len(self.ids) else ""
+        return f"table {self.key!r} row {row}{ident} column {column!r}"
+
 
 class ArrowImageTable(ImageTable):
     """An image table backed by a ``datasets.Dataset`` (memory-mapped arrow; images as ``{bytes, path}``).
@@ -209,6 +226,18 @@ class ArrowImageTable(ImageTable):
                 valid = pc.and_(valid, inner)
         return np.asarray(valid.to_numpy(zero_copy_only=False), dtype=bool)
 
+    def _path(self, value: Any) -> Path:
+        path = Path(str(value))
+        return self.root / path if not path.is_absolute() and self.root is not None else path
+
+    def describe(self, row: int, column: str) -> str:
+        value = self._array(column)[row].as_py()
+        if isinstance(value, dict) and value.get("bytes") is None and value.get("path") is not None:
+            return str(self._path(value["path"]))
+        if isinstance(value, str):
+            return str(self._path(value))
+        return super().describe(row, column)
+
     def read(self, row: int, column: str) -> bytes | None:
         value = self._array(column)[row].as_py()
         if value is None:
@@ -221,11 +250,8 @@ class ArrowImageTable(ImageTable):
                 return None
         if isinstance(value, (bytes, bytearray)):
             return bytes(value)
-        path = Path(str(value))
-        if not path.is_absolute() and self.root is not None:
-            path = self.root / path
         try:
-            return path.read_bytes()
+            return self._path(value).read_bytes()
         except OSError:
             return None
 
@@ -257,6 +283,10 @@ class PathImageTable(ImageTable):
     def path(self, row: int, column: str) -> Path | None:
         return self._paths[column][row]
 
+    def describe(self, row: int, column: str) -> str:
+        path = self._paths[column][row]
+        return str(path) if path is not None else super().describe(row, column)
+
     def read(self, row: int, column: str) -> bytes | None:
         path = self._paths[column][row]
         if path is None:
@@ -268,6 +298,12 @@ class PathImageTable(ImageTable):
 
 
 TableRegistry = dict[str, ImageTable]
+
+
+def describe_ref(registry: TableRegistry, ref: ImageRef) -> str:
+    """How messages name the image at ``ref``: its file path when it has one (see :meth:`ImageTable.describe`)."""
+    table = registry.get(ref[0])
+    return table.describe(ref[1], ref[2]) if table is not None else str(ref)
 
 
 # ------------------------------------------------------------------------------------------------ NearIDData

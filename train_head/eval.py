@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from nearid_reward import NearIDModel
-from nearid_reward.io import write_json_atomic, write_text_atomic
+from nearid_reward.cli.entry_points import add_debug_flag, entry_point, torch_device
+from nearid_reward.io import remove_stale_temporaries, write_json_atomic, write_text_atomic
 
 from .batching import PixelBatcher, embed_references, gather_eval_arrays, mean_pool
 from .data import NearIDData, load_data, load_mtg, mtg_oracles, read_index_file
@@ -103,7 +104,7 @@ def evaluate_model(
     emb, failed = embed_references(vset.refs(), batcher, pool, model=model, device=model.device,
                                    batch_size=batch_size, num_workers=num_workers)
     for ref, why in failed:
-        vset.data.report.add("unreadable images", f"{ref}: {why}")
+        vset.data.report.add("unreadable images", why, key=ref)
     vset.data.report.warn()
     dim = next(iter(emb.values())).shape[-1] if emb else model.embed_dim
     return evaluate_embeddings(vset, emb, dim)
@@ -122,7 +123,7 @@ def evaluate_mtg(
     emb, failed = embed_references(flat, PixelBatcher(data.registry(), model.preprocess), pool, model=model,
                                    device=model.device, batch_size=batch_size, num_workers=num_workers)
     for ref, why in failed:
-        data.report.add("unreadable images", f"{ref}: {why}")
+        data.report.add("unreadable images", why, key=ref)
     data.report.warn()
     dim = next(iter(emb.values())).shape[-1] if emb else model.embed_dim
     arrays = []
@@ -144,6 +145,7 @@ def write_reports(output_dir: str | Path, results: dict[str, Any]) -> dict[str, 
     """Write ``metrics.json``, ``metrics.csv`` and ``metrics.md`` (one row per setting, pooled, MTG)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     write_json_atomic(out / "metrics.json", results)
     rows = [{"setting": s, **{k: m[k] for k in TABLE_KEYS}} for s, m in results["settings"].items()]
     buf = io.StringIO()
@@ -189,13 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=torch_device, default="cpu", help="torch device, e.g. cpu or cuda:1")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="backbone dtype (head stays fp32)")
     p.add_argument("--data_cache_dir", default=None)
     p.add_argument("--strict", action="store_true", help="raise on bad data instead of skipping it")
+    add_debug_flag(p)
     return p
 
 
+@entry_point("nearid-eval")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

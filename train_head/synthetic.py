@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from nearid_reward.io import write_json_atomic
+from nearid_reward.cli.entry_points import add_debug_flag, entry_point
+from nearid_reward.io import atomic_write, remove_stale_temporaries, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -476,9 +477,9 @@ def write_image_table(columns: dict[str, list[Any]], image_columns: Sequence[str
     table = datasets.Dataset.from_dict(data, features=datasets.Features(features))
     out = folder / "data" / "train-00000-of-00001.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    table.to_parquet(str(tmp))
-    os.replace(tmp, out)
+    remove_stale_temporaries(out.parent)
+    with atomic_write(out, "wb") as handle:
+        table.to_parquet(handle)
     return out
 
 
@@ -534,6 +535,8 @@ def generate_synthetic(
 
     splits = split_by_identity(list(range(config.num_identities)), range(config.num_identities), seed=config.seed,
                                val_fraction=config.val_fraction, test_fraction=config.test_fraction)
+    for folder in (out, out / "splits"):
+        remove_stale_temporaries(folder)
     for name, indices in splits.items():
         write_json_atomic(out / "splits" / f"{name}.json", {"indices": indices, "seed": config.seed, "split": name})
     meta = asdict(config)
@@ -593,21 +596,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--view_prefix", choices=["img", "images"], default="img")
     parser.add_argument("--supersample", type=int, default=3)
     parser.add_argument("--missing_view_rate", type=float, default=0.0)
+    add_debug_flag(parser)
     return parser
 
 
+@entry_point("nearid-make-synthetic")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = SyntheticConfig(
-            num_identities=args.num_identities, image_size=args.image_size, views=args.views,
-            levels=tuple(args.levels), seed=args.seed, val_fraction=args.val_fraction,
-            test_fraction=args.test_fraction, view_prefix=args.view_prefix, supersample=args.supersample,
-            missing_view_rate=args.missing_view_rate,
-        )
-    except ValueError as exc:
-        raise SystemExit(f"nearid-make-synthetic: {exc}") from exc
+    config = SyntheticConfig(
+        num_identities=args.num_identities, image_size=args.image_size, views=args.views,
+        levels=tuple(args.levels), seed=args.seed, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, view_prefix=args.view_prefix, supersample=args.supersample,
+        missing_view_rate=args.missing_view_rate,
+    )
     out = generate_synthetic(args.output_dir, config)
     print(f"wrote {config.num_identities} identities ({', '.join(config.levels)}) to {out}")
     return 0

@@ -36,7 +36,15 @@ import torch
 import torch.nn.functional as F
 
 from nearid_reward import NearIDModel
-from nearid_reward.io import append_jsonl, write_json_atomic
+from nearid_reward.cli.entry_points import add_debug_flag, entry_point
+from nearid_reward.io import (
+    append_jsonl,
+    remove_stale_temporaries,
+    replace_directory,
+    swap_directory,
+    temporary_path,
+    write_json_atomic,
+)
 
 from .batching import (
     AugmentConfig,
@@ -225,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--report_to", default=d.report_to,
                    help="tensorboard, wandb (comma-separated), all, none, or auto (tensorboard when installed)")
     g.add_argument("--tracker_project_name", default=d.tracker_project_name)
+    add_debug_flag(p)
     return p
 
 
@@ -284,31 +293,14 @@ def _flat_config(config: TrainConfig) -> dict[str, Any]:
     return out
 
 
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Move a finished folder into place; an existing ``dest`` is moved aside first and then deleted."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _save_head(model: NearIDModel, dest: Path, extra: dict[str, Any]) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, format="head", extra=extra)
-    _replace_dir(tmp, dest)
+    replace_directory(dest, lambda tmp: model.save_pretrained(tmp, format="head", extra=extra))
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run a training job; returns a summary (final step, best validation SSR, output folders)."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -332,6 +324,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     main_process = accelerator.is_main_process
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, out / "splits"):  # what a killed earlier run in this folder left half-written
+            remove_stale_temporaries(folder)
         write_json_atomic(out / "train_config.json", dataclasses.asdict(config))
 
     # ---------------------------------------------------------------- data
@@ -421,7 +415,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                    report=report)
         report.warn()
         logger.info("feature cache ready in %.1f s: %d images", time.perf_counter() - started, len(keys))
-        train_batcher: Any = CachedBatcher(store, keys)
+        train_batcher: Any = CachedBatcher(store, keys, registry)
         val_batcher: Any = train_batcher
     else:
         train_batcher = PixelBatcher(registry, model.preprocess, augment=config.augment, seed=config.seed)
@@ -490,7 +484,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                            batch_size=config.encode_batch_size)
             module.train()
             for ref, why in failed:
-                vset.data.report.add("unreadable images", f"{ref}: {why}")
+                vset.data.report.add("unreadable images", why, key=ref)
             vset.data.report.warn()
             results = evaluate_embeddings(vset, emb, model.embed_dim)
             pooled = results["pooled"]
@@ -512,10 +506,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     def save_checkpoint(step: int) -> None:
         final = out / f"checkpoint-{step}"
-        tmp = out / f".checkpoint-{step}.tmp"
-        if main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
+        # every process writes its part of the state into the main process's temporary folder
+        tmp = Path(broadcast_object_list([str(temporary_path(final))])[0])
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if main_process:
@@ -524,7 +516,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "global_step": step, "best_val_ssr": best_ssr, "steps_per_epoch": steps_per_epoch,
                 "train_batch_size": config.train_batch_size, "num_processes": accelerator.num_processes,
             })
-            _replace_dir(tmp, final)
+            swap_directory(tmp, final)
             if config.checkpoints_total_limit:
                 ckpts = sorted((int(p.name.split("-", 1)[1]), p) for p in out.glob("checkpoint-*")
                                if p.name.split("-", 1)[1].isdigit())
@@ -550,8 +542,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             epoch_loader.set_epoch(epoch)
         for batch in epoch_loader:
             with accelerator.accumulate(head_ddp):
-                for _, why in batch["failed"]:
-                    report.add("unreadable images", why)
+                for ref, why in batch["failed"]:
+                    report.add("unreadable images", why, key=ref)  # each image counts once, whatever the epochs
                 tokens, mask = batch_tokens(batch, model, device)
                 pooled = F.normalize(head_ddp(tokens, mask).float(), dim=-1)  # [n, E]
                 b = batch["batch_size"]
@@ -625,14 +617,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+@entry_point("nearid-train-head")
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    options = vars(build_parser().parse_args(argv))
+    options.pop("debug")  # read by entry_point
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = TrainConfig(**vars(args))
-    except ValueError as exc:
-        raise SystemExit(f"nearid-train-head: {exc}") from exc
-    summary = train(config)
+    summary = train(TrainConfig(**options))
     logger.info("done: %s", json.dumps(summary, default=str))
     return 0
 

@@ -13,6 +13,7 @@ import torch
 from ..images import IMAGE_SUFFIXES, list_image_files
 from ..model import NearIDModel
 from ..similarity import cosine_matrix, leave_one_out_oracle, reference_scores
+from .entry_points import add_debug_flag, entry_point, torch_device
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -48,11 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how an image's similarities to the references are combined (default: mean)",
     )
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--device", type=torch_device, default="cpu",
+                        help="torch device, e.g. cpu, cuda or cuda:1 (default: cpu)")
     parser.add_argument(
         "--dtype", choices=sorted(_DTYPES), default="float32", help="backbone dtype (default: float32)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_debug_flag(parser)
     return parser
 
 
@@ -62,6 +65,7 @@ def _embed_files(model: NearIDModel, files: list[Path], batch_size: int) -> torc
     return torch.cat(parts)
 
 
+@entry_point("nearid-score")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:

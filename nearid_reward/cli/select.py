@@ -17,12 +17,13 @@ from collections.abc import Sequence
 
 import torch
 
-from ..io import CheckpointError
 from ..model import NearIDModel
+from ..pipelines import load_pipeline
 from ..rendering import PromptSet, RenderConfig
 from ..reward import IdentityReward
-from ..selection import CheckpointSelector, SelectionConfig, format_table, load_pipeline
+from ..selection import CheckpointSelector, SelectionConfig, format_table
 from ..validation import IdentityValidator
+from .entry_points import add_debug_flag, entry_point, torch_device
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -64,14 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy_winner", action="store_true", help="copy the winner's weights to --winner_dir")
     p.add_argument("--link_winner", action="store_true", help="symlink --winner_dir to the winning checkpoint")
     p.add_argument("--winner_dir", default=None, help="default: <output_dir>/best_identity")
-    p.add_argument("--device", default=None, help="torch device (default: the process's accelerate device or cpu)")
+    p.add_argument("--device", type=torch_device, default=None,
+                   help="torch device (default: the process's accelerate device or cpu)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="pipeline dtype (default float32)")
     p.add_argument("--nearid_dtype", choices=sorted(_DTYPES), default="float32", help="NearID backbone dtype")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.add_argument("--verbose", action="store_true", help="log progress")
+    add_debug_flag(p)
     return p
 
 
+@entry_point("nearid-select")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.copy_winner and args.link_winner:
@@ -80,33 +84,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     from accelerate import PartialState
 
     # On CPU, accelerate needs cpu=True to see a multi-process (gloo) launch such as torchrun --nproc_per_node 2.
-    state = PartialState(cpu=args.device == "cpu")
-    device = torch.device(args.device) if args.device else state.device
-    try:
-        render = RenderConfig(
-            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=args.resolution,
-            width=args.resolution, images_per_prompt=args.images_per_prompt, seed_offset=args.seed_offset,
-            batch_size=args.render_batch_size, render_base=not args.no_base, render_class=not args.no_class_prompts,
-            scheduler=args.scheduler,
-        )  # fmt: skip
-        config = SelectionConfig(
-            monitor=args.monitor, mode=args.mode, render=render, hotswap=args.hotswap, use_cache=not args.no_cache,
-            skip_invalid=args.skip_invalid, plot=not args.no_plot,
-            winner="copy" if args.copy_winner else "symlink" if args.link_winner else None, winner_dir=args.winner_dir,
-        )  # fmt: skip
-        prompts = PromptSet.load(args.prompts)
-        prompts = prompts.fill(args.instance_token, args.class_noun) if prompts.has_placeholders else prompts
-        model = NearIDModel.from_pretrained(
-            args.nearid_model, torch_dtype=_DTYPES[args.nearid_dtype], head_dtype=torch.float32
-        ).to(device)
-        scorer = IdentityReward(model, list(args.nearid_reference_dir), aggregate=args.aggregate)
-        validator = IdentityValidator(scorer, prefix="")
-        pipeline = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=_DTYPES[args.dtype], device=device)
-        result = CheckpointSelector(pipeline, validator, prompts, config=config, state=state).run(
-            args.output_dir, checkpoints=args.checkpoints
-        )
-    except (CheckpointError, FileNotFoundError, ValueError, TypeError) as exc:
-        raise SystemExit(f"nearid-select: {exc}") from exc
+    state = PartialState(cpu=args.device is not None and args.device.type == "cpu")
+    device = args.device if args.device is not None else state.device
+    render = RenderConfig(
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, height=args.resolution,
+        width=args.resolution, images_per_prompt=args.images_per_prompt, seed_offset=args.seed_offset,
+        batch_size=args.render_batch_size, render_base=not args.no_base, render_class=not args.no_class_prompts,
+        scheduler=args.scheduler,
+    )  # fmt: skip
+    config = SelectionConfig(
+        monitor=args.monitor, mode=args.mode, render=render, hotswap=args.hotswap, use_cache=not args.no_cache,
+        skip_invalid=args.skip_invalid, plot=not args.no_plot,
+        winner="copy" if args.copy_winner else "symlink" if args.link_winner else None, winner_dir=args.winner_dir,
+    )  # fmt: skip
+    prompts = PromptSet.load(args.prompts)
+    prompts = prompts.fill(args.instance_token, args.class_noun) if prompts.has_placeholders else prompts
+    model = NearIDModel.from_pretrained(
+        args.nearid_model, torch_dtype=_DTYPES[args.nearid_dtype], head_dtype=torch.float32
+    ).to(device)
+    scorer = IdentityReward(model, list(args.nearid_reference_dir), aggregate=args.aggregate)
+    validator = IdentityValidator(scorer, prefix="")
+    pipeline = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=_DTYPES[args.dtype], device=device)
+    result = CheckpointSelector(pipeline, validator, prompts, config=config, state=state).run(
+        args.output_dir, checkpoints=args.checkpoints
+    )
     if state.is_main_process:
         if args.json:
             json.dump({"winner": result.winner, "checkpoints": result.rows, "base": result.base,

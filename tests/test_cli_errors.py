@@ -1,0 +1,112 @@
+"""Every command ends an expected user error with one clear line and a non-zero status; tracebacks only with
+``--debug`` and for real bugs; ``--device`` is checked before anything runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from integrations import dreambooth
+from nearid_reward.cli import score, select
+from nearid_reward.io import CheckpointError
+from nearid_reward.testing import write_random_images
+from train_head import eval as eval_cli
+from train_head import synthetic
+from train_head import train as train_cli
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli-errors")
+    write_random_images(root / "refs", 2, 32, seed=1)
+    return root / "refs"
+
+
+def _commands(images: Path, missing: Path) -> dict[str, tuple[Callable[..., int], list[str], str]]:
+    """command -> (main, argv that fails on a missing input, the start of its message)."""
+    return {
+        "nearid-score": (score.main, ["--model", str(missing), "--references", str(images), "--images", str(images)],
+                         "nearid-score: checkpoint folder not found"),
+        "nearid-select": (select.main, ["--output_dir", str(missing), "--pipeline", str(missing), "--model",
+                                        str(missing), "--references", str(images), "--device", "cpu"],
+                          "nearid-select: checkpoint folder not found"),
+        "nearid-train-head": (train_cli.main, ["--backbone", str(missing), "--output_dir", str(missing.parent / "o"),
+                                               "--train_data", str(missing), "--report_to", "none"],
+                              "nearid-train-head: dataset not found"),
+        "nearid-eval": (eval_cli.main, ["--model", str(missing), "--data", str(images), "--output_dir",
+                                        str(missing.parent / "e")], "nearid-eval: checkpoint folder not found"),
+        "nearid-dreambooth": (dreambooth.main, ["--script", str(missing / "train.py"), "--nearid_model", "m",
+                                                "--nearid_reference_dir", "r"],
+                              "nearid-dreambooth: training script not found"),
+        "nearid-make-synthetic": (synthetic.main, ["--output_dir", str(missing), "--num_identities", "0"],
+                                  "nearid-make-synthetic: SyntheticConfig.num_identities"),
+    }
+
+
+@pytest.mark.parametrize("command", ["nearid-score", "nearid-select", "nearid-train-head", "nearid-eval",
+                                     "nearid-dreambooth", "nearid-make-synthetic"])
+def test_expected_errors_exit_with_the_message_and_debug_keeps_the_traceback(
+    images: Path, tmp_path: Path, command: str
+) -> None:
+    main, argv, message = _commands(images, tmp_path / "missing")[command]
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert str(raised.value.code).startswith(message), raised.value.code
+    assert "--debug" in str(raised.value.code)
+    ours = argv[: argv.index("--")] if "--" in argv else argv
+    with pytest.raises((ValueError, OSError)):  # the original exception, with its traceback
+        main([*ours, "--debug"])
+
+
+def test_from_a_shell_the_message_comes_without_a_traceback(images: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    argv = [sys.executable, "-m", "nearid_reward.cli.score", "--model", str(tmp_path / "nope"), "--references",
+            str(images), "--images", str(images)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("nearid-score: checkpoint folder not found")
+    assert str(tmp_path / "nope") in done.stderr
+    debug = subprocess.run([*argv, "--debug"], env=env, capture_output=True, text=True, timeout=300)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "CheckpointError" in debug.stderr
+
+
+def test_real_bugs_keep_their_traceback(images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def bug(*args: object, **kwargs: object) -> None:
+        raise KeyError("an internal bug")
+
+    monkeypatch.setattr(score.NearIDModel, "from_pretrained", bug)
+    with pytest.raises(KeyError, match="an internal bug"):
+        score.main(["--model", "m", "--references", str(images), "--images", str(images)])
+
+
+@pytest.mark.parametrize("main,extra", [
+    (score.main, ["--references", "r", "--images", "i", "--model", "m"]),
+    (eval_cli.main, ["--model", "m", "--output_dir", "o"]),
+    (select.main, ["--output_dir", "o", "--pipeline", "p", "--model", "m", "--references", "r"]),
+])
+def test_bad_device_is_refused_before_anything_runs(
+    main: Callable[..., int], extra: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main([*extra, "--device", "gpu0"])
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --device: expected a torch device such as cpu, cuda, cuda:1 or mps; got 'gpu0'" in err
+    assert "Traceback" not in err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main([*extra, "--device", "cuda:1"])
+        assert "argument --device: 'cuda:1': no CUDA device is available here" in capsys.readouterr().err
+
+
+def test_checkpoint_errors_are_expected_errors() -> None:
+    from nearid_reward.cli.entry_points import EXPECTED_ERRORS
+
+    assert issubclass(CheckpointError, EXPECTED_ERRORS) and issubclass(FileNotFoundError, EXPECTED_ERRORS)
+    assert not issubclass(KeyError, EXPECTED_ERRORS) and not issubclass(TypeError, EXPECTED_ERRORS)
