@@ -218,7 +218,7 @@ def personalise_subject(args: PersonaliseConfig, assets: WorldAssets, pipe: Any,
     subject = make_subject(index, folder, seed=args.seed)
     scorers = Scorers(assets, subject.instance_dir)
     for name, views in (("subject", subject.instance_dir), ("lookalike", subject.negative_dir)):
-        pixels = [torch.from_numpy(np.asarray(to_rgb(load_image(f)))).permute(2, 0, 1).float() / 255
+        pixels = [torch.from_numpy(np.array(to_rgb(load_image(f)))).permute(2, 0, 1).float() / 255
                   for f in sorted(views.glob("*.png"))]
         save_grid(torch.stack(pixels), 1, folder / "renders" / f"{name}.png")
     eval_set = EvalSet(per_context=args.per_context)
