@@ -165,14 +165,21 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
 
     runs = [json.loads(Path(p).read_text()) for p in args.merge]
     subjects = sorted((s for run in runs for s in run["per_subject"]), key=lambda s: s["subject"]["index"])
-    summary = summarise(subjects, max(run["seconds"] for run in runs))
-    report = {**summary, "settings": runs[0]["settings"], "merged_from": list(args.merge), "per_subject": subjects}
+    return report(subjects, max(run["seconds"] for run in runs), args.json,
+                  {"settings": runs[0]["settings"], "merged_from": list(args.merge)})
+
+
+def report(subjects: list[dict[str, Any]], seconds: float, json_path: str | None,
+           extra: dict[str, Any]) -> dict[str, Any]:
+    """Summarise, print the Markdown tables, and write the JSON (summary, ``extra``, per-subject results)."""
+    summary = summarise(subjects, seconds)
+    result = {**summary, **extra, "per_subject": subjects}
     print(markdown(summary, subjects))
-    if args.json:
+    if json_path:
         from nearid_reward.io import write_json_atomic
 
-        write_json_atomic(Path(args.json), report)
-    return report
+        write_json_atomic(Path(json_path), result)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -199,15 +206,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"meanpool {result['spearman']['meanpool']:.2f}, regret nearid {result['regret']['nearid']:.2f} "
               f"frozen {result['regret']['frozen']:.2f} last {result['regret']['last']:.2f} "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
-    summary = summarise(subjects, time.perf_counter() - started)
-    report = {**summary, "settings": {k: v for k, v in vars(args).items() if k != "json"},
-              "per_subject": subjects}
-    print(markdown(summary, subjects))
-    if args.json:
-        from nearid_reward.io import write_json_atomic
-
-        write_json_atomic(Path(args.json), report)
-    return report
+    return report(subjects, time.perf_counter() - started, args.json,
+                  {"settings": {k: v for k, v in vars(args).items() if k != "json"}})
 
 
 if __name__ == "__main__":

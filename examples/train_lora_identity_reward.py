@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nearid_reward import IdentityReward, IdentityValidator, NearIDValidationCallback
+from nearid_reward.adapters import lora_rank
 from nearid_reward.callback import CallbackConfig
 from nearid_reward.diffusion import (
     SamplerConfig,
@@ -54,6 +55,7 @@ from nearid_reward.images import to_pil_list, to_rgb
 from nearid_reward.io import append_jsonl
 from nearid_reward.pipelines import load_pipeline
 from nearid_reward.rendering import PromptSet, RenderConfig, adapters_disabled
+from nearid_reward.run_checkpoints import LORA_WEIGHT_NAME
 
 logger = logging.getLogger("train_lora_identity_reward")
 
@@ -126,28 +128,22 @@ def _class_latents(pipeline: Any, folder: str, size: int, device: torch.device) 
     return latents * vae.config.scaling_factor
 
 
-def _read_lora(pipeline: Any, path: str) -> dict[str, torch.Tensor]:
-    """The UNet tensors of a diffusers LoRA (a folder with ``pytorch_lora_weights.safetensors``, or the file)."""
+def _read_lora(pipeline: Any, path: str) -> tuple[dict[str, torch.Tensor], Path]:
+    """The UNet tensors of a diffusers LoRA (a folder with ``pytorch_lora_weights.safetensors``, or the file), and
+    the file they came from."""
     source = Path(path)
     if source.is_dir():
-        folder, weight_name = source, "pytorch_lora_weights.safetensors"
+        folder, weight_name = source, LORA_WEIGHT_NAME
     else:
         folder, weight_name = source.parent, source.name
     if not (folder / weight_name).is_file():
         raise FileNotFoundError(f"--init_lora {path}: expected a LoRA .safetensors file or a folder holding "
-                                f"pytorch_lora_weights.safetensors, found no {folder / weight_name}")
+                                f"{LORA_WEIGHT_NAME}, found no {folder / weight_name}")
     state, _ = type(pipeline).lora_state_dict(str(folder), weight_name=weight_name, use_safetensors=True)
     unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
     if not unet_state:
         raise ValueError(f"--init_lora {path}: the file holds no UNet LoRA tensors (keys starting with 'unet.')")
-    return unet_state
-
-
-def _lora_rank(state: dict[str, torch.Tensor]) -> int:
-    ranks = {int(v.shape[0]) for k, v in state.items() if "lora_A" in k or "lora.down" in k}
-    if len(ranks) != 1:
-        raise ValueError(f"--init_lora: expected one LoRA rank, found {sorted(ranks)}")
-    return ranks.pop()
+    return unet_state, folder / weight_name
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -177,8 +173,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             module.requires_grad_(False)
             module.to(accelerator.device, dtype=weight_dtype if name != "vae" else torch.float32)
     unet = pipeline.unet
-    init_state = _read_lora(pipeline, args.init_lora) if args.init_lora else None
-    rank = _lora_rank(init_state) if init_state else args.rank
+    init_state, init_file = _read_lora(pipeline, args.init_lora) if args.init_lora else (None, None)
+    rank = lora_rank(init_file) if init_file else args.rank
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                 target_modules=list(args.lora_target_modules)))
     if init_state and args.prior_reference == "init":  # a frozen copy of the starting adapter: the prior's target

@@ -128,16 +128,26 @@ class _Metrics(dict):  # type: ignore[type-arg]
 
 
 def image_grid(
-    images: torch.Tensor, captions: Sequence[str] | None = None, *, value_range: tuple[float, float] = (0.0, 1.0)
+    images: torch.Tensor,
+    captions: Sequence[str] | None = None,
+    *,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    cols: int | None = None,
 ) -> np.ndarray:
-    """Tile ``images`` ``[N, 3, H, W]`` into one uint8 ``[rows*H, cols*W, 3]`` array, captions drawn on the tiles."""
+    """Tile ``images`` ``[N, 3, H, W]`` into one uint8 ``[rows*H, cols*W, 3]`` array, captions drawn on the tiles.
+
+    ``cols`` defaults to ``ceil(sqrt(N))``; rows fill left to right.
+    """
     from PIL import Image, ImageDraw
 
     lo, hi = check_value_range(value_range)
     x = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
     arr = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # [N, H, W, 3]
     n, h, w = arr.shape[:3]
-    cols = int(math.ceil(math.sqrt(n)))
+    if cols is None:
+        cols = int(math.ceil(math.sqrt(n)))
+    elif cols < 1:
+        raise ValueError(f"`cols` must be >= 1, got {cols}")
     rows = int(math.ceil(n / cols))
     grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
     for i in range(n):

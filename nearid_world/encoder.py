@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import logging
 import shutil
@@ -31,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from nearid_reward.cli.entry_points import add_debug_flag, entry_point
 from nearid_reward.io import write_json_atomic
 
 from . import scenes
+from .cli import add_config_arguments, config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +86,6 @@ class EncoderConfig:
     seed: int = 0
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_world_dataset(output_dir: str | Path, config: EncoderConfig, *, progress: bool = False) -> Path:
     """Write the generation world in the NearID schema: ``positives/``, ``distractors/<attribute>/``, ``splits/``.
 
@@ -101,7 +94,7 @@ def write_world_dataset(output_dir: str | Path, config: EncoderConfig, *, progre
     from tqdm.auto import tqdm
 
     from train_head.data import split_by_identity
-    from train_head.synthetic import write_image_table
+    from train_head.synthetic import png_bytes, write_image_table
 
     out = Path(output_dir)
     banned = scenes.held_out_identities(config.held_out) if config.held_out else []
@@ -119,12 +112,12 @@ def write_world_dataset(output_dir: str | Path, config: EncoderConfig, *, progre
         for context in rng.permutation(contexts)[:3]:
             ctx = scenes.view_context(str(context), rng)
             view_seed = int(rng.integers(2**31))
-            row.append(_png(scenes.render_view(ident, str(context), np.random.default_rng(view_seed),
+            row.append(png_bytes(scenes.render_view(ident, str(context), np.random.default_rng(view_seed),
                                                config.image_size, ctx=ctx)))
             for attribute in scenes.NEAR_ATTRIBUTES:
                 other = scenes.near_identity(ident, attribute, rng)
                 # same background, place and colour shades: only the attribute differs
-                per_level[attribute].append(_png(scenes.render_view(other, str(context),
+                per_level[attribute].append(png_bytes(scenes.render_view(other, str(context),
                                                                     np.random.default_rng(view_seed),
                                                                     config.image_size, ctx=ctx)))
         views.append(row)
@@ -222,13 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--work_dir", default=None,
                         help="dataset and trainer run (default OUTPUT_DIR/../encoder_work)")
-    for f in dataclasses.fields(EncoderConfig):
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    add_config_arguments(parser, EncoderConfig)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = EncoderConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EncoderConfig)})
-    out = train_world_encoder(args.output_dir, config, work_dir=args.work_dir, progress=True)
+    out = train_world_encoder(args.output_dir, config_from_args(EncoderConfig, args), work_dir=args.work_dir,
+                              progress=True)
     print(json.dumps(json.loads((out / "encoder_config.json").read_text()), indent=2))
     return 0
 

@@ -27,7 +27,9 @@ import torch
 from PIL import Image
 
 from nearid_reward import NearIDModel
+from nearid_reward.pipelines import load_pipeline
 from nearid_reward.rendering import RenderConfig, render_images
+from train_head.batching import mean_pool
 
 from . import scenes
 from .oracle import AttributeOracle, lookalike_hits, true_identity
@@ -118,12 +120,9 @@ class Scorers:
     @torch.no_grad()
     def embed(self, images: Any) -> dict[str, torch.Tensor]:
         """Unit embeddings per kind (``images``: float ``[B, 3, H, W]`` in [0, 1], or paths/PIL)."""
-        out = {"nearid": self.nearid.embed(images), "frozen": self.frozen.embed(images)}
-        tokens, mask = self.frozen.encode_tokens(self.frozen.prepare(images))
-        weight = torch.ones(tokens.shape[:2]) if mask is None else mask.float()
-        pooled = (tokens.float() * weight.unsqueeze(-1)).sum(1) / weight.sum(1, keepdim=True).clamp(min=1)
-        out["meanpool"] = torch.nn.functional.normalize(pooled, dim=-1)
-        return out
+        tokens, mask = self.frozen.encode_tokens(self.frozen.prepare(images))  # one backbone pass for both baselines
+        return {"nearid": self.nearid.embed(images), "frozen": self.frozen.pool(tokens, mask),
+                "meanpool": mean_pool(tokens, mask)}
 
     def set_references(self, references: Path | Sequence[Any]) -> None:
         self.references = self.embed(references)
@@ -178,12 +177,7 @@ def evaluate_images(images: torch.Tensor, eval_set: EvalSet, subject: Subject, o
 
 def load_world_pipeline(assets: WorldAssets) -> Any:
     """The shipped world model as a ``StableDiffusionPipeline`` (float32, CPU, safetensors only)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(assets.world_model), dtype=torch.float32,
-                                                   use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(assets.world_model, torch_dtype=torch.float32)
 
 
 def prompt_following(pipeline: Any, oracle: AttributeOracle, *, count: int = 64, seed: int = 0,

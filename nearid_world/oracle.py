@@ -36,6 +36,7 @@ from nearid_reward.cli.entry_points import add_debug_flag, entry_point
 from nearid_reward.io import save_safetensors_atomic, write_json_atomic
 
 from . import scenes
+from .cli import add_config_arguments, config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -239,13 +240,11 @@ def train_oracle(output_dir: str | Path, config: OracleConfig | None = None, *, 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nearid_world.oracle", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True)
-    for f in dataclasses.fields(OracleConfig):
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    add_config_arguments(parser, OracleConfig)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = OracleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(OracleConfig)})
-    out = train_oracle(args.output_dir, config, progress=True)
+    out = train_oracle(args.output_dir, config_from_args(OracleConfig, args), progress=True)
     print(json.dumps(json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))["held_out_accuracy"], indent=2))
     return 0
 

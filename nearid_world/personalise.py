@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nearid_reward.images import load_image, to_rgb
+from nearid_reward.images import list_image_files, load_image, to_rgb
 from nearid_reward.rendering import RenderConfig
+from nearid_reward.run_checkpoints import LORA_WEIGHT_NAME, find_checkpoints
+from nearid_reward.validation import image_grid
 
 from . import scenes
 from .evaluate import (
@@ -44,7 +46,6 @@ from .oracle import AttributeOracle
 __all__ = ["PersonaliseConfig", "personalise_subject", "class_images", "reward_dir_name", "spearman", "nanmean"]
 
 ROOT = Path(__file__).resolve().parents[1]
-LORA = "pytorch_lora_weights.safetensors"
 
 
 @dataclass
@@ -126,7 +127,7 @@ def run(command: list[str], log: Path) -> None:
 
 def dreambooth(args: PersonaliseConfig, assets: WorldAssets, subject: Any, folder: Path) -> Path:
     out = folder / "dreambooth"
-    if (out / LORA).is_file():
+    if (out / LORA_WEIGHT_NAME).is_file():
         return out
     run([
         sys.executable, "-m", "integrations.dreambooth",
@@ -154,7 +155,7 @@ def reward_dir_name(args: PersonaliseConfig, *, prior: bool) -> str:
 def reward_finetune(args: PersonaliseConfig, assets: WorldAssets, subject: Any, init: Path, folder: Path,
                     classes: Path, *, prior: bool) -> Path:
     out = folder / reward_dir_name(args, prior=prior)
-    if (out / LORA).is_file():
+    if (out / LORA_WEIGHT_NAME).is_file():
         return out
     command = [
         sys.executable, str(ROOT / "examples" / "train_lora_identity_reward.py"),
@@ -178,7 +179,7 @@ def reward_finetune(args: PersonaliseConfig, assets: WorldAssets, subject: Any, 
 def evaluate_lora(pipe: Any, lora: Path | None, eval_set: EvalSet, subject: Any, oracle: AttributeOracle,
                   scorers: Scorers, config: RenderConfig) -> tuple[dict[str, float], torch.Tensor]:
     if lora is not None:
-        pipe.load_lora_weights(str(lora), weight_name=LORA, adapter_name="bench")
+        pipe.load_lora_weights(str(lora), weight_name=LORA_WEIGHT_NAME, adapter_name="bench")
     try:
         images = render_eval_set(pipe, eval_set, config)
     finally:
@@ -189,21 +190,10 @@ def evaluate_lora(pipe: Any, lora: Path | None, eval_set: EvalSet, subject: Any,
 
 def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 3) -> Path:
     """Save float ``[N, 3, H, W]`` images in [0, 1] as one PNG grid of ``rows`` rows (nearest-neighbour upscaled)."""
-    n, _, h, w = images.shape
-    cols = math.ceil(n / rows)
-    canvas = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = (
-            image.permute(1, 2, 0).clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    grid = image_grid(images, cols=math.ceil(len(images) / rows))
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
     return path
-
-
-def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    found = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*") if (p / LORA).is_file()]
-    return sorted(found)
 
 
 def nanmean(values: list[float]) -> float:
@@ -219,7 +209,7 @@ def personalise_subject(args: PersonaliseConfig, assets: WorldAssets, pipe: Any,
     scorers = Scorers(assets, subject.instance_dir)
     for name, views in (("subject", subject.instance_dir), ("lookalike", subject.negative_dir)):
         pixels = [torch.from_numpy(np.array(to_rgb(load_image(f)))).permute(2, 0, 1).float() / 255
-                  for f in sorted(views.glob("*.png"))]
+                  for f in list_image_files(views)]
         save_grid(torch.stack(pixels), 1, folder / "renders" / f"{name}.png")
     eval_set = EvalSet(per_context=args.per_context)
     started = time.perf_counter()
@@ -230,10 +220,10 @@ def personalise_subject(args: PersonaliseConfig, assets: WorldAssets, pipe: Any,
     rows_of_grid = len(eval_set.contexts)
     base, base_images = evaluate_lora(pipe, None, eval_set, subject, oracle, scorers, config)
     save_grid(base_images, rows_of_grid, renders / "base.png")
-    for step, path in checkpoints(run_dir):
-        metrics, images = evaluate_lora(pipe, path, eval_set, subject, oracle, scorers, config)
-        save_grid(images, rows_of_grid, renders / f"checkpoint-{step}.png")
-        rows.append({"step": step, **metrics})
+    for checkpoint in find_checkpoints(run_dir):
+        metrics, images = evaluate_lora(pipe, checkpoint.path, eval_set, subject, oracle, scorers, config)
+        save_grid(images, rows_of_grid, renders / f"{checkpoint.name}.png")
+        rows.append({"step": checkpoint.step, **metrics})
     truth = [r["truth"] for r in rows]
     best_truth = max(truth)
     picks = {kind: int(np.argmax([r[kind] for r in rows])) for kind in ("nearid", "frozen", "meanpool")}

@@ -74,13 +74,17 @@ VOCABULARY: tuple[str, ...] = (
 )  # fmt: skip
 
 
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "shape": SHAPES, "primary": tuple(COLOURS), "secondary": tuple(COLOURS), "pattern": tuple(PATTERNS),
+    "part": PARTS, "context": tuple(CONTEXTS),
+}
+
+
 def choices(attribute: str) -> tuple[str, ...]:
     """The names an attribute takes (``"secondary"`` takes the colour names, like ``"primary"``)."""
-    table = {"shape": SHAPES, "primary": tuple(COLOURS), "secondary": tuple(COLOURS), "pattern": tuple(PATTERNS),
-             "part": PARTS, "context": tuple(CONTEXTS)}
-    if attribute not in table:
+    if attribute not in _CHOICES:
         raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
-    return table[attribute]
+    return _CHOICES[attribute]
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from nearid_reward.cli.entry_points import add_debug_flag, entry_point
 from nearid_reward.io import write_json_atomic
 
 from . import scenes
+from .cli import add_config_arguments, config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -356,12 +357,7 @@ def pretrain_world_model(output_dir: str | Path, config: WorldModelConfig | None
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nearid-make-world", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True, help="where the StableDiffusionPipeline folder is written")
-    for f in dataclasses.fields(WorldModelConfig):
-        default = f.default
-        if isinstance(default, tuple):
-            parser.add_argument(f"--{f.name}", type=int, nargs=len(default), default=list(default))
-        else:
-            parser.add_argument(f"--{f.name}", type=type(default), default=default)
+    add_config_arguments(parser, WorldModelConfig)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--snapshot_every", type=int, default=0,
                         help="save the EMA weights so far to OUTPUT_DIR/snapshot every N denoiser steps")
@@ -375,8 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(WorldModelConfig)}
-    out = pretrain_world_model(args.output_dir, WorldModelConfig(**values), progress=True,
+    out = pretrain_world_model(args.output_dir, config_from_args(WorldModelConfig, args), progress=True,
                                snapshot_every=args.snapshot_every)
     print(json.dumps(json.loads((out / CONFIG_NAME).read_text()), indent=2))
     return 0

@@ -54,6 +54,7 @@ __all__ = [
     "generate_synthetic",
     "generate_synthetic_mtg",
     "write_image_table",
+    "png_bytes",
     "main",
 ]
 
@@ -418,7 +419,8 @@ def render(
     return out, cover[0], cover[1]
 
 
-def _png(array: np.ndarray) -> bytes:
+def png_bytes(array: np.ndarray) -> bytes:
+    """An image array encoded as PNG (fast compression)."""
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -448,13 +450,13 @@ def _identity_row(index: int, config: SyntheticConfig) -> _Row:
             continue
         ctx = sample_context(np.random.default_rng([seed, index, 2, v]))
         bg = background(ctx, config.image_size * config.supersample)
-        row.views.append(_png(render(obj, ctx, config.image_size, supersample=config.supersample, bg=bg)))
+        row.views.append(png_bytes(render(obj, ctx, config.image_size, supersample=config.supersample, bg=bg)))
         for li, lv in enumerate(LEVELS):
             if lv not in config.levels:
                 continue
             other = make_distractor(obj, lv, np.random.default_rng([seed, index, 3, li, v]))
             image = render(other, ctx, config.image_size, supersample=config.supersample, bg=bg)
-            row.distractors[lv].append(_png(image))
+            row.distractors[lv].append(png_bytes(image))
     return row
 
 
@@ -572,10 +574,10 @@ def generate_synthetic_mtg(
             img_e, body_e, part_e = render(edited, ctx, image_size, supersample=supersample, bg=bg, masks=True)
             obj_mask = (body + part) > 0.5
             edit_mask = (np.abs(body - body_e) + np.abs(part - part_e)) > 0.5
-            cols[f"image_{k}_original"].append(_png(img))
-            cols[f"image_{k}_inpainted"].append(_png(img_e))
-            cols[f"image_{k}_object_mask"].append(_png(obj_mask.astype(np.uint8) * 255))
-            cols[f"image_{k}_part_mask"].append(_png(edit_mask.astype(np.uint8) * 255))
+            cols[f"image_{k}_original"].append(png_bytes(img))
+            cols[f"image_{k}_inpainted"].append(png_bytes(img_e))
+            cols[f"image_{k}_object_mask"].append(png_bytes(obj_mask.astype(np.uint8) * 255))
+            cols[f"image_{k}_part_mask"].append(png_bytes(edit_mask.astype(np.uint8) * 255))
     write_image_table(cols, list(cols), out)
     return out
 
