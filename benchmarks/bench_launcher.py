@@ -38,7 +38,7 @@ def main() -> None:
     from nearid_reward import IdentityValidator, NearIDValidationCallback
     from nearid_reward.rendering import PromptSet, RenderConfig, render_validation_set
     from nearid_reward.testing import save_tiny_nearid, write_random_images
-    from nearid_reward.testing_diffusers import add_lora_adapter, build_tiny_sd_pipeline
+    from nearid_reward.testing.pipelines import add_lora_adapter, build_tiny_sd_pipeline
 
     spec = importlib.util.spec_from_file_location("script", ROOT / "examples" / "dreambooth_lora_minimal.py")
     script = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]

@@ -176,7 +176,7 @@ def report(subjects: list[dict[str, Any]], seconds: float, json_path: str | None
     result = {**summary, **extra, "per_subject": subjects}
     print(markdown(summary, subjects))
     if json_path:
-        from nearid_reward.io import write_json_atomic
+        from nearid_reward.files import write_json_atomic
 
         write_json_atomic(Path(json_path), result)
     return result

@@ -33,7 +33,7 @@ TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.
 def step_costs(args: argparse.Namespace, nearid: Path, refs: Path) -> None:
     from nearid_reward import IdentityReward
     from nearid_reward.diffusion import SamplerConfig, sample_images
-    from nearid_reward.testing_diffusers import add_lora_adapter, build_tiny_sd_pipeline
+    from nearid_reward.testing.pipelines import add_lora_adapter, build_tiny_sd_pipeline
 
     pipe = build_tiny_sd_pipeline(seed=0)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -103,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from nearid_reward.testing import save_tiny_nearid, write_random_images
-    from nearid_reward.testing_diffusers import save_tiny_sd_pipeline
+    from nearid_reward.testing.pipelines import save_tiny_sd_pipeline
 
     torch.manual_seed(0)
     root = Path(tempfile.mkdtemp())

@@ -35,7 +35,7 @@ from nearid_reward import (  # noqa: E402
     SelectionConfig,
 )
 from nearid_reward.testing import random_images, save_tiny_nearid  # noqa: E402
-from nearid_reward.testing_diffusers import (  # noqa: E402
+from nearid_reward.testing.pipelines import (  # noqa: E402
     add_lora_adapter,
     build_tiny_sd_pipeline,
     save_tiny_sd_pipeline,

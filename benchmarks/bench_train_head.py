@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from nearid_reward.io import read_jsonl  # noqa: E402
+from nearid_reward.files import read_jsonl  # noqa: E402
 from train_head.synthetic import SyntheticConfig, generate_synthetic  # noqa: E402
 from train_head.train import TrainConfig, train  # noqa: E402
 

@@ -56,7 +56,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from _common import environment_info, median_time, peak_memory_mib  # noqa: E402
 
 from nearid_reward import IdentityReward, NearIDModel  # noqa: E402
-from nearid_reward.io import atomic_write  # noqa: E402
+from nearid_reward.files import atomic_write  # noqa: E402
 
 # Dense bf16 peak of the SXM parts from the vendor datasheets, TFLOP/s (H100 and H200 share the chip).
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -302,7 +302,7 @@ def build_sd(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from nearid_reward.testing_diffusers import build_clip_tokenizer
+    from nearid_reward.testing.pipelines import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer()
     text = dict(TINY_TEXT if tiny else SD15_TEXT, vocab_size=len(tokenizer), max_position_embeddings=77,
@@ -327,7 +327,7 @@ def build_sd(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
 
 def section_c(ctx: dict[str, Any]) -> dict[str, Any]:
     from nearid_reward.diffusion import SamplerConfig, sample_images
-    from nearid_reward.testing_diffusers import add_lora_adapter
+    from nearid_reward.testing.pipelines import add_lora_adapter
 
     device, tiny = ctx["device"], ctx["tiny"]
     pipe = build_sd(tiny, device, ctx["model"].dtype)

@@ -68,7 +68,7 @@ def _done(folder: Path) -> dict[str, Any] | None:
 
 def _mark_done(folder: Path, info: dict[str, Any], started: float) -> dict[str, Any]:
     """Record a finished stage (with how long it took) so that a rerun reuses it."""
-    from nearid_reward.io import write_json_atomic
+    from nearid_reward.files import write_json_atomic
 
     info = {**info, "seconds": time.perf_counter() - started}
     write_json_atomic(folder / "stage_done.json", info)

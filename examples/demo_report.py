@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nearid_reward.io import write_text_atomic
+from nearid_reward.files import write_text_atomic
 
 
 @dataclass

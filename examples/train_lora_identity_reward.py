@@ -51,8 +51,8 @@ from nearid_reward.diffusion import (
     reward_weights,
     sample_images,
 )
+from nearid_reward.files import append_jsonl
 from nearid_reward.images import to_pil_list, to_rgb
-from nearid_reward.io import append_jsonl
 from nearid_reward.pipelines import load_pipeline
 from nearid_reward.rendering import PromptSet, RenderConfig, adapters_disabled
 from nearid_reward.run_checkpoints import LORA_WEIGHT_NAME

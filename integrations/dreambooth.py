@@ -44,7 +44,7 @@ import torch
 from nearid_reward import IdentityValidator, NearIDModel, NearIDValidationCallback, ReferenceSet
 from nearid_reward.callback import CallbackConfig
 from nearid_reward.cli.entry_points import add_debug_flag, entry_point
-from nearid_reward.io import read_jsonl, write_text_atomic
+from nearid_reward.files import read_jsonl, write_text_atomic
 from nearid_reward.rendering import PromptSet, RenderConfig
 from nearid_reward.results import SelectionResult, format_table, plot_identity_history, summary_markdown
 from nearid_reward.selection import CheckpointSelector, SelectionConfig, load_pipeline

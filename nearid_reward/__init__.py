@@ -10,7 +10,7 @@ from ._version import __version__
 from .callback import CallbackConfig, NearIDValidationCallback
 from .config import HeadConfig, NearIDConfig, PreprocessConfig
 from .diffusion import SamplerConfig
-from .io import CheckpointError
+from .files import CheckpointError
 from .metrics import identity_metrics, metric_names
 from .model import NearIDModel
 from .references import ReferenceSet

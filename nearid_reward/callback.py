@@ -18,8 +18,8 @@ import torch
 
 from .adapters import save_pipeline_adapter
 from .config import with_overrides
+from .files import remove_stale_temporaries, replace_directory, write_json_atomic
 from .images import ImageInput
-from .io import remove_stale_temporaries, replace_directory, write_json_atomic
 from .rendering import PromptSet, RenderConfig, RenderedSet, render_validation_set
 from .run_checkpoints import CHECKPOINT_PATTERN, copy_checkpoint_weights, inspect_checkpoint
 from .validation import IdentityValidator

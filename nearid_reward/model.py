@@ -15,7 +15,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedConfig
 
-from .checkpoint import (
+from .config import HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME, NearIDConfig, PreprocessConfig
+from .files import save_safetensors_atomic, write_json_atomic
+from .head import MAPHead
+from .images import ImageInput, check_image_tensor, check_value_range, to_pil_list
+from .preprocess import PixelInputs, preprocess_pil, preprocess_tensor
+from .weight_formats import (
     RELEASE_PREFIX,
     RELEASE_VISION_FIELDS,
     BackboneType,
@@ -24,11 +29,6 @@ from .checkpoint import (
     expected_head_shapes,
     read_checkpoint,
 )
-from .config import HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME, NearIDConfig, PreprocessConfig
-from .head import MAPHead
-from .images import ImageInput, check_image_tensor, check_value_range, to_pil_list
-from .io import save_safetensors_atomic, write_json_atomic
-from .preprocess import PixelInputs, preprocess_pil, preprocess_tensor
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

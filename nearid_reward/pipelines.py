@@ -3,7 +3,7 @@
 The project never reads pickled weights (``.bin``, ``.pt``, ``.ckpt``), not even through restricted unpicklers:
 every ``from_pretrained`` of a pipeline or a model goes through :func:`from_pretrained_safetensors`, which passes
 ``use_safetensors=True`` (so diffusers and transformers never fall back to pickles) and turns "only pickled weights
-here" into a :class:`~nearid_reward.io.CheckpointError` that says which folders and files, and what to do.
+here" into a :class:`~nearid_reward.files.CheckpointError` that says which folders and files, and what to do.
 diffusers is imported lazily.
 """
 
@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .io import CheckpointError
+from .files import CheckpointError
 
 __all__ = ["PICKLE_SUFFIXES", "from_pretrained_safetensors", "load_pipeline"]
 

@@ -38,7 +38,7 @@ __all__ = [
     "denoiser_of",
     "has_active_adapter",
     "adapters_disabled",
-    "inference_mode",
+    "quiet_eval_mode",
 ]
 
 logger = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class RenderedSet:
 
 # ---------------------------------------------------------------------------------------------- pipeline state
 @contextlib.contextmanager
-def inference_mode(pipeline: Any) -> Iterator[None]:
+def quiet_eval_mode(pipeline: Any) -> Iterator[None]:
     """Eval mode and a silent progress bar inside the block; every submodule's previous mode is restored."""
     modes = [(m, m.training) for comp in pipeline_modules(pipeline) for m in comp.modules()]
     previous_bar = getattr(pipeline, "_progress_bar_config", None)
@@ -304,7 +304,7 @@ def render_images(
     if len(prompts) != len(seeds):
         raise ValueError(f"`prompts` and `seeds` must have the same length, got {len(prompts)} and {len(seeds)}")
     outputs: list[torch.Tensor] = []
-    with inference_mode(pipeline), torch.no_grad(), scheduler_swapped(pipeline, cfg.scheduler):
+    with quiet_eval_mode(pipeline), torch.no_grad(), scheduler_swapped(pipeline, cfg.scheduler):
         for start in range(0, len(prompts), cfg.batch_size):
             batch = prompts[start : start + cfg.batch_size]
             kwargs: dict[str, Any] = {
@@ -355,3 +355,14 @@ def render_validation_set(pipeline: Any, prompts: PromptSet, *, config: RenderCo
         images=images, prompts=inst_prompts, seeds=inst_seeds, base_images=base_images, class_images=class_images,
         class_prompts=class_prompts,
     )  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated names of this module (``inference_mode`` is :func:`quiet_eval_mode`; removed in 0.3)."""
+    if name == "inference_mode":
+        import warnings
+
+        warnings.warn("nearid_reward.rendering.inference_mode is deprecated: use quiet_eval_mode (it is not "
+                      "torch.inference_mode)", DeprecationWarning, stacklevel=2)
+        return quiet_eval_mode
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

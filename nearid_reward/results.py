@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write
+from .files import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .io import CheckpointError, replace_directory
+from .files import CheckpointError, replace_directory
 
 __all__ = [
     "LORA_WEIGHT_NAME",
@@ -31,7 +31,7 @@ __all__ = [
     "find_checkpoints",
     "content_hash",
     "copy_checkpoint_weights",
-    "replace_directory",  # moved to nearid_reward.io; kept here for existing imports
+    "replace_directory",  # moved to nearid_reward.files; kept here for existing imports
 ]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"

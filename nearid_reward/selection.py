@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from ._version import __version__
 from .adapters import LoraSlot, denoiser_of
-from .io import (
+from .files import (
     CheckpointError,
     load_safetensors,
     remove_stale_temporaries,

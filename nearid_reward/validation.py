@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from .config import with_overrides
+from .files import append_jsonl, read_jsonl
 from .images import ImageInput, check_value_range
-from .io import append_jsonl, read_jsonl
 from .metrics import METRICS, MetricSpec, metric_names
 from .metrics import identity_metrics as _identity_metrics
 from .model import NearIDModel, as_nearid_model

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from nearid_reward.cli.entry_points import add_debug_flag, entry_point
-from nearid_reward.io import write_json_atomic
+from nearid_reward.files import write_json_atomic
 
 from . import scenes
 from .cli import add_config_arguments, config_from_args

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nearid_reward.cli.entry_points import add_debug_flag, entry_point
-from nearid_reward.io import save_safetensors_atomic, write_json_atomic
+from nearid_reward.files import save_safetensors_atomic, write_json_atomic
 
 from . import scenes
 from .cli import add_config_arguments, config_from_args

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from nearid_reward.cli.entry_points import add_debug_flag, entry_point
-from nearid_reward.io import write_json_atomic
+from nearid_reward.files import write_json_atomic
 
 from . import scenes
 from .cli import add_config_arguments, config_from_args
@@ -107,7 +107,7 @@ def build_world_pipeline(config: WorldModelConfig | None = None) -> Any:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from nearid_reward.testing_diffusers import build_clip_tokenizer
+    from nearid_reward.testing.pipelines import build_clip_tokenizer
 
     config = config or WorldModelConfig()
     tokenizer = build_clip_tokenizer(scenes.VOCABULARY, model_max_length=20)

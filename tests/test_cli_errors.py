@@ -14,7 +14,7 @@ import torch
 
 from integrations import dreambooth
 from nearid_reward.cli import score, select
-from nearid_reward.io import CheckpointError
+from nearid_reward.files import CheckpointError
 from nearid_reward.testing import write_random_images
 from train_head import eval as eval_cli
 from train_head import synthetic

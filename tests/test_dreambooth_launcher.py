@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from integrations import dreambooth
 from integrations.script_hooks import split_argv, validation_family
-from nearid_reward.io import read_jsonl
+from nearid_reward.files import read_jsonl
 from nearid_reward.testing import save_tiny_nearid, write_random_images
-from nearid_reward.testing_diffusers import save_tiny_sd_pipeline
+from nearid_reward.testing.pipelines import save_tiny_sd_pipeline
 
 # Our minimal script shaped like diffusers' train_dreambooth_lora.py (including its reliance on a global `args`).
 FIXTURE = Path(__file__).resolve().parents[1] / "examples" / "dreambooth_lora_minimal.py"

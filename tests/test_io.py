@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from nearid_reward import NearIDModel
-from nearid_reward.io import (
+from nearid_reward.files import (
     _host_tag,
     append_jsonl,
     atomic_write,

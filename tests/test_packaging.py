@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import nearid_reward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +42,7 @@ def test_every_test_named_in_the_reliability_table_exists() -> None:
     import re
 
     text = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
-    named = re.findall(r"`(test_\w+\.py)(?:::(test_\w+))?`", text)
+    named = re.findall(r"`((?:\w+/)?test_\w+\.py)(?:::(test_\w+))?`", text)
     assert len(named) >= 7
     for file, test in named:
         path = ROOT / "tests" / file
@@ -68,3 +70,28 @@ def test_docstring_examples_run_with_the_tests() -> None:
     for module in ("reward", "validation", "references", "metrics", "model"):
         text = (ROOT / "nearid_reward" / f"{module}.py").read_text()
         assert any(">>>" in line and "doctest: +SKIP" not in line for line in text.splitlines()), module
+
+
+def test_renamed_modules_keep_a_deprecated_alias() -> None:
+    import importlib
+
+    import nearid_reward.rendering as rendering
+    import nearid_reward.testing.pipelines as pipelines
+    import nearid_reward.weight_formats as weight_formats
+
+    for old, new in [("nearid_reward.checkpoint", weight_formats), ("nearid_reward.testing_diffusers", pipelines)]:
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match=new.__name__):
+            alias = importlib.import_module(old)
+        assert all(getattr(alias, name) is getattr(new, name) for name in new.__all__)
+    with pytest.warns(DeprecationWarning, match="quiet_eval_mode"):
+        assert rendering.inference_mode is rendering.quiet_eval_mode
+    assert not (ROOT / "nearid_reward" / "io.py").exists()  # no module named like the standard library's
+
+
+def test_pipeline_builders_name_the_extra_when_diffusers_is_missing() -> None:
+    code = ("import sys; sys.modules['diffusers'] = None\n"
+            "import nearid_reward.testing as t; assert callable(t.save_tiny_nearid)\n"
+            "try:\n    import nearid_reward.testing.pipelines\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "nearid-reward[diffusers]" in out and "nearid_reward.testing.pipelines" in out

@@ -31,7 +31,7 @@ def _load(path: str) -> NearIDModel:
 def test_siglip2_so400m_matches_transformers() -> None:
     from transformers import SiglipVisionModel
 
-    from nearid_reward.checkpoint import resolve_checkpoint_dir
+    from nearid_reward.weight_formats import resolve_checkpoint_dir
 
     model = _load(SIGLIP2)
     assert model.embed_dim == 1152 and model.preprocess.height == 384
@@ -48,7 +48,7 @@ def test_siglip2_so400m_matches_transformers() -> None:
 def test_release_loads_without_remote_code_and_differs_from_the_frozen_head() -> None:
     from safetensors import safe_open
 
-    from nearid_reward.checkpoint import resolve_checkpoint_dir
+    from nearid_reward.weight_formats import resolve_checkpoint_dir
 
     release = _load(RELEASE)
     folder = resolve_checkpoint_dir(RELEASE)

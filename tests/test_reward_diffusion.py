@@ -9,7 +9,7 @@ import torch
 from nearid_reward import IdentityReward, NearIDModel, SamplerConfig
 from nearid_reward.diffusion import ddim_sample, decode_latents, encode_prompts, initial_latents, sample_images
 from nearid_reward.testing import random_images, save_tiny_nearid
-from nearid_reward.testing_diffusers import add_lora_adapter, build_tiny_sd_pipeline
+from nearid_reward.testing.pipelines import add_lora_adapter, build_tiny_sd_pipeline
 
 PROMPTS = ["a photo of sks dog", "a photo of sks dog on the beach"]
 
@@ -113,7 +113,7 @@ def test_sampler_bad_input(pipe):
 def test_sampler_reproduces_the_sdxl_pipeline(guidance):
     from diffusers import DDIMScheduler
 
-    from nearid_reward.testing_diffusers import build_tiny_sdxl_pipeline
+    from nearid_reward.testing.pipelines import build_tiny_sdxl_pipeline
 
     pipe = build_tiny_sdxl_pipeline(seed=0)  # ships an Euler scheduler: the DDIM sampler must use DDIM's own sigma
     config = SamplerConfig(num_inference_steps=3, grad_steps=0, guidance_scale=guidance)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nearid_reward.io import read_jsonl
+from nearid_reward.files import read_jsonl
 from nearid_reward.testing import save_tiny_nearid, write_random_images
-from nearid_reward.testing_diffusers import save_tiny_sd_pipeline
+from nearid_reward.testing.pipelines import save_tiny_sd_pipeline
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_lora_identity_reward.py"
 
@@ -100,7 +100,7 @@ def _reset_accelerate() -> None:
 def test_init_lora_starts_from_the_given_adapter(assets: dict[str, Path]) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from nearid_reward.testing_diffusers import add_lora_adapter, write_lora_checkpoint
+    from nearid_reward.testing.pipelines import add_lora_adapter, write_lora_checkpoint
 
     pipe = StableDiffusionPipeline.from_pretrained(str(assets["sd"]), use_safetensors=True)
     add_lora_adapter(pipe.unet, rank=6, seed=3)
@@ -134,8 +134,8 @@ def test_init_lora_names_a_missing_file(assets: dict[str, Path]) -> None:
 def test_kl_prior_regresses_onto_the_starting_adapter_or_the_base(assets: dict[str, Path], reference: str) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from nearid_reward.io import read_jsonl
-    from nearid_reward.testing_diffusers import add_lora_adapter, write_lora_checkpoint
+    from nearid_reward.files import read_jsonl
+    from nearid_reward.testing.pipelines import add_lora_adapter, write_lora_checkpoint
 
     pipe = StableDiffusionPipeline.from_pretrained(str(assets["sd"]), use_safetensors=True)
     add_lora_adapter(pipe.unet, rank=4, seed=7, b_std=0.2)

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from nearid_reward import CheckpointSelector, IdentityValidator, NearIDModel, PromptSet, RenderConfig, SelectionConfig
-from nearid_reward.io import CheckpointError
+from nearid_reward.files import CheckpointError
 from nearid_reward.rendering import render_validation_set
 from nearid_reward.run_checkpoints import content_hash, find_checkpoints, inspect_checkpoint
 from nearid_reward.testing import save_tiny_nearid, write_random_images
-from nearid_reward.testing_diffusers import (
+from nearid_reward.testing.pipelines import (
     LORA_WEIGHT_NAME,
     add_lora_adapter,
     build_tiny_sd_pipeline,

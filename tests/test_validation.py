@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nearid_reward import IdentityReward, IdentityValidator, NearIDModel, ReferenceSet, ValidationConfig
-from nearid_reward.io import read_jsonl
+from nearid_reward.files import read_jsonl
 from nearid_reward.metrics import METRICS, identity_metrics, metric_names
 from nearid_reward.testing import random_images, save_tiny_nearid
 from nearid_reward.validation import image_grid

@@ -14,7 +14,7 @@ from nearid_reward import IdentityValidator, NearIDModel, NearIDValidationCallba
 from nearid_reward.callback import save_pipeline_adapter
 from nearid_reward.rendering import has_active_adapter, render_images, render_validation_set
 from nearid_reward.testing import random_images, save_tiny_nearid
-from nearid_reward.testing_diffusers import (
+from nearid_reward.testing.pipelines import (
     LORA_WEIGHT_NAME,
     add_lora_adapter,
     build_tiny_sd_pipeline,
@@ -194,7 +194,7 @@ def test_callback_removes_what_a_killed_run_left_half_written(model, refs, tmp_p
     import subprocess
     import sys
 
-    from nearid_reward.io import _host_tag
+    from nearid_reward.files import _host_tag
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
@@ -223,7 +223,7 @@ def test_save_pipeline_adapter_full_model(tmp_path):
 def test_tiny_pipelines_round_trip_and_sdxl_base_rendering(tmp_path):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from nearid_reward.testing_diffusers import (
+    from nearid_reward.testing.pipelines import (
         build_tiny_sdxl_pipeline,
         save_tiny_sd_pipeline,
         save_tiny_sdxl_pipeline,

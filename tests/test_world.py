@@ -49,7 +49,7 @@ def test_near_identity_changes_exactly_one_attribute(attribute: str) -> None:
 
 
 def test_every_world_word_is_one_token() -> None:
-    from nearid_reward.testing_diffusers import build_clip_tokenizer
+    from nearid_reward.testing.pipelines import build_clip_tokenizer
 
     # "an" before "cyan" and "red" inside "checkered": plain left-to-right merges split the later words
     tokenizer = build_clip_tokenizer(scenes.VOCABULARY, model_max_length=20)

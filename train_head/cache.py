@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from nearid_reward.io import atomic_write, remove_stale_temporaries, write_json_atomic
+from nearid_reward.files import atomic_write, remove_stale_temporaries, write_json_atomic
 from nearid_reward.preprocess import preprocess_pil
 
 from .batching import _merge_pixel_inputs, batch_tokens
@@ -90,7 +90,7 @@ class FeatureStore:
         """The store of ``fingerprint`` under ``cache_dir`` (created with ``meta`` in its config if new).
 
         Rank 0 first removes the shards that killed builds left half-written (``.tokens-*.npy.tmp-*``; see
-        :func:`nearid_reward.io.remove_stale_temporaries`), so open it on rank 0 before the other ranks.
+        :func:`nearid_reward.files.remove_stale_temporaries`), so open it on rank 0 before the other ranks.
         """
         folder = Path(cache_dir) / fingerprint[:24]
         folder.mkdir(parents=True, exist_ok=True)

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nearid_reward.files import write_json_atomic
 from nearid_reward.images import IMAGE_SUFFIXES
-from nearid_reward.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

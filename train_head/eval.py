@@ -22,7 +22,7 @@ import torch
 
 from nearid_reward import NearIDModel
 from nearid_reward.cli.entry_points import add_debug_flag, entry_point, torch_device
-from nearid_reward.io import remove_stale_temporaries, write_json_atomic, write_text_atomic
+from nearid_reward.files import remove_stale_temporaries, write_json_atomic, write_text_atomic
 
 from .batching import PixelBatcher, embed_references, gather_eval_arrays, mean_pool
 from .data import NearIDData, load_data, load_mtg, mtg_oracles, read_index_file

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from nearid_reward.cli.entry_points import add_debug_flag, entry_point
-from nearid_reward.io import atomic_write, remove_stale_temporaries, write_json_atomic
+from nearid_reward.files import atomic_write, remove_stale_temporaries, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nearid_reward.io import write_json_atomic
+from nearid_reward.files import write_json_atomic
 
 from .synthetic import PARTS, PATTERNS, SHAPES, SIDES, background, render, sample_context, sample_object
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from nearid_reward import NearIDModel
 from nearid_reward.cli.entry_points import add_debug_flag, entry_point
-from nearid_reward.io import (
+from nearid_reward.files import (
     append_jsonl,
     remove_stale_temporaries,
     replace_directory,

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from train_head_fixtures import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from train_head.metrics import (
     fisher_z_mean,

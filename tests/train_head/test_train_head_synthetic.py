@@ -8,12 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from train_head_fixtures import (
-    HF_CACHE,
-    distractor_dirs,
-    one_thread,  # noqa: F401  (autouse: one torch thread)
-    synthetic_dataset,
-)
 
 from nearid_reward import NearIDModel
 from train_head import synthetic
@@ -61,16 +55,17 @@ def test_distractor_shares_the_background_exactly(level):
     assert np.abs(img[outside].astype(int) - img3[outside].astype(int)).mean() > 10
 
 
-def test_generation_is_deterministic_and_written_in_the_nearid_schema(tmp_path):
+def test_generation_is_deterministic_and_written_in_the_nearid_schema(tmp_path, distractor_dirs, hf_cache,
+                                                                      synthetic_dataset):
     root = synthetic_dataset()  # seed 0
     assert synthetic.main(["--output_dir", str(tmp_path / "again"), "--num_identities", "16", "--image_size", "32",
                            "--supersample", "2", "--missing_view_rate", "0.25", "--val_fraction", "0.25",
                            "--test_fraction", "0"]) == 0
     other = synthetic.generate_synthetic(tmp_path / "seed1", SyntheticConfig(num_identities=16, image_size=32,
                                                                              supersample=2, seed=1))
-    a = load_nearid(root / "positives", distractor_dirs(root), cache_dir=HF_CACHE)
-    b = load_nearid(tmp_path / "again" / "positives", distractor_dirs(tmp_path / "again"), cache_dir=HF_CACHE)
-    c = load_nearid(other / "positives", distractor_dirs(other), cache_dir=HF_CACHE)
+    a = load_nearid(root / "positives", distractor_dirs(root), cache_dir=hf_cache)
+    b = load_nearid(tmp_path / "again" / "positives", distractor_dirs(tmp_path / "again"), cache_dir=hf_cache)
+    c = load_nearid(other / "positives", distractor_dirs(other), cache_dir=hf_cache)
     reg_a, reg_b, reg_c = a.registry(), b.registry(), c.registry()
     for ref_a, ref_b in zip(a.all_refs(a.rows), b.all_refs(b.rows)):
         assert reg_a[ref_a[0]].read(ref_a[1], ref_a[2]) == reg_b[ref_b[0]].read(ref_b[1], ref_b[2])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_head_fixtures import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from nearid_reward.config import HeadConfig
 from nearid_reward.head import MAPHead

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from train_head_fixtures import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from train_head.losses import cohesion_loss, infonce, nearid_loss, nearid_loss_terms
 

@@ -10,13 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from train_head_fixtures import (
-    HF_CACHE,
-    distractor_dirs,
-    one_thread,  # noqa: F401  (autouse: one torch thread)
-    synthetic_dataset,
-    synthetic_mtg,
-)
 
 from train_head.data import (
     NearIDTrainDataset,
@@ -48,10 +41,10 @@ def _read(data, ref):
     return data.registry()[ref[0]].read(ref[1], ref[2])
 
 
-def test_load_synthetic_nearid_schema_both_view_prefixes():
+def test_load_synthetic_nearid_schema_both_view_prefixes(distractor_dirs, hf_cache, synthetic_dataset):
     for prefix in ("img", "images"):
         root = synthetic_dataset(view_prefix=prefix)
-        data = load_nearid(root / "positives", distractor_dirs(root), cache_dir=HF_CACHE)
+        data = load_nearid(root / "positives", distractor_dirs(root), cache_dir=hf_cache)
         assert data.view_columns == [f"{prefix}1", f"{prefix}2", f"{prefix}3"]
         assert data.settings == ["colour", "pattern", "part"]
         assert len(data) == 16 and data.report.total == 0
@@ -62,10 +55,10 @@ def test_load_synthetic_nearid_schema_both_view_prefixes():
         assert decode_image(_read(data, data.view_ref(0, 0))).size == (32, 32)
 
 
-def test_view_prefix_errors_name_the_columns(tmp_path):
+def test_view_prefix_errors_name_the_columns(tmp_path, hf_cache, synthetic_dataset):
     root = synthetic_dataset()
     with pytest.raises(ValueError, match="images1..3"):
-        load_nearid(root / "positives", [], view_prefix="images", cache_dir=HF_CACHE)
+        load_nearid(root / "positives", [], view_prefix="images", cache_dir=hf_cache)
 
 
 def _tiny_tables(tmp_path: Path, ids_neg, n_pos=4, none_view=None):
@@ -89,10 +82,10 @@ def _png(colour, size=16):
     return buf.getvalue()
 
 
-def test_mismatched_ids_are_dropped_not_shifted_with_one_warning(tmp_path, caplog):
+def test_mismatched_ids_are_dropped_not_shifted_with_one_warning(tmp_path, caplog, hf_cache):
     p, n = _tiny_tables(tmp_path, ids_neg=[0, 1, 7, 3])
     with caplog.at_level(logging.WARNING, logger="train_head.data"):
-        data = load_nearid(p, [n], cache_dir=HF_CACHE)
+        data = load_nearid(p, [n], cache_dir=hf_cache)
         data.report.warn()
         data.report.warn()  # nothing new: no second warning
     assert data.settings == ["flux_1024"]  # folder name without "NearID-", lowercased
@@ -100,25 +93,25 @@ def test_mismatched_ids_are_dropped_not_shifted_with_one_warning(tmp_path, caplo
     assert data.distractor_ok["flux_1024"].all(axis=1).tolist() == [True, True, False, True]
     assert len([r for r in caplog.records if "skipped bad data" in r.message]) == 1
     with pytest.raises(ValueError, match="row 2 has id 7"):
-        load_nearid(p, [n], strict=True, cache_dir=HF_CACHE)
+        load_nearid(p, [n], strict=True, cache_dir=hf_cache)
 
 
-def test_tables_of_different_length(tmp_path):
+def test_tables_of_different_length(tmp_path, hf_cache):
     p, n = _tiny_tables(tmp_path, ids_neg=[0, 1, 2])
-    data = load_nearid(p, [n], cache_dir=HF_CACHE)
+    data = load_nearid(p, [n], cache_dir=hf_cache)
     assert data.report.counts == {"tables of different length": 1}
     assert data.distractor_ok["flux_1024"].all(axis=1).tolist() == [True, True, True, False]
     with pytest.raises(ValueError, match="tables of different length"):
-        load_nearid(p, [n], strict=True, cache_dir=HF_CACHE)
+        load_nearid(p, [n], strict=True, cache_dir=hf_cache)
 
 
-def test_identities_with_fewer_than_two_views(tmp_path):
+def test_identities_with_fewer_than_two_views(tmp_path, hf_cache):
     p, n = _tiny_tables(tmp_path, ids_neg=[0, 1, 2, 3], none_view=1)
-    data = load_nearid(p, [n], cache_dir=HF_CACHE)
+    data = load_nearid(p, [n], cache_dir=hf_cache)
     assert data.rows.tolist() == [0, 2, 3]
     assert data.report.counts == {"identities with fewer than 2 views": 1}
     with pytest.raises(ValueError, match=r"row 1 \(id 1\) has 1 view"):
-        load_nearid(p, [n], strict=True, cache_dir=HF_CACHE)
+        load_nearid(p, [n], strict=True, cache_dir=hf_cache)
 
 
 def _folder_tree(root: Path) -> Path:
@@ -198,9 +191,9 @@ def test_splits_by_identity_are_seeded_disjoint_and_saved(tmp_path):
         read_index_file(tmp_path / "list.json", num_rows=3)
 
 
-def test_training_samples_deterministic_anchor_shuffle_and_slot_sources():
+def test_training_samples_deterministic_anchor_shuffle_and_slot_sources(distractor_dirs, hf_cache, synthetic_dataset):
     root = synthetic_dataset()
-    data = load_nearid(root / "positives", distractor_dirs(root), cache_dir=HF_CACHE)
+    data = load_nearid(root / "positives", distractor_dirs(root), cache_dir=hf_cache)
     ds = NearIDTrainDataset([(data, data.rows)], seed=5)
     twin = NearIDTrainDataset([(data, data.rows)], seed=5)
     anchors, sources = set(), set()
@@ -229,13 +222,13 @@ def test_training_samples_deterministic_anchor_shuffle_and_slot_sources():
                                                     for i in range(len(ds))]
 
 
-def test_mtg_source_and_oracles():
-    data = load_mtg(synthetic_mtg(), cache_dir=HF_CACHE)
+def test_mtg_source_and_oracles(distractor_dirs, hf_cache, synthetic_dataset, synthetic_mtg):
+    data = load_mtg(synthetic_mtg(), cache_dir=hf_cache)
     assert data.num_views == 2 and data.settings == ["mtg"] and len(data) == 8
     o1, o2 = mtg_oracles(data, data.rows.tolist())
     assert ((o1 > 0) & (o1 < 1)).all() and ((o2 > 0) & (o2 < 1)).all()
     root = synthetic_dataset()
-    nearid = load_nearid(root / "positives", distractor_dirs(root, ("colour",)), cache_dir=HF_CACHE)
+    nearid = load_nearid(root / "positives", distractor_dirs(root, ("colour",)), cache_dir=hf_cache)
     ds = NearIDTrainDataset([(nearid, nearid.rows), (data, data.rows), (data, data.rows)], seed=0)
     assert ds.num_views == 3 and len(ds) == 16 + 2 * 8
     mtg_item = ds[20]

@@ -7,16 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from train_head_fixtures import (
-    HF_CACHE,
-    distractor_dirs,
-    one_thread,  # noqa: F401  (autouse: one torch thread)
-    synthetic_dataset,
-    tiny_backbone,
-)
 
 from nearid_reward import NearIDModel
-from nearid_reward.io import _host_tag
+from nearid_reward.files import _host_tag
 from train_head.batching import CachedBatcher, PixelBatcher, TrainCollate, batch_tokens, scatter_embeddings
 from train_head.cache import FeatureStore, build_feature_cache, content_key, model_fingerprint
 from train_head.data import BadDataReport, NearIDTrainDataset, decode_image, load_folder, load_nearid
@@ -79,9 +72,10 @@ def test_opening_the_store_removes_shards_of_killed_builds(tmp_path):
     assert (folder / "tokens-r000-complete.npy").exists()
 
 
-def test_build_is_incremental_and_tokens_match_the_backbone(tmp_path):
+def test_build_is_incremental_and_tokens_match_the_backbone(tmp_path, distractor_dirs, hf_cache, synthetic_dataset,
+                                                            tiny_backbone):
     root = synthetic_dataset()
-    data = load_nearid(root / "positives", distractor_dirs(root, ("colour",)), cache_dir=HF_CACHE)
+    data = load_nearid(root / "positives", distractor_dirs(root, ("colour",)), cache_dir=hf_cache)
     model = NearIDModel.from_pretrained(tiny_backbone())
     fp = model_fingerprint(model, torch.float32)
     store = FeatureStore.open(tmp_path / "cache", fp, {"note": "test"})
@@ -114,7 +108,7 @@ def test_build_is_incremental_and_tokens_match_the_backbone(tmp_path):
         FeatureStore.open(tmp_path / "cache", "f" * 31 + "0", {})
 
 
-def test_unreadable_images_are_counted_or_raise(tmp_path):
+def test_unreadable_images_are_counted_or_raise(tmp_path, tiny_backbone):
     root = tmp_path / "mine"
     for ident in ("a", "b"):
         (root / ident / "distractors").mkdir(parents=True)
@@ -149,9 +143,10 @@ def _loss(batch, model, num_views):
                              batch["neg_mask"]).loss
 
 
-def test_cached_and_uncached_give_the_same_head_loss(tmp_path):
+def test_cached_and_uncached_give_the_same_head_loss(tmp_path, distractor_dirs, hf_cache, synthetic_dataset,
+                                                     tiny_backbone):
     root = synthetic_dataset()
-    data = load_nearid(root / "positives", distractor_dirs(root), cache_dir=HF_CACHE)
+    data = load_nearid(root / "positives", distractor_dirs(root), cache_dir=hf_cache)
     model = NearIDModel.from_pretrained(tiny_backbone())
     ds = NearIDTrainDataset([(data, data.rows)], seed=1)
     ds.set_epoch(2)

@@ -10,31 +10,29 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_head_fixtures import (
-    HF_CACHE,
-    distractor_dirs,
-    one_thread,  # noqa: F401  (autouse: one torch thread)
-    synthetic_dataset,
-    synthetic_mtg,
-    tiny_backbone,
-)
 
 from nearid_reward import NearIDModel
-from nearid_reward.io import read_jsonl
+from nearid_reward.files import read_jsonl
 from train_head import eval as eval_cli
 from train_head import train as train_cli
 from train_head.data import load_nearid, read_index_file
 from train_head.eval import ValidationSet, evaluate_model
 
 
-def _argv(out: Path, *extra: str, levels=("colour", "part")) -> list[str]:
-    root = synthetic_dataset()
-    return [
-        "--backbone", str(tiny_backbone()), "--output_dir", str(out),
-        "--train_data", str(root / "positives"), "--distractors", *distractor_dirs(root, levels),
-        "--data_cache_dir", HF_CACHE, "--report_to", "none", "--seed", "3", "--lr_warmup_steps", "1",
-        "--logging_steps", "1", *extra,
-    ]
+@pytest.fixture
+def train_argv(distractor_dirs, hf_cache, synthetic_dataset, tiny_backbone):
+    """``train_argv(out, *extra, levels=...)``: the trainer's arguments on the shared synthetic data."""
+
+    def build(out: Path, *extra: str, levels=("colour", "part")) -> list[str]:
+        root = synthetic_dataset()
+        return [
+            "--backbone", str(tiny_backbone()), "--output_dir", str(out),
+            "--train_data", str(root / "positives"), "--distractors", *distractor_dirs(root, levels),
+            "--data_cache_dir", hf_cache, "--report_to", "none", "--seed", "3", "--lr_warmup_steps", "1",
+            "--logging_steps", "1", *extra,
+        ]
+
+    return build
 
 
 def _head(folder: Path) -> dict[str, torch.Tensor]:
@@ -46,12 +44,13 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def test_training_lowers_the_loss_and_writes_loadable_heads(tmp_path):
+def test_training_lowers_the_loss_and_writes_loadable_heads(tmp_path, distractor_dirs, hf_cache, synthetic_dataset,
+                                                            synthetic_mtg, tiny_backbone, train_argv):
     out = tmp_path / "run"
-    assert train_cli.main(_argv(out, "--val_fraction", "0.25", "--train_batch_size", "6", "--max_train_steps", "30",
-                                "--learning_rate", "3e-3", "--checkpointing_steps", "15", "--validation_steps", "15",
-                                "--mtg_data", str(synthetic_mtg()), "--mtg_repeat", "1",
-                                "--report_to", "tensorboard")) == 0
+    assert train_cli.main(train_argv(out, "--val_fraction", "0.25", "--train_batch_size", "6",
+                                     "--max_train_steps", "30", "--learning_rate", "3e-3", "--checkpointing_steps",
+                                     "15", "--validation_steps", "15", "--mtg_data", str(synthetic_mtg()),
+                                     "--mtg_repeat", "1", "--report_to", "tensorboard")) == 0
     history = read_jsonl(out / "history.jsonl")
     losses = [r["train/loss"] for r in history if r["kind"] == "train"]
     assert len(losses) == 30
@@ -74,7 +73,7 @@ def test_training_lowers_the_loss_and_writes_loadable_heads(tmp_path):
     assert best["val_ssr"] == max(v["val/ssr"] for v in vals.values())
     # held-out identities: the saved split is disjoint by identity and the step-0 record is the frozen baseline
     root = synthetic_dataset()
-    data = load_nearid(root / "positives", distractor_dirs(root, ("colour", "part")), cache_dir=HF_CACHE)
+    data = load_nearid(root / "positives", distractor_dirs(root, ("colour", "part")), cache_dir=hf_cache)
     train_rows = read_index_file(out / "splits" / "train.json")
     val_rows = read_index_file(out / "splits" / "val.json")
     assert len(val_rows) == 4 and not {data.ids[r] for r in train_rows} & {data.ids[r] for r in val_rows}
@@ -85,7 +84,7 @@ def test_training_lowers_the_loss_and_writes_loadable_heads(tmp_path):
     report_dir = tmp_path / "eval"
     assert eval_cli.main(["--model", str(out / "final"), "--data", str(root / "positives"), "--distractors",
                           *distractor_dirs(root, ("colour", "part")), "--indices", str(out / "splits" / "val.json"),
-                          "--data_cache_dir", HF_CACHE, "--output_dir", str(report_dir),
+                          "--data_cache_dir", hf_cache, "--output_dir", str(report_dir),
                           "--mtg_data", str(synthetic_mtg()), "--mtg_split", "train"]) == 0
     metrics = json.loads((report_dir / "metrics.json").read_text())
     assert metrics["settings"]["pooled"]["ssr"] == pytest.approx(vals[30]["val/ssr"], abs=1e-4)
@@ -97,16 +96,16 @@ def test_training_lowers_the_loss_and_writes_loadable_heads(tmp_path):
     assert "| **pooled** |" in (report_dir / "metrics.md").read_text()
 
 
-def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path):
+def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path, train_argv):
     common = ("--val_fraction", "0.25", "--train_batch_size", "4", "--max_train_steps", "5",
               "--learning_rate", "2e-3", "--checkpointing_steps", "2", "--validation_steps", "100")
     full = tmp_path / "full"
-    train_cli.main(_argv(full, *common))
+    train_cli.main(train_argv(full, *common))
     state = json.loads((full / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["steps_per_epoch"] == 3 and state["global_step"] == 2  # step 2 is in the middle of epoch 0
     part = tmp_path / "part"
     shutil.copytree(full, part, ignore=shutil.ignore_patterns("checkpoint-4", "final", "best"))
-    train_cli.main(_argv(part, *common, "--resume_from_checkpoint", "latest"))
+    train_cli.main(train_argv(part, *common, "--resume_from_checkpoint", "latest"))
     assert _max_diff(_head(full / "final"), _head(part / "final")) == 0.0
     assert _max_diff(_head(full / "checkpoint-4" / "head"), _head(part / "checkpoint-4" / "head")) == 0.0
     full_losses = [r["train/loss"] for r in read_jsonl(full / "history.jsonl") if r["kind"] == "train"]
@@ -114,16 +113,16 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path):
     assert part_losses[-3:] == full_losses[-3:]  # steps 3, 4, 5 again, identically
     # without the feature cache the same run gives the same head up to the cache's fp16 rounding
     pixels = tmp_path / "pixels"
-    train_cli.main(_argv(pixels, *common, "--no_feature_cache"))
+    train_cli.main(train_argv(pixels, *common, "--no_feature_cache"))
     assert 0.0 < _max_diff(_head(full / "final"), _head(pixels / "final")) < 2e-3
 
 
-def test_start_removes_what_a_killed_run_left_half_written(tmp_path):
+def test_start_removes_what_a_killed_run_left_half_written(tmp_path, train_argv):
     import os
     import subprocess
     import sys
 
-    from nearid_reward.io import _host_tag
+    from nearid_reward.files import _host_tag
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()  # the killed run's process
@@ -134,7 +133,7 @@ def test_start_removes_what_a_killed_run_left_half_written(tmp_path):
     for folder in [*stale, live]:
         folder.mkdir()
         (folder / "head.safetensors").write_bytes(b"partial")
-    train_cli.main(_argv(out, "--train_batch_size", "4", "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    train_cli.main(train_argv(out, "--train_batch_size", "4", "--max_train_steps", "2", "--checkpointing_steps", "2"))
     assert not any(p.exists() for p in stale) and live.exists()
     assert sorted(p.name for p in out.glob(".*")) == [live.name]  # the run's own temporaries are gone too
     assert (out / "checkpoint-2" / "trainer_state.json").is_file() and (out / "final" / "head.safetensors").is_file()
@@ -154,20 +153,26 @@ def _folder_data(root: Path, identities: int = 8, size: int = 32) -> Path:
     return root
 
 
-def _argv_with_a_truncated_view(tmp_path: Path, cache: bool) -> tuple[list[str], Path]:
-    data = _folder_data(tmp_path / "data")
-    broken = data / "id3" / "b.png"
-    broken.write_bytes(broken.read_bytes()[:60])
-    argv = ["--backbone", str(tiny_backbone()), "--train_data", str(data), "--data_format", "folder",
-            "--report_to", "none", "--train_batch_size", "4", "--max_train_steps", "8", "--checkpointing_steps",
-            "100", "--validation_steps", "4", "--val_indices", str(_index_file(tmp_path)),
-            *([] if cache else ["--no_feature_cache"])]
-    return argv, broken
+@pytest.fixture
+def truncated_view_argv(tiny_backbone):
+    """``truncated_view_argv(tmp_path, cache)``: arguments for folder data with one truncated PNG, and that file."""
+
+    def build(tmp_path: Path, cache: bool) -> tuple[list[str], Path]:
+        data = _folder_data(tmp_path / "data")
+        broken = data / "id3" / "b.png"
+        broken.write_bytes(broken.read_bytes()[:60])
+        argv = ["--backbone", str(tiny_backbone()), "--train_data", str(data), "--data_format", "folder",
+                "--report_to", "none", "--train_batch_size", "4", "--max_train_steps", "8", "--checkpointing_steps",
+                "100", "--validation_steps", "4", "--val_indices", str(_index_file(tmp_path)),
+                *([] if cache else ["--no_feature_cache"])]
+        return argv, broken
+
+    return build
 
 
 @pytest.mark.parametrize("cache", [True, False])
-def test_a_bad_image_counts_once(tmp_path, cache):
-    argv, _ = _argv_with_a_truncated_view(tmp_path, cache)
+def test_a_bad_image_counts_once(tmp_path, cache, truncated_view_argv):
+    argv, _ = truncated_view_argv(tmp_path, cache)
     assert train_cli.main(["--output_dir", str(tmp_path / "run"), *argv]) == 0
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["global_step"] == 8  # 4 epochs of 2 steps, and 3 validations: the view was met many times
@@ -175,8 +180,8 @@ def test_a_bad_image_counts_once(tmp_path, cache):
 
 
 @pytest.mark.parametrize("cache", [True, False])
-def test_strict_names_the_bad_image_by_its_file(tmp_path, cache):
-    argv, broken = _argv_with_a_truncated_view(tmp_path, cache)
+def test_strict_names_the_bad_image_by_its_file(tmp_path, cache, truncated_view_argv):
+    argv, broken = truncated_view_argv(tmp_path, cache)
     with pytest.raises(SystemExit) as raised:
         train_cli.main(["--output_dir", str(tmp_path / "strict"), "--strict", *argv])
     message = str(raised.value)
@@ -189,10 +194,10 @@ def _index_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_augmentations_disable_the_cache_and_bf16_runs(tmp_path, caplog):
+def test_augmentations_disable_the_cache_and_bf16_runs(tmp_path, caplog, train_argv):
     out = tmp_path / "aug"
     with caplog.at_level(logging.WARNING, logger="train_head.train"):
-        train_cli.main(_argv(out, "--train_batch_size", "8", "--max_train_steps", "2", "--flip_prob", "0.5",
+        train_cli.main(train_argv(out, "--train_batch_size", "8", "--max_train_steps", "2", "--flip_prob", "0.5",
                              "--color_jitter_prob", "0.5", "--mixed_precision", "bf16"))
     assert any("feature cache disabled" in r.message for r in caplog.records)
     summary = json.loads((out / "train_summary.json").read_text())
@@ -208,14 +213,14 @@ def test_augmentations_disable_the_cache_and_bf16_runs(tmp_path, caplog):
     ("--val_fraction", "1.5", "--val_fraction must be in"),
     ("--flip_prob", "2", "flip_prob must be in"),
 ])
-def test_bad_arguments_exit_with_a_clear_message(tmp_path, flag, value, message):
+def test_bad_arguments_exit_with_a_clear_message(tmp_path, flag, value, message, train_argv):
     with pytest.raises(SystemExit, match=message):
-        train_cli.main(_argv(tmp_path / "x", flag, value))
+        train_cli.main(train_argv(tmp_path / "x", flag, value))
 
 
-def test_batch_larger_than_the_data_is_refused(tmp_path):
+def test_batch_larger_than_the_data_is_refused(tmp_path, train_argv):
     with pytest.raises(SystemExit, match="nearid-train-head: .*lower --train_batch_size"):
-        train_cli.main(_argv(tmp_path / "x", "--train_batch_size", "64"))
+        train_cli.main(train_argv(tmp_path / "x", "--train_batch_size", "64"))
 
 
 def _free_port() -> int:
@@ -226,7 +231,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_run_matches_the_single_process_run(tmp_path):
+def test_two_process_ddp_run_matches_the_single_process_run(tmp_path, train_argv):
     """torchrun with 2 CPU processes (gloo), batch 4 each == one process with batch 8: same samples per step, the
     positive pool gathered across ranks and the loss normalised globally give the same head."""
     import os
@@ -237,13 +242,13 @@ def test_two_process_ddp_run_matches_the_single_process_run(tmp_path):
     common = ("--max_train_steps", "4", "--learning_rate", "2e-3", "--checkpointing_steps", "2",
               "--validation_steps", "2", "--val_indices", str(tmp_path / "val.json"))
     single = tmp_path / "single"
-    train_cli.main(_argv(single, "--train_batch_size", "8", *common))
+    train_cli.main(train_argv(single, "--train_batch_size", "8", *common))
     ddp = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         "-m", "train_head", *_argv(ddp, "--train_batch_size", "4", *common)],
+         "-m", "train_head", *train_argv(ddp, "--train_batch_size", "4", *common)],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedConfig, Siglip2VisionConfig, SiglipConfig, SiglipVisionConfig
 
-from .model import NearIDModel
+from ..model import NearIDModel
 
 __all__ = [
     "tiny_vision_config",

@@ -1,0 +1,338 @@
+"""Tiny random diffusers pipelines and LoRA checkpoints for tests, demos and benchmarks (offline, no downloads).
+
+Everything here is built from configs with seeded random weights: a CLIP BPE tokenizer from a generated vocabulary,
+a tiny CLIP text encoder, UNet and VAE, and a DDIM (or DDPM) scheduler. A 64x64 SD-style image needs a 32x32 latent
+(the VAE downsamples by 2). Builders return real ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` objects
+that ``save_pretrained`` / ``from_pretrained`` round-trip, so LoRA loading, adapters and offloading behave as with
+real checkpoints.
+
+This module imports diffusers, transformers and peft at import time; ``import nearid_reward`` does not import it.
+
+Example:
+    >>> from nearid_reward.testing.pipelines import build_tiny_sd_pipeline, add_lora_adapter
+    >>> pipe = build_tiny_sd_pipeline(seed=0)
+    >>> lora = add_lora_adapter(pipe.unet, rank=4, seed=0)  # the adapter's trainable tensors
+    >>> pipe("a photo of sks dog", num_inference_steps=2, output_type="pt").images.shape
+    torch.Size([1, 3, 64, 64])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+try:
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+except ImportError as error:  # pragma: no cover - exercised by a test that hides diffusers
+    raise ImportError(
+        "nearid_reward.testing.pipelines builds diffusers pipelines and needs the 'diffusers' extra: "
+        f"pip install 'nearid-reward[diffusers]' ({error})"
+    ) from error
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from ..rendering import denoiser_of
+
+__all__ = [
+    "DEFAULT_WORDS",
+    "LORA_WEIGHT_NAME",
+    "byte_alphabet",
+    "build_clip_tokenizer",
+    "build_tiny_sd_pipeline",
+    "save_tiny_sd_pipeline",
+    "build_tiny_sdxl_pipeline",
+    "save_tiny_sdxl_pipeline",
+    "add_lora_adapter",
+    "lora_parameters",
+    "diffusers_lora_state_dict",
+    "write_lora_checkpoint",
+    "write_lora_checkpoints",
+    "write_full_checkpoint",
+]
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+# Words that become single tokens; any other text still tokenises (byte-level fallback, one token per character).
+DEFAULT_WORDS: tuple[str, ...] = (
+    "a", "photo", "of", "sks", "dog", "cat", "toy", "on", "the", "in", "with", "beach", "snow", "city",
+    "table", "forest", "red", "blue", "style", "painting", "close", "up", "front", "side", "view",
+)  # fmt: skip
+
+SchedulerName = Literal["ddim", "ddpm"]
+
+
+def byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins for bytes used by byte-level BPE (GPT-2/CLIP), in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    table: dict[int, str] = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:  # control characters, space, etc. move above 255
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The pieces byte-level BPE makes of one word under ``ranks`` (lowest rank merged first, as CLIP's tokenizer)."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        known = [(r, i) for r, i in pairs if r is not None]
+        if not known:
+            break
+        _, i = min(known)
+        pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2:]]
+    return pieces
+
+
+def build_clip_tokenizer(words: Iterable[str] = DEFAULT_WORDS, *, model_max_length: int = 77) -> CLIPTokenizer:
+    """A real ``CLIPTokenizer`` over a generated BPE vocabulary: every byte, plus one token per word in ``words``.
+
+    Each listed (lower-case ASCII) word encodes to exactly one token, whatever the other words: a word whose pieces
+    earlier merges would split differently (``"cyan"`` after ``"an"``) gets merges that join the pieces BPE actually
+    produces. Merges only ever append, so a later word never changes how an earlier one encodes. Other text falls
+    back to one token per byte. Special tokens come last.
+    """
+    alphabet = byte_alphabet()
+    vocab: dict[str, int] = {}
+    for token in alphabet + [c + "</w>" for c in alphabet]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        if not word:
+            continue
+        pieces = _bpe(word, ranks)
+        while len(pieces) > 1:  # join left to right; new merges rank after every existing one
+            merge = (pieces[0], pieces[1])
+            if merge not in ranks:
+                ranks[merge] = len(merges)
+                merges.append(merge)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _text_config(tokenizer: CLIPTokenizer, **overrides: Any) -> CLIPTextConfig:
+    fields: dict[str, Any] = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=32,
+    )  # fmt: skip
+    fields.update(overrides)
+    return CLIPTextConfig(**fields)
+
+
+def _tiny_vae(sample_size: int) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=32, sample_size=sample_size,
+    )  # fmt: skip
+
+
+def _sd_scheduler(name: SchedulerName) -> DDIMScheduler | DDPMScheduler:
+    common: dict[str, Any] = dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        prediction_type="epsilon", steps_offset=1,
+    )  # fmt: skip
+    if name == "ddim":
+        return DDIMScheduler(set_alpha_to_one=False, **common)
+    if name == "ddpm":
+        return DDPMScheduler(**common)
+    raise ValueError(f"scheduler must be 'ddim' or 'ddpm', got {name!r}")
+
+
+def build_tiny_sd_pipeline(
+    seed: int = 0, *, scheduler: SchedulerName = "ddim", image_size: int = 64, words: Iterable[str] = DEFAULT_WORDS
+) -> StableDiffusionPipeline:
+    """A tiny Stable Diffusion 1.x-style pipeline with seeded random weights (about 1.5 M parameters, float32).
+
+    Args:
+        seed: weight seed (same seed, same weights).
+        scheduler: ``"ddim"`` (default; also what the differentiable sampler uses) or ``"ddpm"``.
+        image_size: default output size in pixels (the UNet's ``sample_size`` is half of it).
+        words: words the tokenizer encodes as single tokens.
+
+    Returns:
+        A ``StableDiffusionPipeline`` on the CPU without a safety checker; default output ``image_size`` square.
+    """
+    if image_size % 8 != 0 or image_size <= 0:
+        raise ValueError(f"image_size must be a positive multiple of 8, got {image_size}")
+    tokenizer = build_clip_tokenizer(words)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    )  # fmt: skip
+    vae = _tiny_vae(image_size)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_sd_scheduler(scheduler),
+        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_sd_pipeline(
+    folder: str | os.PathLike[str], seed: int = 0, *, scheduler: SchedulerName = "ddim", image_size: int = 64
+) -> Path:
+    """Write :func:`build_tiny_sd_pipeline` with ``save_pretrained`` (safetensors) and return the folder.
+
+    The folder loads with ``StableDiffusionPipeline.from_pretrained(folder)`` or ``DiffusionPipeline.from_pretrained``
+    and can be passed as ``--pretrained_model_name_or_path`` to diffusers' training scripts (about 6 MB).
+    """
+    out = Path(folder)
+    build_tiny_sd_pipeline(seed, scheduler=scheduler, image_size=image_size).save_pretrained(str(out))
+    return out
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0, *, image_size: int = 64) -> StableDiffusionXLPipeline:
+    """A tiny SDXL-style pipeline (two CLIP text encoders, ``text_time`` conditioning) with seeded random weights."""
+    tokenizer = build_clip_tokenizer()
+    tokenizer_2 = build_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_act="gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden_act="gelu"))
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=image_size // 2, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=32,
+    )  # fmt: skip
+    vae = _tiny_vae(image_size)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading"
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_sdxl_pipeline(folder: str | os.PathLike[str], seed: int = 0, *, image_size: int = 64) -> Path:
+    """Write :func:`build_tiny_sdxl_pipeline` with ``save_pretrained`` and return the folder."""
+    out = Path(folder)
+    build_tiny_sdxl_pipeline(seed, image_size=image_size).save_pretrained(str(out))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- LoRA helpers
+def add_lora_adapter(
+    denoiser: torch.nn.Module,
+    *,
+    rank: int = 4,
+    seed: int | None = 0,
+    b_std: float = 0.02,
+    target_modules: Sequence[str] = ("to_k", "to_q", "to_v", "to_out.0"),
+    adapter_name: str = "default",
+) -> list[torch.nn.Parameter]:
+    """Add a PEFT LoRA adapter to a diffusers UNet/transformer (``add_adapter``) and return its trainable tensors.
+
+    peft initialises ``lora_B`` to zero, which makes a fresh adapter a no-op whose ``lora_A`` gradients are exactly
+    zero. With ``seed`` given, ``lora_B`` is filled with seeded normal noise of standard deviation ``b_std`` so
+    that the adapter changes the output (useful for checkpoints whose effect must be visible).
+    With ``seed=None`` the peft initialisation (``lora_B = 0``) is kept.
+    """
+    from peft import LoraConfig
+
+    denoiser.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(target_modules)),
+        adapter_name=adapter_name,
+    )
+    params = lora_parameters(denoiser, adapter_name)
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in denoiser.named_parameters():
+                if f"lora_B.{adapter_name}." in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * b_std)
+    return params
+
+
+def lora_parameters(denoiser: torch.nn.Module, adapter_name: str = "default") -> list[torch.nn.Parameter]:
+    """The LoRA tensors (``lora_A``/``lora_B``) of ``adapter_name`` in ``denoiser``, in module order."""
+    keys = (f"lora_A.{adapter_name}.", f"lora_B.{adapter_name}.")
+    return [p for n, p in denoiser.named_parameters() if any(k in n for k in keys)]
+
+
+def diffusers_lora_state_dict(denoiser: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's weights in diffusers' LoRA layout (what the DreamBooth LoRA scripts save)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
+    return convert_state_dict_to_diffusers(state)
+
+
+def write_lora_checkpoint(
+    folder: str | os.PathLike[str],
+    pipeline: Any,
+    *,
+    adapter_name: str = "default",
+    scale: float = 1.0,
+) -> Path:
+    """Save the pipeline's UNet/transformer adapter as ``folder/pytorch_lora_weights.safetensors``.
+
+    Uses the pipeline class's ``save_lora_weights`` exactly as diffusers' DreamBooth LoRA scripts do, so
+    ``pipeline.load_lora_weights(folder)`` reads it back. ``scale`` multiplies every ``lora_B`` tensor in the saved
+    file (the live adapter is untouched): scale 0 saves a no-op adapter, 1 the adapter as it is.
+
+    Returns:
+        The path of the written safetensors file.
+    """
+    denoiser, attr = denoiser_of(pipeline)
+    state = diffusers_lora_state_dict(denoiser, adapter_name)
+    if scale != 1.0:
+        state = {k: (v * scale if ".lora.up." in k or "lora_B" in k else v) for k, v in state.items()}
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = {f"{attr}_lora_layers": state}
+    type(pipeline).save_lora_weights(str(out), weight_name=LORA_WEIGHT_NAME, **kwargs)
+    return out / LORA_WEIGHT_NAME
+
+
+def write_lora_checkpoints(
+    output_dir: str | os.PathLike[str],
+    pipeline: Any,
+    scales: dict[int, float],
+    *,
+    adapter_name: str = "default",
+) -> list[Path]:
+    """Write ``output_dir/checkpoint-{step}/pytorch_lora_weights.safetensors`` for each ``{step: scale}``.
+
+    Each checkpoint holds the pipeline's adapter with ``lora_B`` scaled by its ``scale``: a family of checkpoints
+    whose effect on the images grows with the scale, in whatever step order the caller chooses.
+    """
+    root = Path(output_dir)
+    return [
+        write_lora_checkpoint(root / f"checkpoint-{step}", pipeline, adapter_name=adapter_name, scale=scale).parent
+        for step, scale in sorted(scales.items())
+    ]
+
+
+def write_full_checkpoint(folder: str | os.PathLike[str], denoiser: torch.nn.Module) -> Path:
+    """Save a full UNet (``folder/unet``) or transformer (``folder/transformer``) like ``train_dreambooth.py``."""
+    name = "transformer" if "Transformer" in type(denoiser).__name__ else "unet"
+    out = Path(folder) / name
+    denoiser.save_pretrained(str(out))
+    return out
