@@ -20,8 +20,10 @@ c. One DRaFT-K LoRA step (DDIM sampling with gradients through the last K steps,
 d. One head-training step as the trainer takes it (the MAP head's factorised forward, two-tier loss, clipping,
    AdamW) on a NearID batch (128 identities x 3 views + 3 distractors = 768 images) with cached features against
    computing them with the frozen backbone.
-e. (last, if the time budget allows) the throughput of section a with each encoder layer compiled by
-   ``torch.compile`` (regional compilation).
+e. (if the time budget allows) the throughput of section a, eager against ``NearIDModel.compile_regions()`` (each
+   encoder layer and the head compiled by ``torch.compile``), side by side.
+f. The throughput at the largest batch with each SDPA backend forced (flash, memory-efficient, cuDNN, math), and
+   the embeddings' agreement with the default choice.
 
 Reproduce on one GPU (about 5 minutes on an H200; needs diffusers and peft for section c)::
 
@@ -34,6 +36,7 @@ script stays runnable); its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -449,35 +452,95 @@ def section_d(ctx: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-# ---------------------------------------------------------------------------------------------- section e
+# ---------------------------------------------------------------------------------------------- sections e, f
+def _throughput_row(ctx: dict[str, Any], flops: float, run: Callable[[], Any], batch: int) -> dict[str, float]:
+    seconds = median_time(run, repeats=ctx["repeats"], warmup=1)
+    ips = batch / seconds
+    tflops = flops * ips / 1e12
+    peaks = ctx["peaks"]
+    return {"images_per_s": ips, "tflops": tflops, "mfu_measured": 100 * tflops / peaks["measured"],
+            "mfu_datasheet": 100 * tflops / peaks["datasheet"] if peaks["datasheet"] else float("nan")}
+
+
+def _uncompile(model: NearIDModel) -> None:
+    """Undo ``compile_regions`` (a benchmark needs the eager model back; the library has no use for it)."""
+    for module in [*model.backbone.encoder.layers, model.head]:
+        module._compiled_call_impl = None
+    model._compiled = False
+    torch._dynamo.reset()
+
+
 def section_e(ctx: dict[str, Any]) -> dict[str, Any]:
-    device, model, vit, peaks = ctx["device"], ctx["model"], ctx["vit"], ctx["peaks"]
-    layers = model.backbone.encoder.layers
-    originals = list(layers)
+    """The library's regional compilation (``NearIDModel.compile_regions``) against eager, side by side."""
+    device, model, vit = ctx["device"], ctx["model"], ctx["vit"]
     flops = counted_flops(model, vit["image_size"], device)
+    # mode="max-autotune-no-cudagraphs" is left out: at this size its GEMM autotuning alone took over five minutes on
+    # an H200, and it picked cuBLAS's kernels for the large products anyway.
+    modes = [("eager (no compile)", None), ("compile_regions()", {})]
+    if ctx["tiny"]:  # a smoke run checks the wiring: dynamo's capture without code generation
+        modes = [modes[0], ("compile_regions()", {"backend": "eager"})]
     rows, results = [], {}
-    try:
-        for i, layer in enumerate(originals):
-            layers[i] = torch.compile(layer, dynamic=False)
+    for name, options in modes:
         for batch in ctx["batches"]:
             x = torch.rand(batch, 3, vit["image_size"], vit["image_size"], device=device)
-            started = time.perf_counter()
-            with torch.inference_mode():
-                model.embed(x, check_inputs=False)
-                sync(device)
-                compile_s = time.perf_counter() - started
-                seconds = median_time(lambda x=x: model.embed(x, check_inputs=False), repeats=ctx["repeats"],
-                                      warmup=1)
-            ips = batch / seconds
-            tflops = flops * ips / 1e12
-            results[str(batch)] = {"images_per_s": ips, "tflops": tflops, "first_call_s": compile_s}
-            rows.append([str(batch), fmt(ips), fmt(tflops), fmt(100 * tflops / peaks["datasheet"])
-                         if peaks["datasheet"] else "n/a", fmt(100 * tflops / peaks["measured"]), fmt(compile_s)])
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
-    results["markdown"] = table(["batch", "images/s", "TFLOP/s", "MFU vs datasheet %", "MFU vs measured %",
+            compile_s = 0.0
+            try:
+                with torch.inference_mode():
+                    if options is not None:
+                        model.compile_regions(**options)
+                        started = time.perf_counter()
+                        model.embed(x, check_inputs=False)
+                        sync(device)
+                        compile_s = time.perf_counter() - started
+                    row = _throughput_row(ctx, flops, lambda x=x: model.embed(x, check_inputs=False), batch)
+            finally:
+                if options is not None:
+                    _uncompile(model)
+            row["first_call_s"] = compile_s
+            results[f"{name} @ {batch}"] = row
+            rows.append([name, str(batch), fmt(row["images_per_s"]), fmt(row["tflops"]), fmt(row["mfu_datasheet"]),
+                         fmt(row["mfu_measured"]), fmt(compile_s) if options is not None else "-"])
+            if ctx["deadline"] is not None and time.perf_counter() > ctx["deadline"]:
+                break
+    results["markdown"] = table(["model", "batch", "images/s", "TFLOP/s", "MFU vs datasheet %", "MFU vs measured %",
                                  "first call s (compile)"], rows)
+    return results
+
+
+def section_f(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Embedding throughput at the largest batch with each SDPA backend forced, eager model, side by side."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device, model, vit = ctx["device"], ctx["model"], ctx["vit"]
+    batch = max(ctx["batches"])
+    flops = counted_flops(model, vit["image_size"], device)
+    x = torch.rand(batch, 3, vit["image_size"], vit["image_size"], device=device)
+    with torch.inference_mode():
+        reference = model.embed(x, check_inputs=False)
+    backends = [("default choice", None), ("flash", SDPBackend.FLASH_ATTENTION),
+                ("memory-efficient", SDPBackend.EFFICIENT_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION),
+                ("math", SDPBackend.MATH)]
+    rows, results = [], {}
+    for name, backend in backends:
+        context = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+        try:
+            with context, torch.inference_mode():
+                out = model.embed(x, check_inputs=False)
+                row = _throughput_row(ctx, flops, lambda: model.embed(x, check_inputs=False), batch)
+            row["min_cosine_vs_default"] = float((out * reference).sum(-1).min())
+        except RuntimeError as exc:  # the backend cannot run these shapes/dtype on this device
+            results[name] = {"error": str(exc).splitlines()[0][:200]}
+            rows.append([name, "n/a", "n/a", "n/a", "n/a", results[name]["error"][:60]])
+            continue
+        results[name] = row
+        rows.append([name, fmt(row["images_per_s"]), fmt(row["tflops"]), fmt(row["mfu_measured"]),
+                     f"{row['min_cosine_vs_default']:.5f}", ""])
+    results["markdown"] = "\n".join([
+        f"Batch {batch}, {str(model.dtype).removeprefix('torch.')}, eager model; attention is "
+        f"{vit['num_attention_heads']} heads of {vit['hidden_size'] // vit['num_attention_heads']} over "
+        f"{(vit['image_size'] // vit['patch_size']) ** 2} tokens.", "",
+        table(["SDPA backend", "images/s", "TFLOP/s", "MFU vs measured %", "min cosine vs default", "note"], rows),
+    ])
     return results
 
 
@@ -486,7 +549,8 @@ SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = {
     "b": ("Reward forward+backward at 512x512", section_b),
     "c": ("DRaFT-K LoRA step on SD 1.5-sized modules", section_c),
     "d": ("Head-training step: cached features against computing them", section_d),
-    "e": ("Embedding throughput with regional torch.compile", section_e),
+    "e": ("Embedding throughput with the library's regional compilation", section_e),
+    "f": ("Embedding throughput by attention backend", section_f),
 }
 
 
@@ -494,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny configurations (a smoke run; numbers mean nothing)")
-    p.add_argument("--sections", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    p.add_argument("--sections", default="a,b,c,d,f,e", help="comma-separated subset of a,b,c,d,e,f, in order")
     p.add_argument("--budget-s", type=float, default=330.0,
                    help="skip the sections not yet started once this many seconds have passed")
     p.add_argument("--repeats", type=int, default=5)
@@ -531,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
                    repeats=args.repeats, repeats_c=max(2, args.repeats // 2),
                    batches=(4, 8) if args.tiny else (64, 256), e2e_batch=4 if args.tiny else 64,
                    reward_batch=2 if args.tiny else 32, draft_batch=1 if args.tiny else 2,
-                   ddim_steps=5 if args.tiny else 20, head_identities=4 if args.tiny else 128)
+                   ddim_steps=5 if args.tiny else 20, head_identities=4 if args.tiny else 128,
+                   deadline=started + args.budget_s)
         for key in wanted:
             title, fn = SECTIONS[key]
             elapsed = time.perf_counter() - started

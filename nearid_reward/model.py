@@ -117,6 +117,7 @@ class NearIDModel(nn.Module):
         self.extra: dict[str, Any] = dict(extra or {})
         self._chunk_size: int | None = None
         self._checkpointing = False
+        self._compiled = False
         self.requires_grad_(False)
         self.eval()
 
@@ -321,6 +322,33 @@ class NearIDModel(nn.Module):
     @property
     def is_gradient_checkpointing(self) -> bool:
         return self._checkpointing
+
+    def compile_regions(self, **compile_kwargs: Any) -> NearIDModel:
+        """Compile each backbone encoder layer and the head with ``torch.compile``, in place (regional compilation).
+
+        The encoder's layers are identical blocks, so one compilation serves all of them: compiling takes seconds
+        where compiling the whole model takes minutes, and the compiled model is as fast. Parameter names and
+        ``save_pretrained`` are unchanged; gradient checkpointing may be enabled before or after. On an H200 at
+        batch 256 in bf16 it lifts embedding throughput by about 1.2x (``benchmarks/gpu_scale.py``, section e).
+
+        Args:
+            compile_kwargs: passed to ``torch.compile`` (default ``dynamic=False``: a new batch or image size
+                compiles once more); e.g. ``mode="max-autotune-no-cudagraphs"`` or ``backend="eager"``.
+
+        Returns:
+            ``self``.
+        """
+        options: dict[str, Any] = {"dynamic": False, **compile_kwargs}
+        for layer in self.backbone.encoder.layers:
+            layer.compile(**options)
+        self.head.compile(**options)
+        self._compiled = True
+        return self
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether :meth:`compile_regions` was called."""
+        return self._compiled
 
     # ------------------------------------------------------------------ inference
     def prepare(

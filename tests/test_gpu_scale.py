@@ -24,12 +24,12 @@ def _load():
 def test_every_section_runs_tiny_on_cpu(tmp_path: Path) -> None:
     gpu_scale = _load()
     out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
-    rc = gpu_scale.main(["--tiny", "--device", "cpu", "--repeats", "1", "--sections", "a,b,c,d",
+    rc = gpu_scale.main(["--tiny", "--device", "cpu", "--repeats", "1", "--sections", "a,b,c,d,f,e",
                          "--json", str(out_json), "--markdown", str(out_md)])
     report = json.loads(out_json.read_text())
     errors = {k: r.get("error") for k, r in report["sections"].items() if "error" in r}
     assert rc == 0 and not errors, errors
-    assert set(report["sections"]) == set("abcd")
+    assert set(report["sections"]) == set("abcdef")
     a = report["sections"]["a"]
     # same weights through the official-style path (HF processor + transformers' full SigLIP) and ours
     assert a["e2e_min_cosine"] > 0.99
@@ -41,3 +41,7 @@ def test_every_section_runs_tiny_on_cpu(tmp_path: Path) -> None:
     for title in ("a. Embedding throughput", "b. Reward forward+backward", "c. DRaFT-K", "d. Head-training"):
         assert title in md
 
+    f = report["sections"]["f"]
+    assert f["default choice"]["min_cosine_vs_default"] > 0.999 and f["math"]["min_cosine_vs_default"] > 0.999
+    e = report["sections"]["e"]
+    assert {k.split(" @ ")[0] for k in e if " @ " in k} == {"eager (no compile)", "compile_regions()"}
