@@ -1,5 +1,5 @@
-"""Result tables of identity scoring: the checkpoint-selection result, its CSV and text table, the validation
-summary of a training run, and their plots.
+"""Result tables and pictures of identity scoring: the checkpoint-selection result, its CSV and text table, the
+validation summary of a training run, their plots, and captioned image grids.
 
 matplotlib is optional (the ``plot`` extra: ``pip install "nearid-reward[plot]"``). Without it the plots are
 skipped with a logged message and every table is still written.
@@ -10,13 +10,18 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from .files import atomic_write
+from .images import check_value_range
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +33,9 @@ __all__ = [
     "plot_selection",
     "summary_markdown",
     "plot_identity_history",
+    "image_grid",
+    "log_scored_images",
+    "to_uint8_images",
 ]
 
 TABLE_COLUMNS = ("identity_mean", "relative_mean", "identity_gain", "class_leakage_mean", "copy_fraction")
@@ -215,3 +223,82 @@ def plot_identity_history(
     ax.legend(fontsize=7)
     fig.tight_layout()
     return _save_png(fig, Path(path))
+
+
+def image_grid(
+    images: torch.Tensor,
+    captions: Sequence[str] | None = None,
+    *,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    cols: int | None = None,
+) -> np.ndarray:
+    """Tile ``images`` ``[N, 3, H, W]`` into one uint8 ``[rows*H, cols*W, 3]`` array, captions drawn on the tiles.
+
+    ``cols`` defaults to ``ceil(sqrt(N))``; rows fill left to right.
+    """
+    from PIL import Image, ImageDraw
+
+    arr = to_uint8_images(images, value_range)
+    n, h, w = arr.shape[:3]
+    if cols is None:
+        cols = int(math.ceil(math.sqrt(n)))
+    elif cols < 1:
+        raise ValueError(f"`cols` must be >= 1, got {cols}")
+    rows = int(math.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i in range(n):
+        tile = arr[i]
+        if captions is not None and i < len(captions):
+            pil = Image.fromarray(tile)
+            draw = ImageDraw.Draw(pil)
+            draw.rectangle((0, 0, w, 11), fill=(0, 0, 0))
+            draw.text((1, 0), captions[i], fill=(255, 255, 255))
+            tile = np.asarray(pil)
+        r, c = divmod(i, cols)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = tile
+    return grid
+
+
+def to_uint8_images(images: torch.Tensor, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """Images ``[N, 3, H, W]`` with values in ``value_range`` as a uint8 array ``[N, H, W, 3]`` (clipped, rounded)."""
+    lo, hi = check_value_range(value_range)
+    x = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
+    return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def log_scored_images(
+    accelerator: Any,
+    images: torch.Tensor,
+    scores: Sequence[float],
+    prompts: Sequence[str] | None,
+    *,
+    step: int,
+    tag: str,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    max_images: int = 16,
+) -> None:
+    """Log the first ``max_images`` of ``images`` ``[N, 3, H, W]`` with their identity ``scores`` to the
+    accelerator's TensorBoard (one captioned grid, and the captions as text) and Weights & Biases trackers.
+
+    Other trackers are skipped; a tracker's failure is logged and never raised (logging must not stop training).
+    """
+    names = ("tensorboard", "wandb")
+    trackers = [t for t in getattr(accelerator, "trackers", []) if getattr(t, "name", None) in names]
+    if not trackers:
+        return
+    n = min(images.shape[0], max_images, len(scores))
+    scores = list(scores[:n])
+    captions = [f"{i}: {s:.3f}" + (f" | {prompts[i]}" if prompts is not None else "") for i, s in enumerate(scores)]
+    for tracker in trackers:
+        try:
+            if tracker.name == "tensorboard":
+                grid = image_grid(images[:n], [f"{s:.3f}" for s in scores], value_range=value_range)
+                tracker.log_images({tag: grid[None]}, step=step, dataformats="NHWC")
+                tracker.log({tag + "_captions": "\n\n".join(captions)}, step=step)
+            else:
+                import wandb
+
+                arrays = to_uint8_images(images[:n], value_range)
+                tracker.log({tag: [wandb.Image(a, caption=c) for a, c in zip(arrays, captions)]}, step=step)
+        except Exception:  # a tracker problem must never stop validation
+            logger.exception("could not log validation images to the %s tracker", tracker.name)

@@ -24,6 +24,7 @@ from .metrics import METRICS, MetricSpec, metric_names
 from .metrics import identity_metrics as _identity_metrics
 from .model import NearIDModel, as_nearid_model
 from .references import ReferenceSet, embed_images
+from .results import image_grid, log_scored_images
 from .reward import IdentityReward, RewardConfig
 from .similarity import Aggregate
 
@@ -125,42 +126,6 @@ class _Metrics(dict):  # type: ignore[type-arg]
             )  # fmt: skip
             return self[key[len(self._prefix) :]]
         raise KeyError(key)
-
-
-def image_grid(
-    images: torch.Tensor,
-    captions: Sequence[str] | None = None,
-    *,
-    value_range: tuple[float, float] = (0.0, 1.0),
-    cols: int | None = None,
-) -> np.ndarray:
-    """Tile ``images`` ``[N, 3, H, W]`` into one uint8 ``[rows*H, cols*W, 3]`` array, captions drawn on the tiles.
-
-    ``cols`` defaults to ``ceil(sqrt(N))``; rows fill left to right.
-    """
-    from PIL import Image, ImageDraw
-
-    lo, hi = check_value_range(value_range)
-    x = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
-    arr = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # [N, H, W, 3]
-    n, h, w = arr.shape[:3]
-    if cols is None:
-        cols = int(math.ceil(math.sqrt(n)))
-    elif cols < 1:
-        raise ValueError(f"`cols` must be >= 1, got {cols}")
-    rows = int(math.ceil(n / cols))
-    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    for i in range(n):
-        tile = arr[i]
-        if captions is not None and i < len(captions):
-            pil = Image.fromarray(tile)
-            draw = ImageDraw.Draw(pil)
-            draw.rectangle((0, 0, w, 11), fill=(0, 0, 0))
-            draw.text((1, 0), captions[i], fill=(255, 255, 255))
-            tile = np.asarray(pil)
-        r, c = divmod(i, cols)
-        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = tile
-    return grid
 
 
 # ---------------------------------------------------------------------------------------------- validator
@@ -481,28 +446,8 @@ class IdentityValidator:
         self.accelerator.log(metrics, step=step)
         if not self.config.log_images or not isinstance(images, torch.Tensor) or not self.is_main_process:
             return
-        names = ("tensorboard", "wandb")
-        trackers = [t for t in getattr(self.accelerator, "trackers", []) if getattr(t, "name", None) in names]
-        if not trackers or self.last_scores is None:
+        if self.last_scores is None:
             return
-        n = min(images.shape[0], self.config.max_logged_images)
-        scores = self.last_scores[:n].tolist()
-        captions = [
-            f"{i}: {s:.3f}" + (f" | {prompts[i]}" if prompts is not None else "") for i, s in enumerate(scores)
-        ]
-        tag = self.config.prefix + "validation"
-        for tracker in trackers:
-            try:
-                if tracker.name == "tensorboard":
-                    grid = image_grid(images[:n], [f"{s:.3f}" for s in scores], value_range=value_range)
-                    tracker.log_images({tag: grid[None]}, step=step, dataformats="NHWC")
-                    tracker.log({tag + "_captions": "\n\n".join(captions)}, step=step)
-                else:
-                    import wandb
-
-                    lo, hi = value_range
-                    x = ((images[:n].detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
-                    arrays = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-                    tracker.log({tag: [wandb.Image(a, caption=c) for a, c in zip(arrays, captions)]}, step=step)
-            except Exception:  # a tracker problem must never stop validation
-                logger.exception("could not log validation images to the %s tracker", tracker.name)
+        log_scored_images(self.accelerator, images, self.last_scores.tolist(), prompts, step=step,
+                          tag=self.config.prefix + "validation", value_range=value_range,
+                          max_images=self.config.max_logged_images)

@@ -313,3 +313,38 @@ def test_accelerator_logging_at_true_step_and_early_stop_trigger(model, refs, tm
     texts = events.Tensors("nearid/validation_captions/text_summary")
     caption = texts[0].tensor_proto.string_val[0].decode()
     assert "a photo of sks dog" in caption and f"{v.history[0]['nearid/identity_max']:.3f}" in caption
+
+
+def test_scored_images_reach_tensorboard_and_a_failing_tracker_is_only_logged(tmp_path, caplog):
+    pytest.importorskip("tensorboard")
+    from accelerate import Accelerator
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nearid_reward.results import log_scored_images
+
+    accelerator = Accelerator(log_with="tensorboard", project_dir=str(tmp_path))
+    accelerator.init_trackers("run")
+    images = torch.rand(5, 3, 16, 16) * 2 - 1
+    log_scored_images(accelerator, images, [0.1, 0.2, 0.3, 0.4, 0.5], None, step=7, tag="nearid/validation",
+                      value_range=(-1.0, 1.0), max_images=4)
+
+    class Broken:
+        name = "wandb"
+
+        def log(self, *args, **kwargs):
+            raise RuntimeError("tracker down")
+
+        def finish(self):
+            pass
+
+    accelerator.trackers.append(Broken())
+    log_scored_images(accelerator, images, [0.1] * 5, ["p"] * 5, step=8, tag="t")
+    accelerator.end_training()
+    found = []
+    for file in tmp_path.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(file), size_guidance={"images": 0})
+        acc.Reload()
+        found += [(e.step, e.width, e.height) for e in acc.Images("nearid/validation")] \
+            if "nearid/validation" in acc.Tags()["images"] else []
+    assert (7, 2 * 16, 2 * 16) in found  # 4 of the 5 images, in a 2x2 grid
+    assert "could not log validation images to the wandb tracker" in caplog.text
