@@ -1,6 +1,6 @@
 """Reading and writing the three checkpoint formats, with the project's own code (no ``trust_remote_code``).
 
-Formats (see the README's table):
+Formats (see docs/formats.md):
 
 * ``"release"``: the official NearID release layout (``Aleksandar/nearid-siglip2``): ``config.json`` with
   ``model_type: "nearid"`` and a ``vision_config``; ``model.safetensors`` with fp16 tensors under

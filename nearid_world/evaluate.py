@@ -67,7 +67,7 @@ class WorldAssets:
         for path in (self.world_model / "model_index.json", self.nearid, self.backbone, self.oracle):
             if not path.exists():
                 raise FileNotFoundError(f"world asset {path} is missing: the shipped weights live in {WEIGHTS}; "
-                                        "see nearid_world/README.md for the commands that rebuild them")
+                                        "see docs/world.md for the commands that rebuild them")
 
 
 @dataclass

@@ -4,7 +4,7 @@ held-out splits by identity, and the per-epoch training samples (anchor shuffle,
 Every image is addressed by a reference ``(table, row, column)`` and read as its encoded bytes, so the feature cache
 can key it by content hash and decoding happens in DataLoader workers.
 
-Formats read (see the README section "Training the NearID head"):
+Formats read (see docs/formats.md):
 
 * **NearID schema** (spec §6): a positives table (``id``, views in ``images1..3`` or ``img1..3``) and any number of
   distractor tables (``id``, ``nimg1..3``), aligned by row position; each is a local folder of parquet files (as
