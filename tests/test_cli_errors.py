@@ -110,3 +110,18 @@ def test_checkpoint_errors_are_expected_errors() -> None:
 
     assert issubclass(CheckpointError, EXPECTED_ERRORS) and issubclass(FileNotFoundError, EXPECTED_ERRORS)
     assert not issubclass(KeyError, EXPECTED_ERRORS) and not issubclass(TypeError, EXPECTED_ERRORS)
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys):
+    from nearid_reward.cli.entry_points import INTERRUPTED_STATUS, entry_point
+
+    @entry_point("nearid-demo")
+    def main(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as raised:
+        main([])
+    assert raised.value.code == INTERRUPTED_STATUS == 130
+    assert capsys.readouterr().err.strip() == "nearid-demo: interrupted"
+    with pytest.raises(KeyboardInterrupt):  # --debug keeps the traceback
+        main(["--debug"])

@@ -3,8 +3,9 @@
 An entry point decorated with :func:`entry_point` stops on an expected user error (a missing or unreadable file or
 folder, a bad checkpoint, bad data, a bad argument value: ``OSError``, ``ValueError`` and its subclasses such as
 ``CheckpointError``, ``ImportError`` for a missing optional package) by printing ``<prog>: <message>`` and exiting
-with status 1, without a traceback. Any other exception is taken for a bug and keeps its traceback; ``--debug``
-shows the traceback of expected errors too. Every command registers ``--debug`` with :func:`add_debug_flag`.
+with status 1, without a traceback; Ctrl-C prints ``<prog>: interrupted`` and exits with status 130. Any other
+exception is taken for a bug and keeps its traceback; ``--debug`` shows the traceback of expected errors too.
+Every command registers ``--debug`` with :func:`add_debug_flag`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["DEBUG_FLAG", "EXPECTED_ERRORS", "add_debug_flag", "entry_point", "torch_device"]
+__all__ = ["DEBUG_FLAG", "EXPECTED_ERRORS", "INTERRUPTED_STATUS", "add_debug_flag", "entry_point", "torch_device"]
 
 DEBUG_FLAG = "--debug"
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, ImportError)
+#: Exit status of a command stopped with Ctrl-C (128 + SIGINT, as a shell reports it).
+INTERRUPTED_STATUS = 130
 
 MainFunction = Callable[[Sequence[str] | None], int]
 
@@ -44,6 +47,12 @@ def entry_point(prog: str) -> Callable[[MainFunction], MainFunction]:
             ours = words[: words.index("--")] if "--" in words else words
             try:
                 return main(argv)
+            except KeyboardInterrupt:
+                if DEBUG_FLAG in ours:
+                    raise
+                # what was written is whole: files are renamed into place and history lines appended whole
+                print(f"{prog}: interrupted", file=sys.stderr)
+                raise SystemExit(INTERRUPTED_STATUS) from None
             except EXPECTED_ERRORS as exc:
                 if DEBUG_FLAG in ours:
                     raise
