@@ -38,7 +38,7 @@ from . import scenes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EncoderConfig", "write_world_dataset", "train_world_encoder", "main"]
+__all__ = ["EncoderConfig", "write_world_dataset", "train_world_encoder", "parse_args", "main"]
 
 WORLD = "generation"
 
@@ -220,10 +220,16 @@ class EncoderArguments:
     )
 
 
-@entry_point("python -m nearid_world.encoder")
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[EncoderArguments, EncoderConfig]:
+    """The command's own options and the :class:`EncoderConfig` that ``argv`` gives the command."""
     args, config = parse_arguments([EncoderArguments, EncoderConfig], argv, prog="python -m nearid_world.encoder",
                                    description=__doc__.split("\n\n")[0])
+    return args, config
+
+
+@entry_point("python -m nearid_world.encoder")
+def main(argv: Sequence[str] | None = None) -> int:
+    args, config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = train_world_encoder(args.output_dir, config, work_dir=args.work_dir, progress=True)
     print(json.dumps(json.loads((out / "encoder_config.json").read_text()), indent=2))

@@ -39,7 +39,7 @@ from . import scenes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OracleConfig", "AttributeOracle", "train_oracle", "true_identity", "lookalike_hits", "main"]
+__all__ = ["OracleConfig", "AttributeOracle", "train_oracle", "true_identity", "lookalike_hits", "parse_args", "main"]
 
 WEIGHTS_NAME = "oracle.safetensors"
 CONFIG_NAME = "oracle_config.json"
@@ -244,10 +244,16 @@ class OutputArguments:
     output_dir: str = field(metadata={"help": "where oracle.safetensors and oracle_config.json are written"})
 
 
-@entry_point("python -m nearid_world.oracle")
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[OutputArguments, OracleConfig]:
+    """The command's own options and the :class:`OracleConfig` that ``argv`` gives the command."""
     args, config = parse_arguments([OutputArguments, OracleConfig], argv, prog="python -m nearid_world.oracle",
                                    description=__doc__.split("\n\n")[0])
+    return args, config
+
+
+@entry_point("python -m nearid_world.oracle")
+def main(argv: Sequence[str] | None = None) -> int:
+    args, config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = train_oracle(args.output_dir, config, progress=True)
     print(json.dumps(json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))["held_out_accuracy"], indent=2))
