@@ -8,9 +8,9 @@ loss on the one-step x0 of low-noise samples. Run::
         --instance_data_dir SUBJECT_PHOTOS --output_dir out/ [--identity_loss_weight 0.1]
 """
 
-from __future__ import annotations
-
-import argparse
+# Real (not postponed) annotations: the options dataclass must build even when this file is executed as a module
+# that is not in sys.modules (importlib.util.module_from_spec), as the tests load it.
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,26 +18,35 @@ import torch
 import torch.nn.functional as F
 
 from nearid_reward import IdentityReward, IdentityValidator, NearIDValidationCallback
+from nearid_reward.cli.arguments import parse_arguments
 from nearid_reward.diffusion import decode_latents, predict_x0
 from nearid_reward.images import to_pil_list, to_rgb
 from nearid_reward.pipelines import load_pipeline
 from nearid_reward.rendering import PromptSet, RenderConfig
 
 
+@dataclass
+class LoopArguments:
+    """The loop's options, one flag per field (diffusers' names)."""
+
+    pretrained_model_name_or_path: str = field(metadata={"help": "the diffusers pipeline to train a LoRA on"})
+    nearid_model: str = field(metadata={"help": "NearID checkpoint folder or hub id"})
+    instance_data_dir: str = field(metadata={"help": "subject photos: training data and NearID references"})
+    instance_prompt: str = field(default="a photo of sks dog", metadata={"help": "the training caption"})
+    output_dir: str = field(default="custom-loop-out", metadata={"help": "where the LoRA and checkpoints go"})
+    max_train_steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    validation_steps: int = field(default=25, metadata={"help": "validate and checkpoint every this many steps"})
+    identity_loss_weight: float = field(default=0.0, metadata={"help": "weight of the identity reward loss"})
+    resolution: int | None = field(default=None, metadata={"help": "training size (None: the pipeline's)"})
+    prompts: str | None = field(
+        default=None, metadata={"help": "validation prompt file (None: the shipped identity set)"}
+    )
+    validation_inference_steps: int = field(default=25, metadata={"help": "sampler steps of validation renders"})
+
+
 def main(argv: list[str] | None = None) -> NearIDValidationCallback | None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pretrained_model_name_or_path", required=True)
-    p.add_argument("--nearid_model", required=True)
-    p.add_argument("--instance_data_dir", required=True, help="subject photos: training data and NearID references")
-    p.add_argument("--instance_prompt", default="a photo of sks dog")
-    p.add_argument("--output_dir", default="custom-loop-out")
-    p.add_argument("--max_train_steps", type=int, default=100)
-    p.add_argument("--validation_steps", type=int, default=25)
-    p.add_argument("--identity_loss_weight", type=float, default=0.0)
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--prompts", default=None, help="validation prompt file (default: the shipped identity set)")
-    p.add_argument("--validation_inference_steps", type=int, default=25)
-    args = p.parse_args(argv)
+    (args,) = parse_arguments(LoopArguments, argv, prog="custom_loop_callback.py",
+                              description=__doc__.split("\n")[0])
 
     from accelerate import Accelerator
     from diffusers import DDPMScheduler

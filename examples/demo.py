@@ -17,7 +17,6 @@ non-zero exit code.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ for path in (HERE, HERE.parent):
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from nearid_reward.cli.arguments import parse_arguments  # noqa: E402
 
 # The personalisation stage runs in the ground-truth world (nearid_world): its shipped world model, NearID encoder
 # and oracle; one held-out subject, settings as the benchmark's but shorter.
@@ -294,11 +296,17 @@ def stage_report(out: Path, results: dict[str, Any], timings: dict[str, float]) 
 
 
 # --------------------------------------------------------------------------------------------- driver
+@dataclass
+class DemoArguments:
+    """The demo's options."""
+
+    out: str = field(default="demo_out", metadata={"help": "output folder"})
+    fresh: bool = field(default=False, metadata={"help": "delete the output folder first"})
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="nearid-reward demo (offline, tiny models)")
-    parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    parser.add_argument("--fresh", action="store_true", help="delete the output folder first")
-    args = parser.parse_args(argv)
+    (args,) = parse_arguments(DemoArguments, argv, prog="demo.py",
+                              description="nearid-reward demo (offline, tiny models)")
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)

@@ -26,15 +26,15 @@ Example (SD 1.5, one GPU)::
         --mode draft --backprop_num_steps 1 --max_train_steps 500 --output_dir out/
 """
 
-from __future__ import annotations
-
-import argparse
+# Real (not postponed) annotations: the options dataclass must build even when this file is executed as a module
+# that is not in sys.modules (importlib.util.module_from_spec), as the tests load it.
 import json
 import logging
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from nearid_reward import IdentityReward, IdentityValidator, NearIDValidationCallback
 from nearid_reward.adapters import lora_rank
 from nearid_reward.callback import CallbackConfig
+from nearid_reward.cli.arguments import parse_arguments, parse_dtype
 from nearid_reward.diffusion import (
     SamplerConfig,
     denoising_loss,
@@ -60,60 +61,86 @@ from nearid_reward.run_checkpoints import LORA_WEIGHT_NAME
 logger = logging.getLogger("train_lora_identity_reward")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pretrained_model_name_or_path", required=True)
-    p.add_argument("--nearid_model", required=True, help="NearID checkpoint folder or hub id")
-    p.add_argument("--reference_dir", required=True, help="folder of the subject's reference photos")
-    p.add_argument("--negative_dir", default=None, help="near-identity distractors to penalise (optional)")
-    p.add_argument("--negative_weight", type=float, default=1.0, help="lambda of the near-identity penalty")
-    p.add_argument("--instance_token", default="sks")
-    p.add_argument("--class_noun", default="")
-    p.add_argument("--prompts", default=None, help="prompt file (default: the shipped identity prompt set)")
-    p.add_argument("--output_dir", default="identity-reward-lora")
-    p.add_argument("--mode", choices=["draft", "refl", "rwr"], default="draft")
-    p.add_argument("--backprop_num_steps", type=int, default=1, help="K of DRaFT-K (grad-carrying last steps)")
-    p.add_argument("--backprop_strategy", choices=["tail", "random"], default="tail",
-                   help="tail: always the last K steps; random: K drawn in [1, K] each step")
-    p.add_argument("--refl_range", type=float, nargs=2, default=(0.7, 0.95),
-                   help="ReFL stops at a random step in this fraction range of the schedule")
-    p.add_argument("--rwr_temperature", type=float, default=1.0)
-    p.add_argument("--num_inference_steps", type=int, default=20)
-    p.add_argument("--guidance_scale", type=float, default=1.0)
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--train_batch_size", type=int, default=2)
-    p.add_argument("--max_train_steps", type=int, default=200)
-    p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--init_lora", default=None,
-                   help="start from this LoRA (a DreamBooth checkpoint folder or a diffusers LoRA .safetensors file); "
-                        "its rank replaces --rank")
-    p.add_argument("--lora_target_modules", nargs="+", default=["to_k", "to_q", "to_v", "to_out.0"],
-                   help="UNet modules that get LoRA (default: attention projections, as diffusers' DreamBooth)")
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--class_data_dir", default=None, help="class images for the prior term")
-    p.add_argument("--prior_type", choices=["kl", "mse"], default="kl")
-    p.add_argument("--prior_reference", choices=["base", "init"], default=None,
-                   help="what the kl prior regresses onto: the base model (adapter disabled) or the --init_lora "
-                        "adapter (default: init with --init_lora, else base)")
-    p.add_argument("--prior_loss_weight", type=float, default=1.0)
-    p.add_argument("--checkpointing_steps", type=int, default=100)
-    p.add_argument("--validation_steps", type=int, default=100)
-    p.add_argument("--validation_inference_steps", type=int, default=20)
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
-    p.add_argument("--report_to", default=None, help="tensorboard, wandb or none")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.backprop_num_steps < 1 or args.backprop_num_steps > args.num_inference_steps:
-        p.error(f"--backprop_num_steps must be in [1, --num_inference_steps={args.num_inference_steps}]")
-    if args.prior_reference is None:
-        args.prior_reference = "init" if args.init_lora else "base"
-    if args.prior_reference == "init" and not args.init_lora:
-        p.error("--prior_reference init needs --init_lora (the adapter to stay close to)")
-    lo, hi = args.refl_range
-    if not 0.0 <= lo <= hi < 1.0:
-        p.error(f"--refl_range must satisfy 0 <= low <= high < 1, got {args.refl_range}")
+PROG = "train_lora_identity_reward.py"
+
+
+@dataclass
+class TrainArguments:
+    """The script's options, one flag per field (diffusers' names where diffusers has the option)."""
+
+    pretrained_model_name_or_path: str = field(metadata={"help": "the diffusers pipeline to fine-tune"})
+    nearid_model: str = field(metadata={"help": "NearID checkpoint folder or hub id"})
+    reference_dir: str = field(metadata={"help": "folder of the subject's reference photos"})
+    negative_dir: str | None = field(
+        default=None, metadata={"help": "near-identity distractors to penalise (optional)"}
+    )
+    negative_weight: float = field(default=1.0, metadata={"help": "lambda of the near-identity penalty"})
+    instance_token: str = field(default="sks", metadata={"help": "fills {token} in the prompts"})
+    class_noun: str = field(default="", metadata={"help": "fills {class} in the prompts"})
+    prompts: str | None = field(
+        default=None, metadata={"help": "prompt file (None: the shipped identity prompt set)"}
+    )
+    output_dir: str = field(default="identity-reward-lora", metadata={"help": "where the LoRA and checkpoints go"})
+    mode: Literal["draft", "refl", "rwr"] = field(default="draft", metadata={"help": "training mode"})
+    backprop_num_steps: int = field(default=1, metadata={"help": "K of DRaFT-K (grad-carrying last steps)"})
+    backprop_strategy: Literal["tail", "random"] = field(
+        default="tail", metadata={"help": "tail: always the last K steps; random: K drawn in [1, K] each step"}
+    )
+    refl_range: list[float] = field(
+        default_factory=lambda: [0.7, 0.95],
+        metadata={"help": "ReFL stops at a random step in this fraction range of the schedule (two numbers)"},
+    )
+    rwr_temperature: float = field(default=1.0, metadata={"help": "temperature of the reward weights"})
+    num_inference_steps: int = field(default=20, metadata={"help": "sampler steps while training"})
+    guidance_scale: float = field(default=1.0, metadata={"help": "guidance scale while training"})
+    resolution: int | None = field(default=None, metadata={"help": "image size (None: the pipeline's)"})
+    train_batch_size: int = field(default=2, metadata={"help": "prompts per step"})
+    max_train_steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    rank: int = field(default=4, metadata={"help": "LoRA rank"})
+    init_lora: str | None = field(
+        default=None,
+        metadata={"help": "start from this LoRA (a DreamBooth checkpoint folder or a diffusers LoRA .safetensors "
+                  "file); its rank replaces --rank"},
+    )
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
+        metadata={"help": "UNet modules that get LoRA (the attention projections, as diffusers' DreamBooth)"},
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "UNet gradient checkpointing"})
+    class_data_dir: str | None = field(default=None, metadata={"help": "class images for the prior term"})
+    prior_type: Literal["kl", "mse"] = field(default="kl", metadata={"help": "kind of prior term"})
+    prior_reference: Literal["base", "init"] | None = field(
+        default=None,
+        metadata={"help": "what the kl prior regresses onto: the base model (adapter disabled) or the --init_lora "
+                  "adapter (None: init with --init_lora, else base)"},
+    )
+    prior_loss_weight: float = field(default=1.0, metadata={"help": "weight of the prior term"})
+    checkpointing_steps: int = field(default=100, metadata={"help": "save checkpoint-N every this many steps"})
+    validation_steps: int = field(default=100, metadata={"help": "validate every this many steps"})
+    validation_inference_steps: int = field(default=20, metadata={"help": "sampler steps of validation renders"})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "accelerate precision"})
+    report_to: str | None = field(default=None, metadata={"help": "tensorboard, wandb or none"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+
+    def __post_init__(self) -> None:
+        if self.backprop_num_steps < 1 or self.backprop_num_steps > self.num_inference_steps:
+            raise ValueError(f"--backprop_num_steps must be in [1, --num_inference_steps={self.num_inference_steps}], "
+                             f"got {self.backprop_num_steps}")
+        if self.prior_reference is None:
+            self.prior_reference = "init" if self.init_lora else "base"
+        if self.prior_reference == "init" and not self.init_lora:
+            raise ValueError("--prior_reference init needs --init_lora (the adapter to stay close to)")
+        if len(self.refl_range) != 2 or not 0.0 <= self.refl_range[0] <= self.refl_range[1] < 1.0:
+            raise ValueError(f"--refl_range must be two numbers with 0 <= low <= high < 1, got {self.refl_range}")
+
+
+def parse_args(argv: list[str] | None = None) -> TrainArguments:
+    try:
+        (args,) = parse_arguments(TrainArguments, argv, prog=PROG, description=__doc__.split("\n")[0])
+    except ValueError as exc:  # a bad value: one line, as an argparse error
+        raise SystemExit(f"{PROG}: {exc}") from None
     return args
 
 
@@ -163,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     set_seed(args.seed, device_specific=True)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = parse_dtype(accelerator.mixed_precision, name="--mixed_precision")
 
     pipeline = load_pipeline(args.pretrained_model_name_or_path)  # safetensors only
     pipeline.set_progress_bar_config(disable=True)

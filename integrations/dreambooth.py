@@ -7,6 +7,9 @@ Usage::
 
     accelerate launch -m integrations.dreambooth --script ... -- ...      # several GPUs
 
+The launcher's options are the fields of :class:`DreamBoothOptions`. Every word after ``--``, and every word before it
+that is not a launcher option, goes to the script.
+
 The script file is imported as a module and its ``main`` called in this process (see
 :mod:`integrations.script_hooks`). In the script's ``--output_dir`` the launcher writes:
 
@@ -29,21 +32,22 @@ continues (``--nearid_strict`` re-raises).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from nearid_reward import IdentityValidator, NearIDModel, NearIDValidationCallback, ReferenceSet
 from nearid_reward.callback import CallbackConfig
-from nearid_reward.cli.entry_points import add_debug_flag, entry_point
+from nearid_reward.cli.arguments import build_parser as build_arguments_parser
+from nearid_reward.cli.arguments import parse_arguments, parse_dtype
+from nearid_reward.cli.entry_points import entry_point
 from nearid_reward.files import read_jsonl, write_text_atomic
 from nearid_reward.rendering import PromptSet, RenderConfig
 from nearid_reward.results import SelectionResult, format_table, plot_identity_history, summary_markdown
@@ -53,116 +57,132 @@ from .script_hooks import ValidationFamily, install_hooks, load_script, split_ar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DreamBoothOptions", "DreamBoothSession", "build_parser", "main", "derive_token_and_class"]
+__all__ = [
+    "DreamBoothOptions", "DreamBoothSession", "build_parser", "parse_command_line", "parse_options", "main",
+    "derive_token_and_class",
+]
 
 HISTORY_NAME = "identity_history.jsonl"
 SUMMARY_NAME = "identity_summary"
 
 
+PROG = "nearid-dreambooth"
+DESCRIPTION = (
+    "Run a diffusers DreamBooth/LoRA training script unmodified, with NearID identity validation, checkpoint "
+    "sidecars, best-identity keeping and an optional identity loss. The script's own arguments go after `--`; any "
+    "other word the launcher does not know is passed on to the script as well."
+)
+
+
 @dataclass
 class DreamBoothOptions:
-    """The launcher's own options (the ``--nearid_*`` flags)."""
+    """The launcher's own options: ``--script`` and the ``--nearid_*`` flags, one per field, named as the field."""
 
-    script: str
-    model: str
-    reference_dir: str
-    negative_dir: str | None = None
-    prompts: str | None = None
-    instance_token: str | None = None
-    class_noun: str | None = None
-    num_inference_steps: int = 25
-    guidance_scale: float | None = None
-    images_per_prompt: int = 1
-    resolution: int | None = None
-    scheduler: str | None = "auto"
-    render_base: bool = True
-    score_checkpoints: bool = True
-    monitor: str = "identity_mean"
-    mode: str = "max"
-    patience: int | None = None
-    threshold: float = 0.9
-    select_after: bool = False
-    loss_weight: float = 0.0
-    loss_max_timestep: int = 400
-    dtype: str = "float32"
-    strict: bool = False
+    script: str = field(metadata={"help": "the diffusers training script, e.g. train_dreambooth_lora.py"})
+    nearid_model: str = field(metadata={"help": "NearID checkpoint folder (release, head-only or SigLIP)"})
+    nearid_reference_dir: str = field(metadata={"help": "folder of the subject's reference photos"})
+    nearid_negative_dir: str | None = field(
+        default=None, metadata={"help": "optional folder of near-identity distractors (look-alikes) to penalise"}
+    )
+    nearid_prompts: str | None = field(
+        default=None,
+        metadata={"help": "prompt file (JSON {'instance': [...], 'class': [...]} or one prompt per line); None: the "
+                  "shipped identity prompt set"},
+    )
+    nearid_instance_token: str | None = field(
+        default=None, metadata={"help": "fills {token} in the prompt set (None: derived from --instance_prompt)"}
+    )
+    nearid_class_noun: str | None = field(
+        default=None,
+        metadata={"help": "fills {class} in the prompt set (None: derived from --class_prompt/--instance_prompt)"},
+    )
+    nearid_num_inference_steps: int = field(default=25, metadata={"help": "sampler steps of NearID's renders"})
+    nearid_guidance_scale: float | None = field(
+        default=None, metadata={"help": "guidance scale of NearID's renders (None: the pipeline's)"}
+    )
+    nearid_images_per_prompt: int = field(default=1, metadata={"help": "NearID renders per prompt"})
+    nearid_resolution: int | None = field(default=None, metadata={"help": "render size (None: the pipeline's)"})
+    nearid_scheduler: str = field(
+        default="auto",
+        metadata={"help": "scheduler of NearID's renders, the same at validations, checkpoints and in "
+                  "--nearid_select_after (a diffusers class name; 'auto' = DDIM unless the pipeline is flow "
+                  "matching; 'pipeline' = whatever the pipeline has at that moment)"},
+    )
+    nearid_no_base: bool = field(
+        default=False, metadata={"help": "do not render the base model (adapter disabled)"}
+    )
+    nearid_no_score_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "do not render and score at checkpoint saves (sidecars then carry the last validation)"},
+    )
+    nearid_monitor: str = field(
+        default="identity_mean",
+        metadata={"help": "metric that decides the best step (e.g. identity_mean, relative_mean, identity_gain)"},
+    )
+    nearid_mode: Literal["max", "min"] = field(default="max", metadata={"help": "higher or lower monitor is better"})
+    nearid_patience: int | None = field(
+        default=None,
+        metadata={"help": "warn (and set accelerate's trigger) after this many validations without improvement"},
+    )
+    nearid_threshold: float = field(
+        default=0.9, metadata={"help": "fraction of the reference oracle an image must reach to count as on-identity"}
+    )
+    nearid_select_after: bool = field(
+        default=False,
+        metadata={"help": "after training, rank every remaining checkpoint by --nearid_monitor/--nearid_mode (as "
+                  "nearid-select does), with this run's references, negatives, prompts and render settings"},
+    )
+    nearid_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "EXPERIMENTAL: weight of a ReFL-style identity loss on the x0 prediction (0 = off)"},
+    )
+    nearid_loss_max_timestep: int = field(
+        default=400, metadata={"help": "the identity loss only uses samples with timestep below this (of 1000)"}
+    )
+    nearid_dtype: str = field(
+        default="float32", metadata={"help": "NearID backbone dtype (float32, float16/fp16, bfloat16/bf16)"}
+    )
+    nearid_strict: bool = field(default=False, metadata={"help": "re-raise scoring errors instead of logging them"})
 
     def __post_init__(self) -> None:
-        if self.loss_weight < 0:
-            raise ValueError(f"--nearid_loss_weight must be >= 0, got {self.loss_weight}")
-        if self.mode not in ("max", "min"):
-            raise ValueError(f"--nearid_mode must be 'max' or 'min', got {self.mode!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"--nearid_dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.nearid_loss_weight < 0:
+            raise ValueError(f"--nearid_loss_weight must be >= 0, got {self.nearid_loss_weight}")
+        if self.nearid_mode not in ("max", "min"):
+            raise ValueError(f"--nearid_mode must be 'max' or 'min', got {self.nearid_mode!r}")
+        parse_dtype(self.nearid_dtype, name="--nearid_dtype")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The NearID backbone's dtype (``--nearid_dtype``)."""
+        return parse_dtype(self.nearid_dtype, name="--nearid_dtype")
+
+    @property
+    def render_scheduler(self) -> str | None:
+        """``RenderConfig.scheduler`` of NearID's renders: None for ``--nearid_scheduler pipeline``."""
+        return None if self.nearid_scheduler == "pipeline" else self.nearid_scheduler
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nearid-dreambooth",
-        description="Run a diffusers DreamBooth/LoRA training script unmodified, with NearID identity validation, "
-        "checkpoint sidecars, best-identity keeping and an optional identity loss. Put the script's own arguments "
-        "after `--`.",
-    )
-    p.add_argument("--script", required=True, help="the diffusers training script, e.g. train_dreambooth_lora.py")
-    p.add_argument("--nearid_model", required=True, help="NearID checkpoint folder (release, head-only or SigLIP)")
-    p.add_argument("--nearid_reference_dir", required=True, help="folder of the subject's reference photos")
-    p.add_argument("--nearid_negative_dir", default=None,
-                   help="optional folder of near-identity distractors (look-alikes) to penalise")
-    p.add_argument("--nearid_prompts", default=None,
-                   help="prompt file (JSON {'instance': [...], 'class': [...]} or one prompt per line); "
-                   "default: the shipped identity prompt set")
-    p.add_argument("--nearid_instance_token", default=None,
-                   help="fills {token} in the prompt set (default: derived from --instance_prompt)")
-    p.add_argument("--nearid_class_noun", default=None,
-                   help="fills {class} in the prompt set (default: derived from --class_prompt/--instance_prompt)")
-    p.add_argument("--nearid_num_inference_steps", type=int, default=25)
-    p.add_argument("--nearid_guidance_scale", type=float, default=None)
-    p.add_argument("--nearid_images_per_prompt", type=int, default=1)
-    p.add_argument("--nearid_resolution", type=int, default=None, help="render size (default: the pipeline's)")
-    p.add_argument("--nearid_scheduler", default="auto",
-                   help="scheduler of NearID's renders, the same at validations, checkpoints and in --nearid_select_"
-                   "after (a diffusers class name; 'auto' = DDIM unless the pipeline is flow matching; 'pipeline' = "
-                   "whatever the pipeline has at that moment)")
-    p.add_argument("--nearid_no_base", action="store_true", help="do not render the base model (adapter disabled)")
-    p.add_argument("--nearid_no_score_checkpoints", action="store_true",
-                   help="do not render and score at checkpoint saves (sidecars then carry the last validation)")
-    p.add_argument("--nearid_monitor", default="identity_mean",
-                   help="metric that decides the best step (e.g. identity_mean, relative_mean, identity_gain)")
-    p.add_argument("--nearid_mode", default="max", choices=["max", "min"])
-    p.add_argument("--nearid_patience", type=int, default=None,
-                   help="warn (and set accelerate's trigger) after this many validations without improvement")
-    p.add_argument("--nearid_threshold", type=float, default=0.9,
-                   help="fraction of the reference oracle an image must reach to count as on-identity")
-    p.add_argument("--nearid_select_after", action="store_true",
-                   help="after training, rank every remaining checkpoint by --nearid_monitor/--nearid_mode (as "
-                   "nearid-select does), with this run's references, negatives, prompts and render settings")
-    p.add_argument("--nearid_loss_weight", type=float, default=0.0,
-                   help="EXPERIMENTAL: weight of a ReFL-style identity loss on the x0 prediction (0 = off)")
-    p.add_argument("--nearid_loss_max_timestep", type=int, default=400,
-                   help="the identity loss only uses samples with timestep below this (of 1000)")
-    p.add_argument("--nearid_dtype", default="float32", choices=sorted(_DTYPES), help="NearID backbone dtype")
-    p.add_argument("--nearid_strict", action="store_true", help="re-raise scoring errors instead of logging them")
-    add_debug_flag(p)
-    return p
+def build_parser() -> Any:
+    """The launcher's ``HfArgumentParser`` over :class:`DreamBoothOptions` (with ``--debug``)."""
+    return build_arguments_parser(DreamBoothOptions, prog=PROG, description=DESCRIPTION)
 
 
 def parse_options(argv: Sequence[str]) -> DreamBoothOptions:
-    ns = build_parser().parse_args(list(argv))
-    return DreamBoothOptions(
-        script=ns.script, model=ns.nearid_model, reference_dir=ns.nearid_reference_dir,
-        negative_dir=ns.nearid_negative_dir, prompts=ns.nearid_prompts, instance_token=ns.nearid_instance_token,
-        class_noun=ns.nearid_class_noun, num_inference_steps=ns.nearid_num_inference_steps,
-        guidance_scale=ns.nearid_guidance_scale, images_per_prompt=ns.nearid_images_per_prompt,
-        resolution=ns.nearid_resolution, render_base=not ns.nearid_no_base,
-        scheduler=None if ns.nearid_scheduler == "pipeline" else ns.nearid_scheduler,
-        score_checkpoints=not ns.nearid_no_score_checkpoints, monitor=ns.nearid_monitor, mode=ns.nearid_mode,
-        patience=ns.nearid_patience, threshold=ns.nearid_threshold, select_after=ns.nearid_select_after,
-        loss_weight=ns.nearid_loss_weight, loss_max_timestep=ns.nearid_loss_max_timestep, dtype=ns.nearid_dtype,
-        strict=ns.nearid_strict,
-    )  # fmt: skip
+    """The launcher's options from ``argv`` that holds only them (an unknown word is an argparse error)."""
+    (options,) = parse_arguments(DreamBoothOptions, argv, prog=PROG, description=DESCRIPTION)
+    return options
+
+
+def parse_command_line(argv: Sequence[str]) -> tuple[DreamBoothOptions, list[str]]:
+    """The launcher's options and the training script's words from a whole command line.
+
+    The script gets every word after the first ``--`` and, before it, every word the launcher does not know, in
+    their order (``--script s.py --nearid_model m --lr 1 -- --seed 0`` gives the script ``--lr 1 --seed 0``).
+    """
+    ours, theirs = split_argv(argv)
+    options, rest = parse_arguments(DreamBoothOptions, ours, prog=PROG, description=DESCRIPTION,
+                                    allow_remaining=True)
+    return options, [*rest, *theirs]
 
 
 def derive_token_and_class(instance_prompt: str | None, class_prompt: str | None) -> tuple[str, str]:
@@ -199,7 +219,7 @@ class DreamBoothSession:
 
     def __init__(self, options: DreamBoothOptions) -> None:
         self.options = options
-        self.strict = options.strict
+        self.strict = options.nearid_strict
         self.accelerator: Any = None
         self.args: Any = None
         self.step = 0
@@ -230,16 +250,16 @@ class DreamBoothSession:
     def nearid_model(self) -> NearIDModel:
         """The run's one NearID model, loaded on first use: backbone in ``--nearid_dtype``, head in float32."""
         if self._model is None:
-            dtype = _DTYPES[self.options.dtype]
-            self._model = NearIDModel.from_pretrained(self.options.model, torch_dtype=dtype, head_dtype=torch.float32)
+            self._model = NearIDModel.from_pretrained(self.options.nearid_model, torch_dtype=self.options.torch_dtype,
+                                                      head_dtype=torch.float32)
             self._model.requires_grad_(False).to(self.device)
         return self._model
 
     def reference_set(self) -> ReferenceSet:
         """The subject's references and negatives, embedded once with :meth:`nearid_model`."""
         if self._references is None:
-            self._references = ReferenceSet.from_images(self.nearid_model(), self.options.reference_dir,
-                                                        self.options.negative_dir)
+            self._references = ReferenceSet.from_images(self.nearid_model(), self.options.nearid_reference_dir,
+                                                        self.options.nearid_negative_dir)
         return self._references
 
     def callback(self) -> NearIDValidationCallback:
@@ -248,31 +268,31 @@ class DreamBoothSession:
             o = self.options
             token, noun = derive_token_and_class(getattr(self.args, "instance_prompt", None),
                                                  getattr(self.args, "class_prompt", None))
-            token = o.instance_token if o.instance_token is not None else token
-            noun = o.class_noun if o.class_noun is not None else noun
+            token = o.nearid_instance_token if o.nearid_instance_token is not None else token
+            noun = o.nearid_class_noun if o.nearid_class_noun is not None else noun
             validator = IdentityValidator(
                 self.nearid_model(), self.reference_set(), history_path=self.output_dir / HISTORY_NAME,
-                accelerator=self.accelerator, monitor=o.monitor, mode=o.mode, patience=o.patience,
-                threshold=o.threshold,
+                accelerator=self.accelerator, monitor=o.nearid_monitor, mode=o.nearid_mode, patience=o.nearid_patience,
+                threshold=o.nearid_threshold,
             )  # fmt: skip
             render = RenderConfig(
-                num_inference_steps=o.num_inference_steps, guidance_scale=o.guidance_scale,
-                images_per_prompt=o.images_per_prompt, height=o.resolution, width=o.resolution,
-                render_base=o.render_base, render_class=bool(getattr(self.args, "class_prompt", None)),
-                scheduler=o.scheduler,
+                num_inference_steps=o.nearid_num_inference_steps, guidance_scale=o.nearid_guidance_scale,
+                images_per_prompt=o.nearid_images_per_prompt, height=o.nearid_resolution, width=o.nearid_resolution,
+                render_base=not o.nearid_no_base, render_class=bool(getattr(self.args, "class_prompt", None)),
+                scheduler=o.render_scheduler,
             )  # fmt: skip
             self._callback = NearIDValidationCallback(
-                validator, output_dir=self.output_dir, prompts=PromptSet.load(o.prompts),
-                config=CallbackConfig(instance_token=token, class_noun=noun, render=render, strict=o.strict),
+                validator, output_dir=self.output_dir, prompts=PromptSet.load(o.nearid_prompts),
+                config=CallbackConfig(instance_token=token, class_noun=noun, render=render, strict=o.nearid_strict),
             )  # fmt: skip
             logger.info("NearID validation: token=%r class=%r, %d instance prompts, references %s", token, noun,
-                        len(self._callback.prompts.instance), o.reference_dir)
+                        len(self._callback.prompts.instance), o.nearid_reference_dir)
         return self._callback
 
     # ------------------------------------------------------------------ hook events
     def on_accelerator(self, accelerator: Any) -> None:
         self.accelerator = accelerator
-        if self.options.loss_weight > 0:
+        if self.options.nearid_loss_weight > 0:
             from .identity_loss import attach_identity_loss
 
             self._identity_loss = attach_identity_loss(accelerator, self)
@@ -313,7 +333,7 @@ class DreamBoothSession:
         callback = self.callback()
         step = _checkpoint_step(output_dir, self.step)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        if self.options.score_checkpoints:
+        if not self.options.nearid_no_score_checkpoints:
             pipeline = self._pipeline_for_models(models)
             if pipeline is not None:
                 callback.on_validation(pipeline, step, source="checkpoint")
@@ -323,7 +343,7 @@ class DreamBoothSession:
         if not self.is_main or self._callback is None:
             return
         write_summary(self.output_dir, self._callback.validator)
-        if self.options.select_after:
+        if self.options.nearid_select_after:
             self._select_after()
 
     # ------------------------------------------------------------------ pipelines
@@ -375,7 +395,8 @@ class DreamBoothSession:
     def _select_after(self) -> SelectionResult:
         """Rank every remaining checkpoint with the session's validator, prompts and render settings."""
         callback = self.callback()
-        config = SelectionConfig(monitor=self.options.monitor, mode=self.options.mode, render=callback.config.render)
+        config = SelectionConfig(monitor=self.options.nearid_monitor, mode=self.options.nearid_mode,
+                                 render=callback.config.render)
         pipeline = load_pipeline(self.args.pretrained_model_name_or_path, torch_dtype=torch.float32,
                                  device=self.device)
         selector = CheckpointSelector(pipeline, callback.validator, callback.prompts, config=config,
@@ -414,10 +435,9 @@ def write_summary(output_dir: Path, validator: Any) -> tuple[Path, Path | None]:
     return md, png
 
 
-@entry_point("nearid-dreambooth")
+@entry_point(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
-    ours, theirs = split_argv(sys.argv[1:] if argv is None else argv)
-    options = parse_options(ours)
+    options, theirs = parse_command_line(sys.argv[1:] if argv is None else argv)
     module = load_script(options.script)
     session = DreamBoothSession(options)
     install_hooks(module, session)

@@ -44,8 +44,8 @@ class IdentityLossHook:
     def __init__(self, accelerator: Any, session: Any) -> None:
         self.accelerator = accelerator
         self.session = session
-        self.weight = float(session.options.loss_weight)
-        self.max_timestep = int(session.options.loss_max_timestep)
+        self.weight = float(session.options.nearid_loss_weight)
+        self.max_timestep = int(session.options.nearid_loss_max_timestep)
         self.captured: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.last_value: float | None = None
         self.applied = 0

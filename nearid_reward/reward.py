@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cli.arguments import parse_dtype
 from .config import with_overrides
 from .images import ImageInput, check_value_range
 from .model import NearIDModel, as_nearid_model, check_chunk_size
@@ -36,9 +37,6 @@ __all__ = [
 ]
 
 RewardKind = Literal["cosine", "relative"]
-
-_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 # ---------------------------------------------------------------------------------------------- stateless maths
 def identity_loss(scores: torch.Tensor) -> torch.Tensor:
@@ -95,7 +93,8 @@ class RewardConfig:
         chunk_size: run the encoder on at most this many images at a time (None: whole batch).
         gradient_checkpointing: recompute encoder layers in the backward pass (less activation memory).
         backbone_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the frozen backbone (the head and the
-            similarities stay float32); None keeps the model's dtype.
+            similarities stay float32); None keeps the model's dtype. A ``torch.dtype`` or another spelling that
+            :func:`~nearid_reward.cli.arguments.parse_dtype` reads (``"bf16"``) is stored by torch's name.
         check_inputs: check image tensors for NaN/Inf and value-range mistakes on every call (costs one device
             sync per call; shapes are always checked).
         reference_chunk_size: images per encoder call when embedding references and negatives.
@@ -126,24 +125,16 @@ class RewardConfig:
         self.reference_chunk_size = check_chunk_size(  # type: ignore[assignment]
             self.reference_chunk_size, "RewardConfig.reference_chunk_size", allow_none=False
         )
-        if isinstance(self.backbone_dtype, torch.dtype):
-            names = {v: k for k, v in _DTYPES.items()}
-            if self.backbone_dtype not in names:
-                raise ValueError(
-                    f"RewardConfig.backbone_dtype must be one of {sorted(_DTYPES)}, got {self.backbone_dtype}"
-                )
-            self.backbone_dtype = names[self.backbone_dtype]
-        if self.backbone_dtype is not None and self.backbone_dtype not in _DTYPES:
-            raise ValueError(
-                f"RewardConfig.backbone_dtype must be one of {sorted(_DTYPES)} or None, got {self.backbone_dtype!r}"
-            )
+        if self.backbone_dtype is not None:  # stored by torch's name: "float32", "float16" or "bfloat16"
+            dtype = parse_dtype(self.backbone_dtype, name="RewardConfig.backbone_dtype (or None)")
+            self.backbone_dtype = str(dtype).removeprefix("torch.")
         self.reference_value_range = check_value_range(
             self.reference_value_range, "RewardConfig.reference_value_range"
         )
 
     @property
     def torch_backbone_dtype(self) -> torch.dtype | None:
-        return None if self.backbone_dtype is None else _DTYPES[self.backbone_dtype]
+        return None if self.backbone_dtype is None else parse_dtype(self.backbone_dtype)
 
 
 @dataclass

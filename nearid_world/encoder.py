@@ -18,28 +18,27 @@ Command that made the shipped encoder (``nearid_world/weights/nearid``)::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from nearid_reward.cli.entry_points import add_debug_flag, entry_point
+from nearid_reward.cli.arguments import parse_arguments
+from nearid_reward.cli.entry_points import entry_point
 from nearid_reward.files import write_json_atomic
 
 from . import scenes
-from .cli import add_config_arguments, config_from_args
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EncoderConfig", "write_world_dataset", "train_world_encoder", "main"]
+__all__ = ["EncoderConfig", "write_world_dataset", "train_world_encoder", "parse_args", "main"]
 
 WORLD = "generation"
 
@@ -70,20 +69,22 @@ class EncoderConfig:
         seed: everything derives from it.
     """
 
-    num_identities: int = 2000
-    image_size: int = 32
-    patch_size: int = 4
-    hidden_size: int = 128
-    num_layers: int = 2
-    backbone_steps: int = 2000
-    backbone_images: int = 8000
-    head_steps: int = 600
-    batch_size: int = 128
-    learning_rate: float = 3e-3
-    temperature: float = 0.1
-    alpha: float = 0.0
-    held_out: int = 48
-    seed: int = 0
+    num_identities: int = field(
+        default=2000, metadata={"help": "identities in the NearID-schema dataset (split by identity)"}
+    )
+    image_size: int = field(default=32, metadata={"help": "pixels of the world's images and the SigLIP input"})
+    patch_size: int = field(default=4, metadata={"help": "SigLIP patch size"})
+    hidden_size: int = field(default=128, metadata={"help": "SigLIP width"})
+    num_layers: int = field(default=2, metadata={"help": "SigLIP layers"})
+    backbone_steps: int = field(default=2000, metadata={"help": "steps of the backbone's synthetic pretraining"})
+    backbone_images: int = field(default=8000, metadata={"help": "scenes of the backbone's synthetic pretraining"})
+    head_steps: int = field(default=600, metadata={"help": "nearid-train-head steps"})
+    batch_size: int = field(default=128, metadata={"help": "nearid-train-head batch size"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "nearid-train-head learning rate"})
+    temperature: float = field(default=0.1, metadata={"help": "nearid-train-head temperature"})
+    alpha: float = field(default=0.0, metadata={"help": "nearid-train-head alpha"})
+    held_out: int = field(default=48, metadata={"help": "benchmark identities left out of the dataset"})
+    seed: int = field(default=0, metadata={"help": "everything derives from it"})
 
 
 def write_world_dataset(output_dir: str | Path, config: EncoderConfig, *, progress: bool = False) -> Path:
@@ -209,18 +210,28 @@ def train_world_encoder(output_dir: str | Path, config: EncoderConfig | None = N
     return out
 
 
+@dataclass
+class EncoderArguments:
+    """``python -m nearid_world.encoder``'s options besides the :class:`EncoderConfig` fields."""
+
+    output_dir: str = field(metadata={"help": "where backbone/ and head/ are written"})
+    work_dir: str | None = field(
+        default=None, metadata={"help": "dataset and trainer run (None: OUTPUT_DIR/../encoder_work)"}
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[EncoderArguments, EncoderConfig]:
+    """The command's own options and the :class:`EncoderConfig` that ``argv`` gives the command."""
+    args, config = parse_arguments([EncoderArguments, EncoderConfig], argv, prog="python -m nearid_world.encoder",
+                                   description=__doc__.split("\n\n")[0])
+    return args, config
+
+
 @entry_point("python -m nearid_world.encoder")
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nearid_world.encoder", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--work_dir", default=None,
-                        help="dataset and trainer run (default OUTPUT_DIR/../encoder_work)")
-    add_config_arguments(parser, EncoderConfig)
-    add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args, config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    out = train_world_encoder(args.output_dir, config_from_args(EncoderConfig, args), work_dir=args.work_dir,
-                              progress=True)
+    out = train_world_encoder(args.output_dir, config, work_dir=args.work_dir, progress=True)
     print(json.dumps(json.loads((out / "encoder_config.json").read_text()), indent=2))
     return 0
 

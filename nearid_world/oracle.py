@@ -17,14 +17,13 @@ Command that made the shipped oracle (``nearid_world/weights/oracle``)::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nearid_reward.cli.entry_points import add_debug_flag, entry_point
+from nearid_reward.cli.arguments import parse_arguments
+from nearid_reward.cli.entry_points import entry_point
 from nearid_reward.files import save_safetensors_atomic, write_json_atomic
 
 from . import scenes
-from .cli import add_config_arguments, config_from_args
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OracleConfig", "AttributeOracle", "train_oracle", "true_identity", "lookalike_hits", "main"]
+__all__ = ["OracleConfig", "AttributeOracle", "train_oracle", "true_identity", "lookalike_hits", "parse_args", "main"]
 
 WEIGHTS_NAME = "oracle.safetensors"
 CONFIG_NAME = "oracle_config.json"
@@ -58,14 +57,16 @@ class OracleConfig:
         seed: everything derives from it (held-out views use other seeds).
     """
 
-    image_size: int = 32
-    width: int = 16
-    num_images: int = 30000
-    num_val_images: int = 2000
-    steps: int = 2500
-    batch_size: int = 64
-    learning_rate: float = 2e-3
-    seed: int = 0
+    image_size: int = field(default=32, metadata={"help": "input pixels (images of another size are resized to it)"})
+    width: int = field(default=16, metadata={"help": "channels of the first convolution (doubled twice)"})
+    num_images: int = field(
+        default=30000, metadata={"help": "rendered training views (random identities and contexts)"}
+    )
+    num_val_images: int = field(default=2000, metadata={"help": "rendered held-out views"})
+    steps: int = field(default=2500, metadata={"help": "AdamW steps (cosine schedule)"})
+    batch_size: int = field(default=64, metadata={"help": "training batch size"})
+    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    seed: int = field(default=0, metadata={"help": "everything derives from it (held-out views use other seeds)"})
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -236,15 +237,25 @@ def train_oracle(output_dir: str | Path, config: OracleConfig | None = None, *, 
     return out
 
 
+@dataclass
+class OutputArguments:
+    """``python -m nearid_world.oracle``'s option besides the :class:`OracleConfig` fields."""
+
+    output_dir: str = field(metadata={"help": "where oracle.safetensors and oracle_config.json are written"})
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[OutputArguments, OracleConfig]:
+    """The command's own options and the :class:`OracleConfig` that ``argv`` gives the command."""
+    args, config = parse_arguments([OutputArguments, OracleConfig], argv, prog="python -m nearid_world.oracle",
+                                   description=__doc__.split("\n\n")[0])
+    return args, config
+
+
 @entry_point("python -m nearid_world.oracle")
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nearid_world.oracle", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", required=True)
-    add_config_arguments(parser, OracleConfig)
-    add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    args, config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    out = train_oracle(args.output_dir, config_from_args(OracleConfig, args), progress=True)
+    out = train_oracle(args.output_dir, config, progress=True)
     print(json.dumps(json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))["held_out_accuracy"], indent=2))
     return 0
 

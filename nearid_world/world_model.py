@@ -22,7 +22,6 @@ Command that made the shipped model (``nearid_world/weights/world_model``)::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -30,7 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +37,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nearid_reward.cli.entry_points import add_debug_flag, entry_point
+from nearid_reward.cli.arguments import parse_arguments
+from nearid_reward.cli.entry_points import entry_point
 from nearid_reward.files import write_json_atomic
 
 from . import scenes
-from .cli import add_config_arguments, config_from_args
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "WorldModelConfig", "build_world_pipeline", "render_training_set", "caption", "pretrain_world_model", "main",
+    "WorldModelConfig", "MakeWorldArguments", "build_world_pipeline", "render_training_set", "caption",
+    "pretrain_world_model", "parse_args", "main",
 ]
 
 CONFIG_NAME = "world_model_config.json"
@@ -71,27 +71,43 @@ class WorldModelConfig:
         seed: everything derives from it.
     """
 
-    image_size: int = 32
-    num_images: int = 24000
-    held_out: int = 48
-    vae_steps: int = 500
-    vae_batch_size: int = 32
-    vae_learning_rate: float = 2e-3
-    unet_steps: int = 2500
-    stop_after: int = 0
-    batch_size: int = 48
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
-    ema_decay: float = 0.995
-    keep_attribute: float = 0.75
-    keep_context: float = 0.85
-    empty_caption: float = 0.1
-    unet_channels: tuple[int, int] = (48, 96)
-    text_width: int = 64
-    seed: int = 0
+    image_size: int = field(default=32, metadata={"help": "pixels (the latents are half of it)"})
+    num_images: int = field(
+        default=24000, metadata={"help": "rendered training views (random non-held-out identity, random context)"}
+    )
+    held_out: int = field(
+        default=48, metadata={"help": "held-out identities never rendered (the benchmark's subjects)"}
+    )
+    vae_steps: int = field(default=500, metadata={"help": "autoencoder steps"})
+    vae_batch_size: int = field(default=32, metadata={"help": "autoencoder batch size"})
+    vae_learning_rate: float = field(default=2e-3, metadata={"help": "autoencoder learning rate"})
+    unet_steps: int = field(default=2500, metadata={"help": "denoiser steps (AdamW, cosine decay to 10 %%)"})
+    stop_after: int = field(
+        default=0, metadata={"help": "end the denoiser stage after this many steps of its schedule (0: run it all)"}
+    )
+    batch_size: int = field(default=48, metadata={"help": "denoiser batch size"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "denoiser learning rate"})
+    warmup_steps: int = field(default=100, metadata={"help": "denoiser warm-up steps"})
+    ema_decay: float = field(
+        default=0.995, metadata={"help": "EMA of the UNet and text encoder weights (what is saved)"}
+    )
+    keep_attribute: float = field(
+        default=0.75, metadata={"help": "probability that a caption keeps an identity attribute"}
+    )
+    keep_context: float = field(default=0.85, metadata={"help": "probability that a caption keeps the context"})
+    empty_caption: float = field(
+        default=0.1, metadata={"help": "probability of an empty caption (classifier-free guidance)"}
+    )
+    unet_channels: list[int] = field(
+        default_factory=lambda: [48, 96], metadata={"help": "the UNet's two block widths"}
+    )
+    text_width: int = field(default=64, metadata={"help": "width of the CLIP text encoder"})
+    seed: int = field(default=0, metadata={"help": "everything derives from it"})
 
     def __post_init__(self) -> None:
-        self.unet_channels = tuple(int(c) for c in self.unet_channels)  # type: ignore[assignment]
+        self.unet_channels = [int(c) for c in self.unet_channels]
+        if len(self.unet_channels) != 2:
+            raise ValueError(f"WorldModelConfig.unet_channels must be two block widths, got {self.unet_channels}")
         if self.image_size % 8:
             raise ValueError(f"WorldModelConfig.image_size must be a multiple of 8, got {self.image_size}")
         for name in ("num_images", "vae_steps", "unet_steps", "batch_size", "vae_batch_size"):
@@ -354,25 +370,35 @@ def pretrain_world_model(output_dir: str | Path, config: WorldModelConfig | None
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nearid-make-world", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", required=True, help="where the StableDiffusionPipeline folder is written")
-    add_config_arguments(parser, WorldModelConfig)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--snapshot_every", type=int, default=0,
-                        help="save the EMA weights so far to OUTPUT_DIR/snapshot every N denoiser steps")
-    add_debug_flag(parser)
-    return parser
+@dataclass
+class MakeWorldArguments:
+    """The options of ``nearid-make-world`` besides the :class:`WorldModelConfig` fields."""
+
+    output_dir: str = field(metadata={"help": "where the StableDiffusionPipeline folder is written"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (None: torch's choice)"})
+    snapshot_every: int = field(
+        default=0, metadata={"help": "save the EMA weights so far to OUTPUT_DIR/snapshot every N denoiser steps"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.snapshot_every < 0:
+            raise ValueError(f"--snapshot_every must be >= 0, got {self.snapshot_every}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[MakeWorldArguments, WorldModelConfig]:
+    """The command's own options and the :class:`WorldModelConfig` that ``argv`` gives ``nearid-make-world``."""
+    args, config = parse_arguments([MakeWorldArguments, WorldModelConfig], argv, prog="nearid-make-world",
+                                   description=__doc__.split("\n\n")[0])
+    return args, config
 
 
 @entry_point("nearid-make-world")
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = pretrain_world_model(args.output_dir, config_from_args(WorldModelConfig, args), progress=True,
-                               snapshot_every=args.snapshot_every)
+    out = pretrain_world_model(args.output_dir, config, progress=True, snapshot_every=args.snapshot_every)
     print(json.dumps(json.loads((out / CONFIG_NAME).read_text()), indent=2))
     return 0
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from integrations import dreambooth
+from nearid_reward import NearIDModel
 from nearid_reward.cli import score, select
 from nearid_reward.files import CheckpointError
 from nearid_reward.testing import write_random_images
@@ -85,10 +86,30 @@ def test_real_bugs_keep_their_traceback(images: Path, monkeypatch: pytest.Monkey
         score.main(["--model", "m", "--references", str(images), "--images", str(images)])
 
 
+@pytest.mark.parametrize("main,extra,prog", [
+    (score.main, ["--references", "r", "--images", "i", "--model", "m"], "nearid-score"),
+    (select.main, ["--output_dir", "o", "--pipeline", "p", "--model", "m", "--references", "r"], "nearid-select"),
+])
+def test_bad_device_is_refused_by_the_options_before_anything_runs(
+    main: Callable[..., int], extra: list[str], prog: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded although the options were bad")
+
+    monkeypatch.setattr(NearIDModel, "from_pretrained", never)
+    with pytest.raises(SystemExit) as raised:
+        main([*extra, "--device", "gpu0"])
+    assert raised.value.code.startswith(
+        f"{prog}: --device: expected a torch device such as cpu, cuda, cuda:1 or mps; got 'gpu0'"
+    )
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as raised:
+            main([*extra, "--device", "cuda:1"])
+        assert raised.value.code.startswith(f"{prog}: --device: 'cuda:1': no CUDA device is available here")
+
+
 @pytest.mark.parametrize("main,extra", [
-    (score.main, ["--references", "r", "--images", "i", "--model", "m"]),
     (eval_cli.main, ["--model", "m", "--output_dir", "o"]),
-    (select.main, ["--output_dir", "o", "--pipeline", "p", "--model", "m", "--references", "r"]),
 ])
 def test_bad_device_is_refused_before_anything_runs(
     main: Callable[..., int], extra: list[str], capsys: pytest.CaptureFixture[str]

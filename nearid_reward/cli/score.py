@@ -2,20 +2,60 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..images import IMAGE_SUFFIXES, list_image_files
 from ..model import NearIDModel
-from ..similarity import cosine_matrix, leave_one_out_oracle, reference_scores
-from .entry_points import add_debug_flag, entry_point, torch_device
+from ..similarity import Aggregate, cosine_matrix, leave_one_out_oracle, reference_scores
+from .arguments import parse_arguments, parse_device, parse_dtype
+from .entry_points import entry_point
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PROG = "nearid-score"
+
+
+@dataclass
+class ScoreArguments:
+    """The options of ``nearid-score`` (one flag per field)."""
+
+    model: str = field(metadata={"help": "NearID checkpoint folder (release, head-only or SigLIP) or hub id"})
+    references: list[str] = field(metadata={"help": "reference image files or folders"})
+    images: list[str] = field(metadata={"help": "image files or folders to score"})
+    aggregate: Aggregate = field(
+        default="mean", metadata={"help": "how an image's similarities to the references are combined"}
+    )
+    batch_size: int = field(default=32, metadata={"help": "images per forward pass"})
+    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu, cuda or cuda:1"})
+    dtype: str = field(default="float32", metadata={"help": "backbone dtype (float32, float16/fp16, bfloat16/bf16)"})
+    json: bool = field(default=False, metadata={"help": "print JSON instead of a table"})
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
+        parse_device(self.device, name="--device")
+        parse_dtype(self.dtype, name="--dtype")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return parse_device(self.device, name="--device")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype, name="--dtype")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ScoreArguments:
+    """The options that ``argv`` (``sys.argv[1:]`` when None) gives ``nearid-score``."""
+    (args,) = parse_arguments(
+        ScoreArguments, argv, prog=PROG,
+        description="Score images against a subject's reference photos with a NearID model.",
+    )  # fmt: skip
+    return args
 
 
 def _expand(paths: Sequence[str], what: str) -> list[Path]:
@@ -27,36 +67,10 @@ def _expand(paths: Sequence[str], what: str) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise SystemExit(f"nearid-score: {what} path not found: {path}")
+            raise SystemExit(f"{PROG}: {what} path not found: {path}")
     if not files:
-        raise SystemExit(f"nearid-score: no {what} given (image files or folders of {', '.join(IMAGE_SUFFIXES)})")
+        raise SystemExit(f"{PROG}: no {what} given (image files or folders of {', '.join(IMAGE_SUFFIXES)})")
     return files
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nearid-score", description="Score images against a subject's reference photos with a NearID model."
-    )
-    parser.add_argument(
-        "--model", required=True, help="NearID checkpoint folder (release, head-only or SigLIP) or hub id"
-    )
-    parser.add_argument("--references", nargs="+", required=True, help="reference image files or folders")
-    parser.add_argument("--images", nargs="+", required=True, help="image files or folders to score")
-    parser.add_argument(
-        "--aggregate",
-        choices=["mean", "max", "centroid"],
-        default="mean",
-        help="how an image's similarities to the references are combined (default: mean)",
-    )
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    parser.add_argument("--device", type=torch_device, default="cpu",
-                        help="torch device, e.g. cpu, cuda or cuda:1 (default: cpu)")
-    parser.add_argument(
-        "--dtype", choices=sorted(_DTYPES), default="float32", help="backbone dtype (default: float32)"
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    add_debug_flag(parser)
-    return parser
 
 
 def _embed_files(model: NearIDModel, files: list[Path], batch_size: int) -> torch.Tensor:
@@ -65,15 +79,13 @@ def _embed_files(model: NearIDModel, files: list[Path], batch_size: int) -> torc
     return torch.cat(parts)
 
 
-@entry_point("nearid-score")
+@entry_point(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise SystemExit(f"nearid-score: --batch-size must be >= 1, got {args.batch_size}")
+    args = parse_args(argv)
     references = _expand(args.references, "reference")
     images = _expand(args.images, "image")
-    model = NearIDModel.from_pretrained(args.model, torch_dtype=_DTYPES[args.dtype], head_dtype=torch.float32)
-    model.to(args.device)
+    model = NearIDModel.from_pretrained(args.model, torch_dtype=args.torch_dtype, head_dtype=torch.float32)
+    model.to(args.torch_device)
     ref_emb = _embed_files(model, references, args.batch_size)  # [R, E]
     img_emb = _embed_files(model, images, args.batch_size)  # [B, E]
     scores = reference_scores(img_emb, ref_emb, args.aggregate)  # [B]
