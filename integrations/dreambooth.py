@@ -182,6 +182,14 @@ def parse_command_line(argv: Sequence[str]) -> tuple[DreamBoothOptions, list[str
     ours, theirs = split_argv(argv)
     options, rest = parse_arguments(DreamBoothOptions, ours, prog=PROG, description=DESCRIPTION,
                                     allow_remaining=True)
+    unknown = [w.split("=", 1)[0] for w in rest if w.startswith(("--nearid_", "--nearid-"))]
+    if unknown:  # a misspelt launcher flag must not reach the script, which would not know it either
+        import difflib
+
+        known = [f"--{f}" for f in DreamBoothOptions.__dataclass_fields__]
+        hints = [f"{w} (did you mean {' or '.join(difflib.get_close_matches(w, known, n=2))}?)"
+                 if difflib.get_close_matches(w, known, n=1) else w for w in unknown]
+        raise ValueError(f"unknown NearID option(s): {', '.join(hints)}; see {PROG} --help")
     return options, [*rest, *theirs]
 
 
