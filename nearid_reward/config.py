@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from ._version import __version__
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,8 @@ __all__ = [
     "HEAD_WEIGHTS_NAME",
     "RESAMPLE_NAMES",
     "with_overrides",
+    "DTYPE_NAMES",
+    "parse_dtype",
 ]
 
 HEAD_CONFIG_NAME = "nearid_config.json"
@@ -295,3 +299,27 @@ def _triple(value: Any, name: str) -> tuple[float, float, float]:
     if len(values) != 3:
         raise ValueError(f"PreprocessConfig.{name} must have 3 values (one per RGB channel), got {values}")
     return (values[0], values[1], values[2])
+
+
+# ---------------------------------------------------------------------------------------------- dtypes
+#: Accepted dtype spellings: torch's names and the accelerate/diffusers short forms (``no`` is accelerate's "no
+#: mixed precision", i.e. float32).
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "no": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(value: str | torch.dtype, *, name: str = "dtype") -> torch.dtype:
+    """The torch dtype that ``value`` names (a key of :data:`DTYPE_NAMES`, or a floating ``torch.dtype``).
+
+    Raises:
+        ValueError: naming ``name``, the accepted spellings and what came.
+    """
+    if isinstance(value, torch.dtype):
+        if value in DTYPE_NAMES.values():
+            return value
+    elif isinstance(value, str) and value.strip().lower().removeprefix("torch.") in DTYPE_NAMES:
+        return DTYPE_NAMES[value.strip().lower().removeprefix("torch.")]
+    raise ValueError(f"{name}: expected one of {', '.join(DTYPE_NAMES)} (or a float torch.dtype); got {value!r}")

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cli.arguments import parse_dtype
-from .config import with_overrides
+from .config import parse_dtype, with_overrides
 from .images import ImageInput, check_value_range
 from .model import NearIDModel, as_nearid_model, check_chunk_size
 from .references import ReferenceSet, embed_images
@@ -94,7 +93,7 @@ class RewardConfig:
         gradient_checkpointing: recompute encoder layers in the backward pass (less activation memory).
         backbone_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the frozen backbone (the head and the
             similarities stay float32); None keeps the model's dtype. A ``torch.dtype`` or another spelling that
-            :func:`~nearid_reward.cli.arguments.parse_dtype` reads (``"bf16"``) is stored by torch's name.
+            :func:`~nearid_reward.config.parse_dtype` reads (``"bf16"``) is stored by torch's name.
         check_inputs: check image tensors for NaN/Inf and value-range mistakes on every call (costs one device
             sync per call; shapes are always checked).
         reference_chunk_size: images per encoder call when embedding references and negatives.

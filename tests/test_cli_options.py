@@ -289,6 +289,7 @@ def test_example_help_shows_underscore_flags_only(capsys: pytest.CaptureFixture[
 
 
 def test_a_misspelt_launcher_flag_is_refused_with_a_hint() -> None:
-    with pytest.raises(ValueError, match=r"unknown NearID option\(s\): --nearid_modle \(did you mean .*--nearid_model\b"):
+    hint = r"unknown NearID option\(s\): --nearid_modle \(did you mean .*--nearid_model\b"
+    with pytest.raises(ValueError, match=hint):
         dreambooth.parse_command_line(["--script", "s.py", "--nearid_model", "m", "--nearid_reference_dir", "r",
                                        "--nearid_modle", "x", "--", "--seed", "0"])

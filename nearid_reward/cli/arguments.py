@@ -28,32 +28,10 @@ from typing import Any
 
 import torch
 
+from ..config import DTYPE_NAMES, parse_dtype
 from .entry_points import DEBUG_FLAG, add_debug_flag
 
 __all__ = ["DTYPE_NAMES", "build_parser", "parse_arguments", "parse_device", "parse_dtype"]
-
-#: Accepted dtype spellings: torch's names and the accelerate/diffusers short forms (``no`` is accelerate's "no
-#: mixed precision", i.e. float32).
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "no": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
-
-
-def parse_dtype(value: str | torch.dtype, *, name: str = "dtype") -> torch.dtype:
-    """The torch dtype that ``value`` names (a key of :data:`DTYPE_NAMES`, or a floating ``torch.dtype``).
-
-    Raises:
-        ValueError: naming ``name``, the accepted spellings and what came.
-    """
-    if isinstance(value, torch.dtype):
-        if value in DTYPE_NAMES.values():
-            return value
-    elif isinstance(value, str) and value.strip().lower().removeprefix("torch.") in DTYPE_NAMES:
-        return DTYPE_NAMES[value.strip().lower().removeprefix("torch.")]
-    raise ValueError(f"{name}: expected one of {', '.join(DTYPE_NAMES)} (or a float torch.dtype); got {value!r}")
-
 
 def parse_device(value: str | torch.device, *, name: str = "device") -> torch.device:
     """The torch device that ``value`` names, checked to exist on this machine.
