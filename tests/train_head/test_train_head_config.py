@@ -1,4 +1,4 @@
-"""The trainer's configuration (one dataclass declares the CLI) and its checkpoint folders."""
+"""The commands' configurations (one dataclass declares each CLI) and the trainer's checkpoint folders."""
 
 from __future__ import annotations
 
@@ -83,3 +83,39 @@ def test_checkpoint_folders_are_found_by_step_and_pruned_oldest_first(tmp_path):
     assert [p.name for p in removed] == ["checkpoint-9", "checkpoint-10"]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
         "checkpoint-100", "checkpoint-200", "checkpoint-last"]
+
+
+def test_eval_options_take_every_dtype_spelling_and_name_bad_flags(capsys):
+    from nearid_reward.cli.arguments import parse_arguments
+    from train_head.eval import EvalOptions, build_parser
+
+    options, = parse_arguments(EvalOptions, ["--model", "m", "--output_dir", "o", "--data", "d", "--distractors",
+                                             "a", "b", "--dtype", "bf16", "--pooling", "mean"], prog="nearid-eval")
+    assert options.distractors == ["a", "b"] and options.dtype == "bf16" and options.device == "cpu"
+    assert all(f.metadata.get("help") for f in dataclasses.fields(EvalOptions))
+    assert "--mtg_indices" in build_parser().format_help()
+    with pytest.raises(ValueError, match="--dtype: expected one of"):
+        EvalOptions(model="m", output_dir="o", data="d", dtype="int8")
+    with pytest.raises(ValueError, match="pass --data"):
+        EvalOptions(model="m", output_dir="o")
+    with pytest.raises(ValueError, match="--batch_size must be >= 1"):
+        EvalOptions(model="m", output_dir="o", data="d", batch_size=0)
+    with pytest.raises(SystemExit) as raised:
+        parse_arguments(EvalOptions, ["--model", "m", "--output_dir", "o", "--pooling", "max"], prog="nearid-eval")
+    assert raised.value.code == 2 and "--pooling" in capsys.readouterr().err
+
+
+def test_make_synthetic_flags_are_the_config_fields(tmp_path):
+    from nearid_reward.cli.arguments import parse_arguments
+    from train_head.synthetic import MakeSyntheticOptions, SyntheticConfig
+
+    options, config = parse_arguments([MakeSyntheticOptions, SyntheticConfig], [
+        "--output_dir", str(tmp_path), "--levels", "part", "colour", "--view_prefix", "images", "--views", "2"],
+        prog="nearid-make-synthetic")
+    assert options.output_dir == str(tmp_path)
+    assert config == SyntheticConfig(levels=("part", "colour"), view_prefix="images", views=2)
+    assert config.levels == ["part", "colour"]
+    assert all(f.metadata.get("help") for f in dataclasses.fields(SyntheticConfig))
+    with pytest.raises(SystemExit):
+        parse_arguments([MakeSyntheticOptions, SyntheticConfig], ["--output_dir", "x", "--levels", "texture"],
+                        prog="nearid-make-synthetic")
