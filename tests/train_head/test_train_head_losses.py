@@ -229,6 +229,10 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         terms.loss.backward()
         torch.save({"loss": terms.loss.detach(), "grads": (la.grad, lp.grad, ln.grad), "pool": terms.pool_size},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # Gloo's scatter returns on the sending rank before the peer has received: without this barrier a rank
+        # that tears the group down first can close a connection its peer still reads, which aborts the peer
+        # ("terminate called without an active exception", SIGABRT) about once in ten runs.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
