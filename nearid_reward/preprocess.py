@@ -59,6 +59,41 @@ class PixelInputs:
             None if self.spatial_shapes is None else self.spatial_shapes[start:stop],
         )
 
+    @classmethod
+    def concat(cls, items: Sequence[PixelInputs]) -> PixelInputs:
+        """Stack several inputs along the batch dimension, in order.
+
+        Fixed-resolution inputs ``[B_i, 3, H, W]`` are concatenated to ``[sum B_i, 3, H, W]``. NaFlex inputs
+        ``[B_i, N_i, P*P*3]`` are right-padded with zero patches to the longest ``N = max N_i`` and their masks
+        ``[B_i, N_i]`` with zeros (padding is masked out), giving ``[sum B_i, N, P*P*3]``, ``[sum B_i, N]`` and
+        spatial shapes ``[sum B_i, 2]``.
+
+        Raises:
+            ValueError: ``items`` is empty, or mixes NaFlex and fixed-resolution inputs.
+
+        Example:
+            >>> a = PixelInputs(torch.zeros(2, 3, 8, 8)); b = PixelInputs(torch.ones(1, 3, 8, 8))
+            >>> PixelInputs.concat([a, b]).pixel_values.shape
+            torch.Size([3, 3, 8, 8])
+        """
+        items = list(items)
+        if not items:
+            raise ValueError("PixelInputs.concat: expected at least one PixelInputs, got none")
+        naflex = [p.pixel_attention_mask is not None for p in items]
+        if any(naflex) != all(naflex):
+            raise ValueError("PixelInputs.concat: cannot mix NaFlex inputs (with pixel_attention_mask) and "
+                             f"fixed-resolution inputs; got masks on items {[i for i, m in enumerate(naflex) if m]}")
+        if not naflex[0]:
+            return cls(torch.cat([p.pixel_values for p in items]))
+        longest = max(p.pixel_values.shape[1] for p in items)
+        values, masks = [], []
+        for p in items:
+            pad = longest - p.pixel_values.shape[1]
+            values.append(F.pad(p.pixel_values, (0, 0, 0, pad)))  # [B_i, N, P*P*3]
+            masks.append(F.pad(p.pixel_attention_mask, (0, pad)))  # type: ignore[arg-type]  # [B_i, N]
+        shapes = torch.cat([p.spatial_shapes for p in items])  # type: ignore[misc]  # [B, 2]
+        return cls(torch.cat(values), torch.cat(masks), shapes)
+
 
 def naflex_target_size(height: int, width: int, patch_size: int, max_num_patches: int) -> tuple[int, int]:
     """The size a NaFlex processor resizes an image to: the largest scale whose patch grid fits the budget.

@@ -25,8 +25,10 @@ from typing import Literal
 from .files import CheckpointError, replace_directory
 
 __all__ = [
+    "CHECKPOINT_PATTERN",
     "LORA_WEIGHT_NAME",
     "RunCheckpoint",
+    "checkpoint_step",
     "inspect_checkpoint",
     "find_checkpoints",
     "content_hash",
@@ -65,11 +67,22 @@ class RunCheckpoint:
         return self.path if self.kind == "lora" else self.path / self.kind
 
 
+def checkpoint_step(path: str | os.PathLike[str]) -> int | None:
+    """``N`` when the last component of ``path`` is named ``checkpoint-N``, else None (the name alone is read).
+
+    Example:
+        >>> checkpoint_step("run/checkpoint-500"), checkpoint_step("run/checkpoint-last")
+        (500, None)
+    """
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    return None if match is None else int(match.group(1))
+
+
 def _step_of(path: Path) -> int:
-    match = CHECKPOINT_PATTERN.match(path.name)
-    if match is None:
+    step = checkpoint_step(path)
+    if step is None:
         raise CheckpointError(f"{path} is not a checkpoint folder: expected a name like checkpoint-500")
-    return int(match.group(1))
+    return step
 
 
 def _full_files(folder: Path) -> tuple[Path, ...]:

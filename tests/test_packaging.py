@@ -95,3 +95,75 @@ def test_pipeline_builders_name_the_extra_when_diffusers_is_missing() -> None:
             "try:\n    import nearid_reward.testing.pipelines\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert "nearid-reward[diffusers]" in out and "nearid_reward.testing.pipelines" in out
+
+
+def _project_imports(packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere in its source (top level, TYPE_CHECKING or functions)."""
+    import ast
+
+    modules: dict[str, tuple[Path, bool]] = {}
+    for package in packages:
+        for file in (ROOT / package).rglob("*.py"):
+            parts = list(file.relative_to(ROOT).with_suffix("").parts)
+            is_package = parts[-1] == "__init__"
+            modules[".".join(parts[:-1] if is_package else parts)] = (file, is_package)
+    graph: dict[str, set[str]] = {}
+    for name, (file, is_package) in modules.items():
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    here = name.split(".") if is_package else name.split(".")[:-1]
+                    base = ".".join(here[: len(here) - node.level + 1] + ([node.module] if node.module else []))
+                for alias in node.names:
+                    targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+        graph[name] = set()
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                graph[name].add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in graph[node]:
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_of_the_library_or_the_trainer_imports_in_a_cycle() -> None:
+    graph = _project_imports(("nearid_reward", "train_head"))
+    assert "train_head.cache" in graph and "nearid_reward.preprocess" in graph["train_head.cache"]
+    assert _cycles(graph) == []
+    # the check itself finds a cycle where there is one
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

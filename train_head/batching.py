@@ -94,19 +94,6 @@ def _shift_hue(image: Image.Image, delta: float) -> Image.Image:
     return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
 
 
-def _merge_pixel_inputs(parts: list[PixelInputs]) -> PixelInputs:
-    if parts[0].pixel_attention_mask is None:
-        return PixelInputs(torch.cat([p.pixel_values for p in parts]))
-    longest = max(p.pixel_values.shape[1] for p in parts)
-    values, masks = [], []
-    for p in parts:
-        pad = longest - p.pixel_values.shape[1]
-        values.append(F.pad(p.pixel_values, (0, 0, 0, pad)))
-        masks.append(F.pad(p.pixel_attention_mask, (0, pad)))  # type: ignore[arg-type]
-    shapes = torch.cat([p.spatial_shapes for p in parts])  # type: ignore[misc]
-    return PixelInputs(torch.cat(values), torch.cat(masks), shapes)
-
-
 class PixelBatcher:
     """Read, decode, (augment) and preprocess referenced images exactly like the model's image processor.
 
@@ -155,7 +142,7 @@ class PixelBatcher:
             index.append(pos)
         out: dict[str, Any] = {"slot_index": torch.tensor(index, dtype=torch.long), "failed": failed}
         if images:
-            inputs = _merge_pixel_inputs([preprocess_pil([img], self.preprocess) for img in images])
+            inputs = PixelInputs.concat([preprocess_pil([img], self.preprocess) for img in images])
             out["pixel_values"] = inputs.pixel_values
             out["pixel_attention_mask"] = inputs.pixel_attention_mask
             out["spatial_shapes"] = inputs.spatial_shapes

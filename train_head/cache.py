@@ -30,9 +30,8 @@ import numpy as np
 import torch
 
 from nearid_reward.files import atomic_write, remove_stale_temporaries, write_json_atomic
-from nearid_reward.preprocess import preprocess_pil
+from nearid_reward.preprocess import PixelInputs, preprocess_pil
 
-from .batching import _merge_pixel_inputs, batch_tokens
 from .data import BadDataReport, ImageRef, TableRegistry, decode_image, describe_ref
 
 if TYPE_CHECKING:
@@ -251,7 +250,7 @@ class _ScanCollate:
         out: dict[str, Any] = {"refs": [self.refs[i] for i in positions], "keys": keys, "failed": failed,
                                "todo": todo_keys}
         if parts:
-            inputs = _merge_pixel_inputs(parts)
+            inputs = PixelInputs.concat(parts)
             out.update(pixel_values=inputs.pixel_values, pixel_attention_mask=inputs.pixel_attention_mask,
                        spatial_shapes=inputs.spatial_shapes)
         return out
@@ -314,7 +313,9 @@ def build_feature_cache(
                 keys[ref] = key
         if not batch["todo"]:
             continue
-        tokens, mask = batch_tokens(batch, model, device)  # [n, N, D]
+        inputs = PixelInputs(batch["pixel_values"], batch["pixel_attention_mask"], batch["spatial_shapes"]).to(device)
+        with torch.no_grad():
+            tokens, mask = model.encode_tokens(inputs)  # [n, N, D], [n, N] or None
         lengths = None if mask is None else mask.sum(1).tolist()
         keep = [i for i, k in enumerate(batch["todo"]) if k not in store and k not in added]
         added.update(batch["todo"][i] for i in keep)

@@ -6,22 +6,23 @@ the pooled (micro-averaged) row, and the MTG row when ``--mtg_data`` is given. R
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from nearid_reward import NearIDModel
-from nearid_reward.cli.entry_points import add_debug_flag, entry_point, torch_device
+from nearid_reward.cli.arguments import build_parser as build_dataclass_parser
+from nearid_reward.cli.arguments import parse_arguments, parse_device, parse_dtype
+from nearid_reward.cli.entry_points import entry_point, torch_device
 from nearid_reward.files import remove_stale_temporaries, write_json_atomic, write_text_atomic
 
 from .batching import PixelBatcher, embed_references, gather_eval_arrays, mean_pool
@@ -31,9 +32,11 @@ from .metrics import mtg_metrics, nearid_metrics, pool_metrics
 logger = logging.getLogger(__name__)
 
 __all__ = ["ValidationSet", "evaluate_embeddings", "evaluate_model", "evaluate_mtg", "head_pool", "write_reports",
-           "build_parser", "main"]
+           "EvalOptions", "build_parser", "main"]
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PROG = "nearid-eval"
+DESCRIPTION = ("Score a NearID checkpoint (or a frozen SigLIP baseline) with SSR / PA per distractor setting, pooled "
+               "over settings, and optionally on MTG part-edit pairs.")
 TABLE_KEYS = ("ssr", "pa", "pa_pairwise", "ssr_mean", "n_samples", "pa_trials")
 MTG_KEYS = ("m_o", "m_opair", "ssr", "pa", "n_samples", "pa_trials")
 
@@ -171,45 +174,70 @@ def write_reports(output_dir: str | Path, results: dict[str, Any]) -> dict[str, 
     return {"json": out / "metrics.json", "csv": out / "metrics.csv", "md": out / "metrics.md"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nearid-eval",
-        description="Score a NearID checkpoint (or a frozen SigLIP baseline) with SSR / PA per distractor setting, "
-                    "pooled over settings, and optionally on MTG part-edit pairs.",
-    )
-    p.add_argument("--model", required=True, help="head-only / release checkpoint, or a SigLIP folder (baseline)")
-    p.add_argument("--data", help="positives table (NearID schema), a folder-format root, or a .jsonl manifest")
-    p.add_argument("--distractors", nargs="*", default=[], help="distractor tables, one per setting")
-    p.add_argument("--data_format", default="auto", choices=["auto", "nearid", "folder", "manifest"])
-    p.add_argument("--view_prefix", default=None, choices=["images", "img"])
-    p.add_argument("--indices", default=None, help="index file of the rows to evaluate (e.g. splits/test.json)")
-    p.add_argument("--mtg_data", default=None, help="MTG pairs (image_1_original, ..., masks)")
-    p.add_argument("--mtg_split", default="test")
-    p.add_argument("--mtg_indices", default=None)
-    p.add_argument("--pooling", default="head", choices=["head", "mean"],
-                   help="head: the checkpoint's pooling head; mean: mean of the backbone tokens (a baseline)")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--device", type=torch_device, default="cpu", help="torch device, e.g. cpu or cuda:1")
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="backbone dtype (head stays fp32)")
-    p.add_argument("--data_cache_dir", default=None)
-    p.add_argument("--strict", action="store_true", help="raise on bad data instead of skipping it")
-    add_debug_flag(p)
-    return p
+class DeviceName(str):
+    """A ``--device`` value: a torch device string checked, when parsed, to exist on this machine.
+
+    As the flag's argparse type it makes a bad value argparse's own usage error (``argument --device: ...``).
+    """
+
+    def __new__(cls, value: str) -> DeviceName:
+        torch_device(str(value))  # argparse.ArgumentTypeError saying what is wrong
+        return super().__new__(cls, value)
 
 
-@entry_point("nearid-eval")
+@dataclass
+class EvalOptions:
+    """The ``nearid-eval`` flags (each field is ``--<name>``; its help is in the metadata)."""
+
+    model: str = field(metadata={"help": "head-only / release checkpoint, or a SigLIP folder (baseline)"})
+    output_dir: str = field(metadata={"help": "where metrics.json, metrics.csv and metrics.md are written"})
+    data: str | None = field(default=None, metadata={
+        "help": "positives table (NearID schema), a folder-format root, or a .jsonl manifest"})
+    distractors: list[str] = field(default_factory=list, metadata={
+        "help": "distractor tables, one per setting"})
+    data_format: Literal["auto", "nearid", "folder", "manifest"] = field(default="auto", metadata={
+        "help": "format of --data (auto: detected from the path)"})
+    view_prefix: Literal["images", "img"] | None = field(default=None, metadata={
+        "help": "view column prefix of the positives table (default: auto-detect)"})
+    indices: str | None = field(default=None, metadata={
+        "help": "index file of the rows to evaluate (e.g. splits/test.json)"})
+    mtg_data: str | None = field(default=None, metadata={"help": "MTG pairs (image_1_original, ..., masks)"})
+    mtg_split: str = field(default="test", metadata={"help": "preferred split files of --mtg_data"})
+    mtg_indices: str | None = field(default=None, metadata={"help": "index file of the MTG rows to evaluate"})
+    pooling: Literal["head", "mean"] = field(default="head", metadata={
+        "help": "head: the checkpoint's pooling head; mean: mean of the backbone tokens (a baseline)"})
+    batch_size: int = field(default=64, metadata={"help": "images per batch"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    device: DeviceName = field(default=DeviceName("cpu"), metadata={"help": "torch device, e.g. cpu or cuda:1"})
+    dtype: str = field(default="float32", metadata={
+        "help": "backbone dtype: float32, bfloat16, float16 (or fp32, bf16, fp16); the head stays float32"})
+    data_cache_dir: str | None = field(default=None, metadata={"help": "`datasets` cache folder"})
+    strict: bool = field(default=False, metadata={"help": "raise on bad data instead of skipping it"})
+
+    def __post_init__(self) -> None:
+        if not self.data and not self.mtg_data:
+            raise ValueError("pass --data (with --distractors) and/or --mtg_data")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"--num_workers must be >= 0, got {self.num_workers}")
+        parse_device(self.device, name="--device")
+        parse_dtype(self.dtype, name="--dtype")
+
+
+def build_parser() -> Any:
+    """The ``nearid-eval`` parser (an ``HfArgumentParser`` over :class:`EvalOptions`, with ``--debug``)."""
+    return build_dataclass_parser(EvalOptions, prog=PROG, description=DESCRIPTION)
+
+
+@entry_point(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    (args,) = parse_arguments(EvalOptions, argv, prog=PROG, description=DESCRIPTION)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not args.data and not args.mtg_data:
-        raise SystemExit("nearid-eval: pass --data (with --distractors) and/or --mtg_data")
-    if args.batch_size < 1:
-        raise SystemExit(f"nearid-eval: --batch_size must be >= 1, got {args.batch_size}")
     started = time.perf_counter()
-    model = NearIDModel.from_pretrained(args.model, torch_dtype=_DTYPES[args.dtype], head_dtype=torch.float32)
-    model.to(args.device)
+    model = NearIDModel.from_pretrained(args.model, torch_dtype=parse_dtype(args.dtype, name="--dtype"),
+                                        head_dtype=torch.float32)
+    model.to(parse_device(args.device, name="--device"))
     results: dict[str, Any] = {"model": str(args.model), "pooling": args.pooling, "settings": {}}
     if args.data:
         data = load_data(args.data, args.distractors, data_format=args.data_format, view_prefix=args.view_prefix,

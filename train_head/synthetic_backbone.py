@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from nearid_reward.files import write_json_atomic
 
-from .synthetic import PARTS, PATTERNS, SHAPES, SIDES, background, render, sample_context, sample_object
+from .synthetic_scenes import PARTS, PATTERNS, SHAPES, SIDES, background, render, sample_context, sample_object
 
 logger = logging.getLogger(__name__)
 

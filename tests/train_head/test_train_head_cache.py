@@ -10,6 +10,7 @@ from PIL import Image
 
 from nearid_reward import NearIDModel
 from nearid_reward.files import _host_tag
+from nearid_reward.preprocess import PixelInputs
 from train_head.batching import CachedBatcher, PixelBatcher, TrainCollate, batch_tokens, scatter_embeddings
 from train_head.cache import FeatureStore, build_feature_cache, content_key, model_fingerprint
 from train_head.data import BadDataReport, NearIDTrainDataset, decode_image, load_folder, load_nearid
@@ -162,3 +163,23 @@ def test_cached_and_uncached_give_the_same_head_loss(tmp_path, distractor_dirs, 
     assert loss_c.item() == pytest.approx(loss_p.item(), rel=2e-3)  # the cache stores fp16 tokens
     assert loss_c.item() != pytest.approx(_loss(TrainCollate(CachedBatcher(store, keys), 3)(items[::-1][:4]),
                                                 model, 3).item(), rel=1e-3)
+
+
+def test_pixel_inputs_concat_stacks_fixed_size_and_pads_naflex_patches():
+    a, b = PixelInputs(torch.rand(2, 3, 8, 8)), PixelInputs(torch.rand(1, 3, 8, 8))
+    merged = PixelInputs.concat([a, b])
+    assert merged.pixel_attention_mask is None and merged.spatial_shapes is None
+    assert torch.equal(merged.pixel_values, torch.cat([a.pixel_values, b.pixel_values]))
+    short = PixelInputs(torch.rand(1, 2, 12), torch.ones(1, 2, dtype=torch.long), torch.tensor([[1, 2]]))
+    long = PixelInputs(torch.rand(2, 4, 12), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), torch.tensor([[2, 2]] * 2))
+    merged = PixelInputs.concat([short, long])
+    assert merged.pixel_values.shape == (3, 4, 12) and merged.pixel_attention_mask.shape == (3, 4)
+    assert torch.equal(merged.pixel_values[0, :2], short.pixel_values[0])
+    assert torch.equal(merged.pixel_values[0, 2:], torch.zeros(2, 12))  # padded patches are zeros ...
+    assert merged.pixel_attention_mask[0].tolist() == [1, 1, 0, 0]  # ... and masked out
+    assert torch.equal(merged.pixel_values[1:], long.pixel_values)
+    assert merged.spatial_shapes.tolist() == [[1, 2], [2, 2], [2, 2]]
+    with pytest.raises(ValueError, match="at least one"):
+        PixelInputs.concat([])
+    with pytest.raises(ValueError, match="cannot mix NaFlex"):
+        PixelInputs.concat([a, short])

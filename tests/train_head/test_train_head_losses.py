@@ -229,8 +229,13 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         terms.loss.backward()
         torch.save({"loss": terms.loss.detach(), "grads": (la.grad, lp.grad, ln.grad), "pool": terms.pool_size},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # every rank is done with its collectives before either tears the group down
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's shutdown: after a gloo group, that shutdown sometimes aborts the process
+    # ("terminate called without an active exception", SIGABRT, after the atexit handlers ran; about once in twenty
+    # runs on busy cores), which mp.spawn reports as a failure although every result above is saved.
+    os._exit(0)
 
 
 def _full_batch():
