@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from .layouts import TRAINERS, RoundKey, SampleFile, scan_samples
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SamplesConfig", "SampleScorer", "HISTORY_NAME", "SUMMARY_NAME", "RESULT_NAME", "WINNER_DIR"]
+__all__ = ["SamplesConfig", "SampleScorer", "follow", "HISTORY_NAME", "SUMMARY_NAME", "RESULT_NAME", "WINNER_DIR"]
 
 HISTORY_NAME = "identity_history.jsonl"
 SUMMARY_NAME = "identity_summary"
@@ -380,3 +381,29 @@ class SampleScorer:
 def history_path(output_dir: str | os.PathLike[str]) -> Path:
     """``output_dir/identity_history.jsonl``."""
     return Path(output_dir) / HISTORY_NAME
+
+
+def follow(
+    scorer: SampleScorer,
+    *,
+    poll_interval: float = 30.0,
+    until_file: str | os.PathLike[str] | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Poll ``scorer`` every ``poll_interval`` seconds until the run has finished, then do the final pass.
+
+    The run has finished when ``until_file`` exists (a file the user or the training script creates at the end,
+    e.g. ``touch run/DONE`` after the trainer's command) or ``stop`` is set. Ctrl-C raises ``KeyboardInterrupt``
+    between two passes or inside one; every file written before it is whole (rows are appended, outputs renamed
+    into place).
+    """
+    if poll_interval <= 0:
+        raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval}")
+    done = Path(until_file) if until_file is not None else None
+    event = stop if stop is not None else threading.Event()
+    while True:
+        finished = event.is_set() or (done is not None and done.exists())
+        scorer.poll(finished=finished)
+        if finished:
+            return
+        event.wait(poll_interval)
