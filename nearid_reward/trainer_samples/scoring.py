@@ -104,6 +104,7 @@ class _Round:
     files: list[SampleFile] = field(default_factory=list)
     row: dict[str, Any] | None = None  # set once scored
     checkpoint: TrainerCheckpoint | None = None
+    loaded: dict[str, Image.Image] = field(default_factory=dict)  # read while another image was not readable yet
 
 
 class SampleScorer:
@@ -178,22 +179,27 @@ class SampleScorer:
         # an epoch round waits for the checkpoint that tells its step (or for the end of the run)
         return item.key.kind != "epoch" or finished or item.checkpoint is not None
 
-    def _load(self, files: Sequence[SampleFile], finished: bool) -> list[tuple[SampleFile, Image.Image]] | None:
-        """The round's images with their files, or None when one cannot be read yet (the round is retried)."""
+    def _load(self, item: _Round, files: Sequence[SampleFile],
+              finished: bool) -> list[tuple[SampleFile, Image.Image]] | None:
+        """The round's images with their files, or None when one cannot be read yet (the round is retried then;
+        the images already read are kept with the round, so every file is read once)."""
         root = self.config.samples_dir
         if self.config.trainer == "simpletuner" and root.name == "validation_images":
             root = root.parent
-        loaded: list[tuple[SampleFile, Image.Image]] = []
         for sample in files:
+            if sample.relpath in item.loaded:
+                continue
             try:
-                loaded.append((sample, load_image(root / sample.relpath)))
+                item.loaded[sample.relpath] = load_image(root / sample.relpath)
+                self.loaded_files += 1
             except (ValueError, OSError) as exc:
                 if not finished:
                     logger.info("%s is not readable yet (%s): its round waits for the next poll", sample.relpath, exc)
                     return None
                 logger.warning("skipping unreadable sample %s: %s", sample.relpath, exc)
                 self.unreadable.append(sample.relpath)
-        self.loaded_files += len(loaded)
+        loaded = [(s, item.loaded[s.relpath]) for s in files if s.relpath in item.loaded]
+        item.loaded = {}  # scored now: the images are dropped
         return loaded
 
     # ------------------------------------------------------------------ scoring
@@ -211,7 +217,7 @@ class SampleScorer:
         files = sorted(item.files, key=lambda s: s.sort_key())
         label = item.key.label
         if item.key.kind == "base":
-            loaded = self._load([s for s in files if not self._is_class(s)], finished)
+            loaded = self._load(item, [s for s in files if not self._is_class(s)], finished)
             if loaded is None:
                 return False
             if loaded:
@@ -224,7 +230,7 @@ class SampleScorer:
         if label in self._resumed:
             item.row = {"round": label, **self._resumed[label], "resumed": True}
         else:
-            loaded = self._load(files, finished)
+            loaded = self._load(item, files, finished)
             if loaded is None:
                 return False
             images = [image for sample, image in loaded if not self._is_class(sample)]
