@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,9 @@ class SamplesConfig:
         copy_winner: copy the winner's checkpoint to ``winner_dir``.
         winner_dir: default ``output_dir/best_identity``.
         plot: write ``identity_summary.png`` (needs matplotlib).
+        output_interval: while watching, ``identity_samples.json`` and the summary (which hold every round, so
+            rewriting them costs time in proportion to the rounds) are rewritten at most this often, in seconds,
+            and always when a winner is copied and at the end; the history gets its line at once.
     """
 
     trainer: str
@@ -85,6 +89,7 @@ class SamplesConfig:
     copy_winner: bool = False
     winner_dir: Path | None = None
     plot: bool = True
+    output_interval: float = 10.0
 
     def __post_init__(self) -> None:
         if self.trainer not in TRAINERS:
@@ -105,6 +110,7 @@ class _Round:
     row: dict[str, Any] | None = None  # set once scored
     checkpoint: TrainerCheckpoint | None = None
     loaded: dict[str, Image.Image] = field(default_factory=dict)  # read while another image was not readable yet
+    num_files: int = 0
 
 
 class SampleScorer:
@@ -128,6 +134,7 @@ class SampleScorer:
         self.rounds: dict[RoundKey, _Round] = {}
         self.known: set[str] = set()
         self.ignored: list[str] = []  # other OneTrainer sample sets
+        self.late: list[str] = []  # files that arrived after their round was scored
         self.unparsed: list[str] = []
         self.unreadable: list[str] = []
         self.expected: int | None = config.images_per_round
@@ -138,6 +145,7 @@ class SampleScorer:
         self._metadata_cache: dict[tuple[str, int, int], dict[str, str] | None] = {}
         self._checkpoints: list[TrainerCheckpoint] = []
         self._resumed: dict[str, dict[str, Any]] = {}
+        self._written_at = -math.inf
         prefix = validator.config.prefix
         for record in validator.history:
             source = str(record.get("source", ""))
@@ -157,11 +165,27 @@ class SampleScorer:
             if sample.round.variant != self.config.variant:
                 self.ignored.append(sample.relpath)
                 continue
-            self.rounds.setdefault(sample.round, _Round(sample.round)).files.append(sample)
+            item = self.rounds.setdefault(sample.round, _Round(sample.round))
+            if item.row is not None:
+                logger.warning("%s arrived after its round (%s) was scored: not scored", sample.relpath,
+                               sample.round.label)
+                self.late.append(sample.relpath)
+                continue
+            item.files.append(sample)
+            item.num_files += 1
         self._checkpoints = find_trainer_checkpoints(self.config.checkpoints_dir, self.config.trainer,
                                                      metadata_cache=self._metadata_cache)
+        # candidates by step, epoch and final, so matching every round is linear in rounds + checkpoints
+        by_number: dict[tuple[str, int], list[TrainerCheckpoint]] = {}
+        for checkpoint in self._checkpoints:
+            if checkpoint.step is not None:
+                by_number.setdefault(("step", checkpoint.step), []).append(checkpoint)
+            if checkpoint.epoch is not None:
+                by_number.setdefault(("epoch", checkpoint.epoch), []).append(checkpoint)
+            if checkpoint.final:
+                by_number.setdefault(("final", 0), []).append(checkpoint)
         for item in self.rounds.values():
-            found = match_checkpoint(item.key, self._checkpoints)
+            found = match_checkpoint(item.key, by_number.get((item.key.kind, item.key.number), ()))
             if found is not None:  # a pruned checkpoint stays known (its copy may be the winner)
                 item.checkpoint = found
         return bool(samples)
@@ -173,7 +197,7 @@ class SampleScorer:
         return sample.prompt_index is None and sample.prompt.startswith("class_")
 
     def _ready(self, item: _Round, later: bool, finished: bool) -> bool:
-        full = self.expected is not None and len(item.files) >= self.expected and item.key.kind != "final"
+        full = self.expected is not None and item.num_files >= self.expected and item.key.kind != "final"
         if not (finished or later or full):
             return False
         # an epoch round waits for the checkpoint that tells its step (or for the end of the run)
@@ -225,6 +249,7 @@ class SampleScorer:
                 self.base_row = {"round": label, "step": 0, **dict(self.validator.compute(self.base_images)),
                                  "num_files": len(files)}
             item.row = self.base_row or {"round": label, "step": 0}
+            item.files = []
             return True
         step = self._step_of(item)
         if label in self._resumed:
@@ -238,6 +263,7 @@ class SampleScorer:
             if not images:
                 logger.warning("round %s has no identity-prompt images: not scored", label)
                 item.row = {"round": label, "step": step, "num_files": len(files)}
+                item.files = []
                 return True
             kwargs: dict[str, Any] = {"class_images": class_images or None, "base_images": self.base_images}
             if step is not None:
@@ -249,6 +275,7 @@ class SampleScorer:
                 metrics = dict(self.validator.compute(images, **kwargs))
             item.row = {"round": label, "step": step, **metrics}
         item.row.update(kind=item.key.kind, number=item.key.number, num_files=len(files))
+        item.files = []  # scored: only the count is kept
         if item.key.kind == "epoch":
             item.row["epoch"] = item.key.number
         logger.info("scored %s: %s=%.4f", label, self.monitor, float(item.row.get(self.monitor, math.nan)))
@@ -304,25 +331,24 @@ class SampleScorer:
             The rows of the rounds scored in this pass, in order.
         """
         self._scan(finished)
-        keys = sorted(self.rounds, key=lambda k: k.sort_key())
-        if self.base_images is None:  # the base round first, so that every later round gets identity_gain
-            keys.sort(key=lambda k: k.kind != "base")
+        keys = sorted(self.rounds, key=lambda k: k.sort_key())  # the base round first: later rounds get its gain
+        last_of_kind = {key.kind: position for position, key in enumerate(keys)}
         scored: list[dict[str, Any]] = []
         for position, key in enumerate(keys):
             item = self.rounds[key]
             if item.row is not None:
                 continue
-            later = any(k.kind == key.kind and k.sort_key() > key.sort_key() for k in keys[position + 1:]) or (
-                key.kind == "base" and len(keys) > 1)
+            later = last_of_kind[key.kind] > position or (key.kind == "base" and len(keys) > 1)
             if not self._ready(item, later, finished):
                 continue
             if not self._score(item, finished):
                 break  # a later round waits too, so the history stays in step order
             if later and self.expected is None and key.kind != "base":
-                self.expected = len(item.files)
+                self.expected = item.num_files
             scored.append(item.row)  # type: ignore[arg-type]
         copied = self._update_winner()
-        if scored or copied or finished:
+        due = scored and time.monotonic() - self._written_at >= self.config.output_interval
+        if copied or finished or due:
             self.write_outputs()
         return scored
 
@@ -333,7 +359,7 @@ class SampleScorer:
         for key in sorted(self.rounds, key=lambda k: k.sort_key()):
             item = self.rounds[key]
             rounds.append({"round": key.label, "kind": key.kind, "number": key.number, "variant": key.variant,
-                           "num_files": len(item.files), "scored": item.row is not None,
+                           "num_files": item.num_files, "scored": item.row is not None,
                            "checkpoint": None if item.checkpoint is None else str(item.checkpoint.path),
                            **({} if item.row is None else {k: v for k, v in item.row.items()
                                                            if k not in ("round", "kind", "number", "num_files")})})
@@ -363,10 +389,12 @@ class SampleScorer:
             "unparsed_files": self.unparsed[:100],
             "unreadable_files": self.unreadable,
             "ignored_files": len(self.ignored),
+            "late_files": self.late,
         }
 
     def write_outputs(self) -> dict[str, Path]:
         """Rewrite ``identity_samples.json`` and ``identity_summary.md`` / ``.png`` (atomically)."""
+        self._written_at = time.monotonic()
         out = self.config.output_dir
         files = {"json": out / RESULT_NAME, "summary": out / f"{SUMMARY_NAME}.md"}
         write_json_atomic(files["json"], self.result())
