@@ -202,3 +202,18 @@ def test_bad_input_is_one_line(tmp_path: Path, tiny_head: Path, capsys: pytest.C
         samples_cli.main(["--samples_dir", str(tmp_path), "--nearid_model", "m", "--nearid_reference_dir", "r",
                           "--until_file", "DONE"])
     assert str(raised.value.code).startswith("nearid-samples: --until_file needs --watch")
+
+
+def test_a_rerun_keeps_a_copied_winner_whose_checkpoint_was_pruned(
+    tmp_path: Path, tiny_head: Path, references: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    samples_dir, ckpts = _kohya(tmp_path / "run")
+    argv = ["--samples_dir", str(samples_dir), "--nearid_model", str(tiny_head), "--nearid_reference_dir",
+            str(references), "--aggregate", "max", "--copy_winner"]
+    first = _run(argv, capsys)
+    kept = Path(first["winner_dir"]) / ckpts[PLANTED].name
+    expected = kept.read_bytes()
+    ckpts[PLANTED].unlink()  # the trainer pruned the best step's file after it was copied
+    again = _run(argv, capsys)
+    assert again["winner"]["round"] == "step 600" and kept.read_bytes() == expected
+    assert not (Path(again["winner_dir"]) / ckpts[800].name).exists()  # not replaced by the next best with a file

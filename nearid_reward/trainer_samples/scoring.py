@@ -17,6 +17,7 @@ grow with the number of rounds.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -154,6 +155,23 @@ class SampleScorer:
                     "step": record.get("step"), **{k[len(prefix):]: v for k, v in record.items()
                                                    if k.startswith(prefix) and isinstance(v, (int, float))}}
         remove_stale_temporaries(config.output_dir)
+        if config.winner_dir is not None:
+            remove_stale_temporaries(config.winner_dir.parent)
+            self.winner = self._previous_winner(config.winner_dir)
+
+    def _previous_winner(self, folder: Path) -> dict[str, Any] | None:
+        """The winner an earlier run copied to ``folder`` (same monitor and mode), so that a rerun replaces it only
+        with a better round: its checkpoint may have been pruned by the trainer since."""
+        try:
+            data = json.loads((folder / "identity_scores.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("selected_by") != RESULT_FORMAT or not isinstance(
+                data.get("round"), dict):
+            return None
+        if data.get("monitor") != self.monitor or data.get("mode") != self.validator.config.mode:
+            return None
+        return {**data["round"], "checkpoint": data.get("source")}
 
     # ------------------------------------------------------------------ scanning
     def _scan(self, finished: bool) -> bool:
