@@ -144,6 +144,9 @@ def test_scan_and_auto_detection(tmp_path: Path) -> None:
     _touch(st / "benchmarks" / "base_model" / "a_b_64x64.png")
     assert detect_trainer(st / "validation_images") == "simpletuner"
     assert [s.round.kind for s in scan_samples(st / "validation_images", "simpletuner")[0]] == [BASE, STEP]
+    _touch(st / "nearid_samples" / "identity_summary.png")  # the scorer's own output inside the run folder
+    assert scan_samples(st / "validation_images", "simpletuner")[1] == ["nearid_samples/identity_summary.png"]
+    assert scan_samples(st / "validation_images", "simpletuner", skip=[st / "nearid_samples"])[1] == []
     empty = tmp_path / "empty"
     _touch(empty / "holiday.png")
     with pytest.raises(ValueError, match="no sample file in .*empty matches a known layout"):

@@ -230,8 +230,9 @@ def parse_sample_path(relpath: str, trainer: str) -> SampleFile | None:
     return parser(parts)
 
 
-def _walk(root: Path, depth: int) -> Iterator[str]:
-    """Relative ``/``-separated paths of the image files under ``root``, at most ``depth`` folders deep."""
+def _walk(root: Path, depth: int, skip: frozenset[str] = frozenset()) -> Iterator[str]:
+    """Relative ``/``-separated paths of the image files under ``root``, at most ``depth`` folders deep, leaving out
+    the folders whose relative paths are in ``skip``."""
     stack: list[tuple[Path, str, int]] = [(root, "", 0)]
     while stack:
         folder, prefix, level = stack.pop()
@@ -244,7 +245,7 @@ def _walk(root: Path, depth: int) -> Iterator[str]:
                 continue
             rel = prefix + entry.name
             if entry.is_dir(follow_symlinks=False):
-                if level + 1 < depth:
+                if level + 1 < depth and rel not in skip:
                     stack.append((Path(entry.path), rel + "/", level + 1))
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
                 yield rel
@@ -262,8 +263,8 @@ def layout_roots(samples_dir: str | os.PathLike[str], trainer: str) -> Path:
     return root
 
 
-def scan_samples(samples_dir: str | os.PathLike[str], trainer: str,
-                 *, known: set[str] | None = None) -> tuple[list[SampleFile], list[str]]:
+def scan_samples(samples_dir: str | os.PathLike[str], trainer: str, *, known: set[str] | None = None,
+                 skip: Iterable[str | os.PathLike[str]] = ()) -> tuple[list[SampleFile], list[str]]:
     """The sample images of ``trainer`` under ``samples_dir`` and the image files that fit no pattern.
 
     Args:
@@ -271,14 +272,21 @@ def scan_samples(samples_dir: str | os.PathLike[str], trainer: str,
         trainer: one of :data:`TRAINERS` (not ``"auto"``: see :func:`detect_trainer`).
         known: relative paths already seen; they are skipped (a watcher lists the folder every poll and parses
             only what is new).
+        skip: folders not to look into (e.g. the scorer's own output folder inside a run folder).
 
     Returns:
         ``(samples, unparsed)``, both sorted by path.
     """
     root = layout_roots(samples_dir, trainer)
+    skipped = set()
+    for folder in skip:
+        try:
+            skipped.add(Path(folder).resolve().relative_to(root.resolve()).as_posix())
+        except ValueError:  # not under the sample folder
+            continue
     samples: list[SampleFile] = []
     unparsed: list[str] = []
-    for rel in _walk(root, _DEPTH[trainer]):
+    for rel in _walk(root, _DEPTH[trainer], frozenset(skipped)):
         if known is not None and rel in known:
             continue
         parsed = parse_sample_path(rel, trainer)

@@ -175,7 +175,8 @@ class SampleScorer:
 
     # ------------------------------------------------------------------ scanning
     def _scan(self, finished: bool) -> bool:
-        samples, unparsed = scan_samples(self.config.samples_dir, self.config.trainer, known=self.known)
+        samples, unparsed = scan_samples(self.config.samples_dir, self.config.trainer, known=self.known,
+                                         skip=(self.config.output_dir,))
         self.known.update(unparsed)
         self.unparsed.extend(unparsed)
         for sample in samples:
