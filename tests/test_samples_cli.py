@@ -217,3 +217,20 @@ def test_a_rerun_keeps_a_copied_winner_whose_checkpoint_was_pruned(
     again = _run(argv, capsys)
     assert again["winner"]["round"] == "step 600" and kept.read_bytes() == expected
     assert not (Path(again["winner_dir"]) / ckpts[800].name).exists()  # not replaced by the next best with a file
+
+
+def test_diffusers_final_validation_images_select_the_final_weights(
+    tmp_path: Path, tiny_head: Path, references: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "dog-lora"  # a DreamBooth LoRA script's --output_dir after training
+    for i in range(PROMPTS):
+        _save(_image(PLANTED, i), out / f"image_{i}.png")
+    final = _weights(out / "pytorch_lora_weights.safetensors", 1000)
+    _weights(out / "checkpoint-500" / "pytorch_lora_weights.safetensors", 500)
+    result = _run(["--samples_dir", str(out), "--nearid_model", str(tiny_head), "--nearid_reference_dir",
+                   str(references), "--aggregate", "max", "--copy_winner"], capsys)
+    assert result["trainer"] == "diffusers"
+    assert [r["round"] for r in result["rounds"]] == ["final"]
+    assert result["winner"]["checkpoint"] == str(final)
+    assert (Path(result["winner_dir"]) / final.name).read_bytes() == final.read_bytes()
+    assert result["rounds"][0]["identity_mean"] > 0.95  # near-copies of the references
