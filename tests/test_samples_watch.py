@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from nearid_reward import IdentityValidator, NearIDModel
 from nearid_reward.cli import samples as samples_cli
+from nearid_reward.files import CheckpointError
 from nearid_reward.testing import random_images
 from nearid_reward.trainer_samples import scoring
 from nearid_reward.trainer_samples.scoring import SamplesConfig, SampleScorer, follow
@@ -175,3 +176,35 @@ def test_follow_stops_when_the_event_is_set(tmp_path: Path, tiny_head: Path) -> 
     follow(scorer, poll_interval=0.05, stop=stop)
     assert stop.is_set() and time.monotonic() - started < 30
     assert json.loads((tmp_path / "out" / "identity_samples.json").read_text())["rounds"] == []
+
+
+def test_a_checkpoint_that_vanishes_while_being_copied_does_not_stop_the_watch(
+    tmp_path: Path, tiny_head: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refs = random_images(4, 64, seed=1)
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    for step in (0, 600, 800):
+        for p in range(PROMPTS):
+            (sample / f"dog_{step:06d}_{p:02d}_{TS}.png").write_bytes(_png(_image(step, p, refs)))
+    for step in (600, 800):
+        save_file({"w": torch.full((2,), float(step))}, str(tmp_path / f"dog-step{step:08d}.safetensors"))
+    real_copy = scoring.copy_winner
+    attempts: list[str] = []
+
+    def pruned_on_first_try(checkpoint, dest, scores):  # noqa: ANN001, ANN202
+        attempts.append(checkpoint.path.name)
+        if len(attempts) == 1:
+            raise CheckpointError(f"checkpoint {checkpoint.path} is missing or still being written")
+        return real_copy(checkpoint, dest, scores)
+
+    monkeypatch.setattr(scoring, "copy_winner", pruned_on_first_try)
+    validator = IdentityValidator(NearIDModel.from_pretrained(tiny_head), refs, aggregate="max")
+    scorer = SampleScorer(validator, SamplesConfig("kohya", sample, tmp_path, tmp_path / "out", copy_winner=True,
+                                                   plot=False))
+    scorer.poll(finished=True)  # no exception: the next best is copied instead
+    assert attempts == ["dog-step00000600.safetensors", "dog-step00000800.safetensors"]
+    scorer.poll(finished=True)  # the better round is tried again and replaces it
+    assert attempts[-1] == "dog-step00000600.safetensors"
+    assert (tmp_path / "out" / "best_identity" / "dog-step00000600.safetensors").is_file()
+    assert not (tmp_path / "out" / "best_identity" / "dog-step00000800.safetensors").exists()

@@ -332,7 +332,11 @@ class SampleScorer:
                 continue  # listed as without checkpoint (or waited for), never replaced by a neighbour
             scores = {"selected_by": RESULT_FORMAT, "monitor": self.monitor, "mode": self.validator.config.mode,
                       "round": item.row}
-            copy_winner(item.checkpoint, self.config.winner_dir, scores)  # type: ignore[arg-type]
+            try:
+                copy_winner(item.checkpoint, self.config.winner_dir, scores)  # type: ignore[arg-type]
+            except (OSError, ValueError) as exc:  # CheckpointError: pruned or rewritten while being copied
+                logger.warning("could not copy %s (%s): trying again at the next poll", item.checkpoint.path, exc)
+                continue
             self.winner = {**item.row, "checkpoint": str(item.checkpoint.path)}  # type: ignore[dict-item]
             logger.info("new best checkpoint %s (%s) copied to %s", item.checkpoint.path, item.key.label,
                         self.config.winner_dir)
