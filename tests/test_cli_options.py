@@ -293,3 +293,23 @@ def test_a_misspelt_launcher_flag_is_refused_with_a_hint() -> None:
     with pytest.raises(ValueError, match=hint):
         dreambooth.parse_command_line(["--script", "s.py", "--nearid_model", "m", "--nearid_reference_dir", "r",
                                        "--nearid_modle", "x", "--", "--seed", "0"])
+
+
+def test_samples_and_prompts_help_list_their_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from nearid_reward.cli import prompts, samples
+
+    wanted = {
+        samples.main: {"--trainer", "--samples_dir", "--checkpoints_dir", "--nearid_model", "--nearid_reference_dir",
+                       "--output_dir", "--copy_winner", "--watch", "--until_file", "--poll_interval", "--json",
+                       "--class_prompt_start"},
+        prompts.main: {"--format", "--output", "--instance_token", "--class_noun", "--seed", "--width", "--height",
+                       "--steps", "--guidance_scale"},
+    }
+    for main, flags in wanted.items():
+        with pytest.raises(SystemExit) as raised:
+            main(["--help"])
+        assert raised.value.code == 0
+        out = capsys.readouterr().out
+        assert flags <= _flags(_usage(out)), flags - _flags(_usage(out))
+        if main is samples.main:
+            assert "{auto,kohya,ai-toolkit,simpletuner,onetrainer,diffusers}" in out
