@@ -103,12 +103,12 @@ class PerSampleReward:
     @torch.no_grad()
     def embed(self, images: Any, *, name: str = "image") -> torch.Tensor:
         """Embeddings ``[B, E]`` (float32, unit norm) of ``[B, 3, H, W]``, ``(3, H, W)`` tensors or PIL images."""
-        chunk = self.config.chunk_size
+        chunk, check = self.config.chunk_size, self.config.check_inputs  # as IdentityReward.score embeds tensors
         if isinstance(images, torch.Tensor):
             if images.ndim != 4:
                 raise ValueError(f"`{name}` must be a [B, 3, H, W] tensor or a list of (3, H, W) tensors, "
                                  f"got a tensor of shape {tuple(images.shape)}")
-            return self.model.embed(images, chunk_size=chunk).float()
+            return self.model.embed(images, chunk_size=chunk, check_inputs=check).float()
         items = list(images) if isinstance(images, Sequence) else None
         if not items:
             raise ValueError(f"`{name}` must be a non-empty list of images, got {type(images).__name__}"
@@ -118,8 +118,8 @@ class PerSampleReward:
                 if x.ndim != 3 or x.shape[0] != 3:
                     raise ValueError(f"`{name}[{i}]` must be a (3, H, W) tensor in [0, 1], got shape {tuple(x.shape)}")
             if len({tuple(x.shape) for x in items}) == 1:
-                return self.model.embed(torch.stack(items), chunk_size=chunk).float()  # [B, E]
-            return torch.cat([self.model.embed(x[None], chunk_size=chunk).float() for x in items])
+                return self.model.embed(torch.stack(items), chunk_size=chunk, check_inputs=check).float()  # [B, E]
+            return torch.cat([self.model.embed(x[None], chunk_size=chunk, check_inputs=check).float() for x in items])
         if any(isinstance(x, torch.Tensor) for x in items):
             raise TypeError(f"`{name}` mixes tensors and other images: pass all tensors or all PIL images")
         return embed_images(self.model, items, name=name, chunk_size=chunk)

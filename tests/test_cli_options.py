@@ -138,7 +138,7 @@ EXPECTED: dict[str, tuple[list[str], dict[str, Any]]] = {
     "nearid-reward-server": (["--nearid_model", "m"], {
         "nearid_model": "m", "nearid_reference_dir": None, "nearid_negative_dir": None, "aggregate": "mean",
         "kind": "cosine", "negative_weight": 1.0, "host": "127.0.0.1", "port": 8765, "token": None,
-        "max_request_bytes": 64 * 2**20, "max_image_pixels": 2048 * 2048, "max_batch": 64, "max_references": 256,
+        "max_request_bytes": 256 * 2**20, "max_image_pixels": 2048 * 2048, "max_batch": 64, "max_references": 256,
         "device": "cpu", "dtype": "float32", "log_level": "info",
     }),
     "nearid-make-world": (["--output_dir", "o"], {

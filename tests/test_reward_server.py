@@ -33,7 +33,7 @@ from PIL import Image
 
 from integrations import reward_server
 from integrations.per_sample_reward import PerSampleReward
-from integrations.reward_client import encode_images, nearid_remote_scorer
+from integrations.reward_client import encode_images, nearid_remote_scorer, png_bytes
 from integrations.reward_server import Limits, RequestError, RewardService, build_app, is_loopback, serve_in_thread
 from nearid_reward import IdentityReward, NearIDModel
 from nearid_reward.testing import random_images, write_random_images
@@ -316,6 +316,14 @@ def test_the_client_never_raises(secured: str, caplog: pytest.LogCaptureFixture)
     assert "HTTP 401" in caplog.text and "Authorization: Bearer" in caplog.text
     scores, _ = nearid_remote_scorer(secured, TOKEN)(images, ["p"] * 3, None)
     assert len(scores) == 3 and scores != [0.0] * 3
+
+
+@pytest.mark.parametrize("level", [0, 6])
+def test_the_clients_png_writer_round_trips_through_pillow(level: int) -> None:
+    array = np.random.default_rng(level).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)  # odd sizes, noise
+    with Image.open(io.BytesIO(png_bytes(array, level))) as image:
+        assert image.format == "PNG" and image.mode == "RGB" and image.size == (7, 5)
+        assert np.array_equal(np.asarray(image), array)
 
 
 def test_the_client_imports_without_torch() -> None:
