@@ -12,14 +12,16 @@ The terms of the overhead are timed apart on the same batch: ``client encode``
 (``request_body``: 8-bit pixels, PNG, base64, JSON) and ``server decode`` (``parse_request``: JSON, base64, PNG,
 float tensors); the rest is HTTP and the reply.
 
-Two encoders: ``tiny`` (the test model: SigLIP-shaped, 2 layers of width 32 at 32 px; scoring costs almost nothing, so
-the ratio is an upper bound) and ``small`` (6 layers of width 384 at 224 px, as ``bench_reward.py``'s CPU default; the
-released encoder, 27 layers of width 1152 at 384 px, costs far more, so its ratio is lower still).
+Encoders (``--encoders``; default ``tiny small``): ``tiny`` (the test model: SigLIP-shaped, 2 layers of width 32 at
+32 px; scoring costs almost nothing, so its ratio is the protocol's cost alone), ``small`` (6 layers of width 384 at
+224 px, as ``bench_reward.py``'s CPU default) and ``base`` (12 layers of width 768 at 224 px, the size of the smallest
+SigLIP). The released encoder (27 layers of width 1152 at 384 px) costs far more than ``base``, so its ratio is lower
+still: the overhead per batch does not depend on the encoder.
 
 Time: medians over ``--repeats`` round-robin repeats after ``--warmup``; the overhead is the median of the per-repeat
 ratios ``server / in process - 1`` (paired, so a shared machine's drift hits both alike).
 
-Reproduce: ``python benchmarks/bench_reward_server.py`` (about a minute on 2 CPU cores).
+Reproduce: ``python benchmarks/bench_reward_server.py`` (about a minute on 2 CPU cores; ``--encoders base``: minutes).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ ENCODERS = {
     "tiny": {},
     "small": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, image_size=224,
                   patch_size=16),
+    "base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
+                 patch_size=16),
 }
 
 
@@ -97,7 +101,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--compress-level", type=int, default=0, help="PNG compression level of the client (0-9)")
-    parser.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS))
+    parser.add_argument("--encoders", nargs="+", default=["tiny", "small"], choices=list(ENCODERS))
     args = parser.parse_args()
     print(environment())
     print(f"batch {args.batch} x {args.input_size}x{args.input_size} px, PNG compress_level {args.compress_level}, "
