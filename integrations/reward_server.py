@@ -24,6 +24,7 @@ import base64
 import binascii
 import contextlib
 import hmac
+import importlib.util
 import io
 import ipaddress
 import json
@@ -288,12 +289,15 @@ class RewardService:
 
 def build_app(service: RewardService) -> Any:
     """The starlette application: ``GET /health``, ``POST /compute``; every error is JSON ``{"error": ...}``."""
-    from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
+    try:
+        from starlette.applications import Starlette
+        from starlette.concurrency import run_in_threadpool
+        from starlette.exceptions import HTTPException
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+    except ImportError as exc:
+        raise ImportError(f'{PROG} needs starlette and uvicorn: pip install "nearid-reward[server]"') from exc
 
     def error(status: int, message: str) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -424,6 +428,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArguments:
 @entry_point(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    missing = [name for name in ("starlette", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:  # before the model loads
+        raise ImportError(f'{PROG} needs {" and ".join(missing)}: pip install "nearid-reward[server]"')
     logging.basicConfig(level=args.log_level.upper(), format=f"{PROG}: %(message)s")
     scorer = PerSampleReward(args.nearid_model, args.nearid_reference_dir, negatives=args.nearid_negative_dir,
                              config=args.reward_config()).to(parse_device(args.device))
