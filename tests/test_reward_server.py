@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -152,6 +153,30 @@ def test_two_concurrent_requests_both_succeed(server: str, model: NearIDModel, r
     for (status, body), batch in zip(replies, batches):
         assert status == 200, body
         torch.testing.assert_close(torch.tensor(body["rewards"]), reference(_quantised(batch)), rtol=0, atol=1e-5)
+
+
+def test_health_answers_while_a_batch_is_being_scored(tiny_head: Path, refs_dir: Path) -> None:
+    """Scoring runs in a worker thread: with the model held by one request, /health still answers and a second
+    request waits for the lock instead of failing (on the event loop, /health would hang until the release)."""
+    scorer = PerSampleReward(str(tiny_head), refs_dir)
+    entered, release = threading.Event(), threading.Event()
+    score = scorer.score
+
+    def held(*args: Any, **kwargs: Any) -> torch.Tensor:
+        entered.set()
+        assert release.wait(timeout=120)
+        return score(*args, **kwargs)
+
+    scorer.score = held  # type: ignore[method-assign]
+    payload = {"image": [_png(32, 32)]}
+    with serve_in_thread(build_app(RewardService(scorer, limits=LIMITS))) as running, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        first = pool.submit(_post, running.url, payload)
+        assert entered.wait(timeout=120)
+        second = pool.submit(_post, running.url, payload)
+        assert _healthy(running.url) and not first.done()
+        release.set()
+        assert first.result(timeout=120)[0] == 200 and second.result(timeout=120)[0] == 200
 
 
 MALFORMED: list[tuple[str, Any, str]] = [
