@@ -59,8 +59,9 @@ def _uint8_batch(images: Any) -> list[Any]:
     return list(images)
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+def _chunk(kind: bytes, data: bytes) -> list[bytes]:
+    """A PNG chunk as parts to join (the CRC is chained over type and data: no copy of the data)."""
+    return [struct.pack(">I", len(data)), kind, data, struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))]
 
 
 def png_bytes(array: np.ndarray, compress_level: int = 0) -> bytes:
@@ -73,8 +74,8 @@ def png_bytes(array: np.ndarray, compress_level: int = 0) -> bytes:
     rows = np.zeros((height, width * 3 + 1), np.uint8)  # each row: filter type 0 ("none"), then R, G, B, ...
     rows[:, 1:] = array.reshape(height, width * 3)
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, truecolour, deflate, no interlace
-    pixels = zlib.compress(rows.tobytes(), compress_level)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", pixels) + _chunk(b"IEND", b"")
+    pixels = zlib.compress(rows, compress_level)
+    return b"".join([b"\x89PNG\r\n\x1a\n", *_chunk(b"IHDR", header), *_chunk(b"IDAT", pixels), *_chunk(b"IEND", b"")])
 
 
 def _encode_one(image: Any, compress_level: int) -> bytes:
