@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first: the CPU build pinned in constraints.txt (a plain `torch` would pull a CUDA build)
 	$(BIN)/pip install -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -c constraints.txt -e ".[train,diffusers,dev]"
+	$(BIN)/pip install -c constraints.txt -e ".[train,diffusers,server,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

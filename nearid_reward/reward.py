@@ -357,6 +357,11 @@ class IdentityReward(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Adapter for DDPO / AlignProp / Flow-GRPO-style loops: ``(images, prompts, metadata) -> (rewards, info)``.
 
+        trl versions: the ``reward_function`` of trl's ``DDPOTrainer`` and ``AlignPropTrainer``, which exist in
+        trl < 0.24 only (both were removed in trl 0.24.0; install them with the ``trl`` extra, ``trl>=0.20,<0.24``).
+        This method never imports trl. Trainers that cannot share this environment (Flow-GRPO, DiffusionNFT,
+        DanceGRPO) reach the same reward through ``nearid-reward-server`` (see ``docs/rl_frameworks.md``).
+
         Args:
             images: float ``[B, 3, H, W]`` in [0, 1] (what ``output_type="pt"`` pipelines return), uint8
                 ``[B, H, W, 3]`` numpy arrays or tensors, or a list of PIL images. Float tensors keep their

@@ -17,6 +17,9 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 hf_logging.disable_progress_bar()
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# stand-ins of third-party packages, put on sys.path only by the tests that use them (not collected as doctests)
+collect_ignore = ["stubs"]
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

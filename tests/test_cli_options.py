@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from integrations import dreambooth
+from integrations import dreambooth, reward_server
 from nearid_reward.cli import score, select
 from nearid_reward.cli.arguments import build_parser, parse_arguments
 from nearid_world import encoder, oracle, world_model
@@ -135,6 +135,12 @@ EXPECTED: dict[str, tuple[list[str], dict[str, Any]]] = {
         "nearid_patience": None, "nearid_threshold": 0.9, "nearid_select_after": False, "nearid_loss_weight": 0.0,
         "nearid_loss_max_timestep": 400, "nearid_dtype": "float32", "nearid_strict": False,
     }),
+    "nearid-reward-server": (["--nearid_model", "m"], {
+        "nearid_model": "m", "nearid_reference_dir": None, "nearid_negative_dir": None, "aggregate": "mean",
+        "kind": "cosine", "negative_weight": 1.0, "host": "127.0.0.1", "port": 8765, "token": None,
+        "max_request_bytes": 256 * 2**20, "max_image_pixels": 2048 * 2048, "max_batch": 64, "max_references": 256,
+        "device": "cpu", "dtype": "float32", "log_level": "info",
+    }),
     "nearid-make-world": (["--output_dir", "o"], {
         "output_dir": "o", "threads": None, "snapshot_every": 0, "image_size": 32, "num_images": 24000,
         "held_out": 48, "vae_steps": 500, "vae_batch_size": 32, "vae_learning_rate": 2e-3, "unet_steps": 2500,
@@ -187,6 +193,7 @@ def parsers() -> dict[str, Callable[[list[str]], tuple[Any, ...]]]:
         "nearid-score": lambda argv: (score.parse_args(argv),),
         "nearid-select": lambda argv: (select.parse_args(argv),),
         "nearid-dreambooth": lambda argv: (dreambooth.parse_options(argv),),
+        "nearid-reward-server": lambda argv: (reward_server.parse_args(argv),),
         "nearid-make-world": world_model.parse_args,
         "nearid_world.oracle": oracle.parse_args,
         "nearid_world.encoder": encoder.parse_args,
