@@ -413,14 +413,13 @@ class _Run:
         from .evaluate import WorldAssets, prompt_following
         from .oracle import AttributeOracle
 
-        with self.timed("eval"):
+        with self.timed("eval"), _forked_rng(self.device):  # building the oracle draws from the global generator
             if self._oracle is None:
                 self._oracle = AttributeOracle.from_pretrained(self.options.eval_oracle or WorldAssets().oracle).eval()
             shipped = copy.copy(pipe)
             shipped.register_modules(unet=_float16_rounded(ema_unet), vae=_float16_rounded(pipe.vae),
                                      text_encoder=ema_text)
-            with _forked_rng(self.device):
-                rates = prompt_following(shipped, self._oracle, count=self.options.eval_count)
+            rates = prompt_following(shipped, self._oracle, count=self.options.eval_count)
             append_jsonl(self.curve, {"step": step, "count": self.options.eval_count,
                                       **{k: round(v, 6) for k, v in rates.items()}})
         logger.info("world denoiser step %d: prompt following %s", step, rates)
@@ -466,7 +465,8 @@ def _train_vae(vae: Any, data: TrainingSet, config: WorldModelConfig, run: _Run)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
             optimizer.step()
-            loss_ema = float(rec) if loss_ema is None else 0.95 * loss_ema + 0.05 * float(rec)
+            rec_value = float(rec.detach())
+            loss_ema = rec_value if loss_ema is None else 0.95 * loss_ema + 0.05 * rec_value
             run.step_done("autoencoder")
         if step % 100 == 0:
             logger.info("world autoencoder step %d/%d: L1 %.4f", step, total, loss_ema)
@@ -566,7 +566,8 @@ def _train_denoiser(pipe: Any, data: TrainingSet, config: WorldModelConfig, run:
             decay = min(config.ema_decay, (1 + step) / (10 + step))
             _ema_update(ema_unet, unet, decay)
             _ema_update(ema_text, text_encoder, decay)
-            loss_ema = float(loss) if loss_ema is None else 0.98 * loss_ema + 0.02 * float(loss)
+            loss_value = float(loss.detach())
+            loss_ema = loss_value if loss_ema is None else 0.98 * loss_ema + 0.02 * loss_value
             run.step_done("denoiser")
         if step % 200 == 0:
             logger.info("world denoiser step %d/%d: loss %.4f", step, total, loss_ema)
