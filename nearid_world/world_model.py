@@ -280,7 +280,8 @@ class RunOptions:
             boundary (0: never; then ``resume`` has nothing to resume from).
         resume: continue from the newest complete checkpoint in ``OUTPUT_DIR/checkpoints`` (start afresh when there
             is none).
-        keep_checkpoints: keep ``OUTPUT_DIR/checkpoints`` after the run (default: removed once the model is saved).
+        keep_checkpoints: keep ``OUTPUT_DIR/checkpoints`` after the run (default: removed once the model is saved,
+            unless ``stop_after`` ended the denoiser stage early).
         snapshot_every: save the EMA weights so far to ``OUTPUT_DIR/snapshot`` every this many denoiser steps.
         eval_every: measure prompt following every this many denoiser steps and at the end (0: never).
         eval_count: prompts of each prompt-following measurement (96 is the documented measure).
@@ -298,6 +299,14 @@ class RunOptions:
     eval_oracle: str | None = None
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        for name in ("snapshot_every", "checkpoint_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_count < 1:
+            raise ValueError(f"--eval_count must be >= 1, got {self.eval_count}")
+        parse_device(self.device, name="--device")
+
 
 class _Run:
     """What the two stages share: the output folder, checkpoints, timers and the prompt-following curve."""
@@ -306,7 +315,8 @@ class _Run:
         self.out, self.config, self.options, self.progress = out, config, options, progress
         self.device = torch.device(options.device)
         self.checkpoints = out / CHECKPOINTS_DIR
-        self.seconds: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}  # wall-clock
+        self.cpu_seconds: dict[str, float] = {}  # this process's CPU time (all threads): robust to a busy machine
         self.steps_run: dict[str, int] = {}
         self.data_sha256 = ""
         self.resume_from: Path | None = None
@@ -341,6 +351,7 @@ class _Run:
         self.resume_from = latest
         self.resumed = scalars
         self.seconds = {k: float(v) for k, v in scalars["seconds"].items()}
+        self.cpu_seconds = {k: float(v) for k, v in scalars["cpu_seconds"].items()}
         self.steps_run = {k: int(v) for k, v in scalars["steps_run"].items()}
         logger.info("resuming from %s", latest)
 
@@ -359,16 +370,19 @@ class _Run:
     def save_checkpoint(self, stage: str, step: int, scalars: dict[str, Any], **state: Any) -> None:
         if not self.options.checkpoint_every:
             return
-        started = time.perf_counter()
+        with self.timed("checkpoints"):
+            self._save_checkpoint(stage, step, scalars, **state)
+
+    def _save_checkpoint(self, stage: str, step: int, scalars: dict[str, Any], **state: Any) -> None:
         common = {"stage": stage, "step": step, "config": dataclasses.asdict(self.config),
-                  "data_sha256": self.data_sha256, "seconds": self.seconds, "steps_run": self.steps_run,
+                  "data_sha256": self.data_sha256, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
+                  "steps_run": self.steps_run,
                   "device": str(self.device), "threads": torch.get_num_threads(), "torch": torch.__version__}
         folder = save_training_state(self.checkpoints / checkpoint_name(stage, step), scalars=common | scalars,
                                      **state)
         for older in list_checkpoints(self.checkpoints, STAGES):
             if older != folder:
                 shutil.rmtree(older, ignore_errors=True)
-        self.add_seconds("checkpoints", time.perf_counter() - started)
 
     def remove_checkpoints(self) -> None:
         if self.checkpoints.exists() and not self.options.keep_checkpoints:
@@ -378,16 +392,14 @@ class _Run:
             shutil.rmtree(aside, ignore_errors=True)
 
     # ---------------------------------------------------------------------------------------------- timing
-    def add_seconds(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
-            self.add_seconds(name, time.perf_counter() - started)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu_started
 
     def step_done(self, stage: str) -> None:
         self.steps_run[stage] = self.steps_run.get(stage, 0) + 1
@@ -402,7 +414,10 @@ class _Run:
         if not self.curve.exists():
             return
         rows = [r for r in read_jsonl(self.curve) if int(r.get("step", -1)) <= keep_until]
-        write_text_atomic(self.curve, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        if rows:  # the same bytes as append_jsonl wrote
+            write_text_atomic(self.curve, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        else:
+            self.curve.unlink()
 
     def eval_due(self, done: int, end: int) -> bool:
         every = self.options.eval_every
@@ -432,7 +447,7 @@ def _float16_rounded(module: torch.nn.Module) -> torch.nn.Module:
 @contextmanager
 def _forked_rng(device: torch.device) -> Iterator[None]:
     """Whatever the block draws from the global generators is undone afterwards."""
-    devices = [device] if device.type == "cuda" else []
+    devices = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         yield
 
@@ -521,7 +536,8 @@ def _train_denoiser(pipe: Any, data: TrainingSet, config: WorldModelConfig, run:
     unet, text_encoder, tokenizer, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas = noise_scheduler.alphas_cumprod  # [T] on the CPU
-    means, stds = _encode_all(vae, data.images, device)
+    with run.timed("encode_latents"):
+        means, stds = _encode_all(vae, data.images, device)
     scale = float(vae.config.scaling_factor)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.01)
@@ -619,10 +635,11 @@ def pretrain_world_model(output_dir: str | Path, config: WorldModelConfig | None
     remove_stale_temporaries(out)
     run.reset_curve(run.resume_step if run.resume_stage == "denoiser" else 0)
     started = time.perf_counter()
-    render_started = time.perf_counter()
-    data = render_training_set(config.num_images, image_size=config.image_size, held_out=config.held_out,
-                               seed=config.seed, progress=progress)
-    run.seconds["render"] = time.perf_counter() - render_started
+    run.seconds.pop("render", None)  # a resumed run renders again: its own time counts
+    run.cpu_seconds.pop("render", None)
+    with run.timed("render"):
+        data = render_training_set(config.num_images, image_size=config.image_size, held_out=config.held_out,
+                                   seed=config.seed, progress=progress)
     run.data_sha256 = data.sha256()
     if run.resume_from is not None and run.resumed.get("data_sha256") != run.data_sha256:
         raise ValueError(f"--resume: the rendered training views differ from those checkpoint {run.resume_from} "
@@ -647,16 +664,21 @@ def pretrain_world_model(output_dir: str | Path, config: WorldModelConfig | None
     hashes = output_sha256(out, exclude=(CONFIG_NAME, CHECKPOINTS_DIR, SNAPSHOT_DIR))
     per_step = {stage: round(run.seconds.get(stage, 0.0) / run.steps_run[stage], 4)
                 for stage in STAGES if run.steps_run.get(stage)}
+    cpu_per_step = {stage: round(run.cpu_seconds.get(stage, 0.0) / run.steps_run[stage], 4)
+                    for stage in STAGES if run.steps_run.get(stage)}
     info = {
         "config": dataclasses.asdict(config), "seed": config.seed, "command": command, "seeding": SEEDING,
         "seeding_components": list(COMPONENTS), "device": str(run.device), "threads": torch.get_num_threads(),
         "versions": _versions(), "torch": torch.__version__, "metrics": metrics,
         "seconds": {k: round(v, 1) for k, v in sorted(run.seconds.items())}, "seconds_per_step": per_step,
+        "cpu_seconds": {k: round(v, 1) for k, v in sorted(run.cpu_seconds.items())},
+        "cpu_seconds_per_step": cpu_per_step,
         "init_sha256": init_sha256, "sha256": hashes,
         "resumed_from": run.resume_from.name if run.resume_from is not None else None,
     }
     write_json_atomic(out / CONFIG_NAME, info)
-    run.remove_checkpoints()
+    if not config.stop_after or config.stop_after >= config.unet_steps:
+        run.remove_checkpoints()  # a run ended early by --stop_after keeps them, to be continued with --resume
     logger.info("world model written to %s in %.0f s: %s", out, time.perf_counter() - started, metrics)
     return out
 
@@ -702,14 +724,9 @@ class MakeWorldArguments:
     )
 
     def __post_init__(self) -> None:
-        for name in ("snapshot_every", "checkpoint_every", "eval_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.eval_count < 1:
-            raise ValueError(f"--eval_count must be >= 1, got {self.eval_count}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
-        parse_device(self.device, name="--device")
+        self.run_options()  # checks the values
 
     def run_options(self) -> RunOptions:
         return RunOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RunOptions)})
