@@ -452,6 +452,25 @@ def _forked_rng(device: torch.device) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    """On a GPU, deterministic kernels for the block (an op that has none warns): otherwise two runs on the same GPU
+    could differ in the last bits (atomic adds, autotuned convolution algorithms). The CPU needs nothing."""
+    if device.type != "cuda":
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any CUDA matmul
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
+
+
 def _train_vae(vae: Any, data: TrainingSet, config: WorldModelConfig, run: _Run) -> dict[str, float]:
     from tqdm.auto import tqdm
 
@@ -629,7 +648,11 @@ def pretrain_world_model(output_dir: str | Path, config: WorldModelConfig | None
     """
     config = config or WorldModelConfig()
     options = options or RunOptions()
-    out = Path(output_dir)
+    with _deterministic(torch.device(options.device)):
+        return _pretrain(Path(output_dir), config, options, progress, command)
+
+
+def _pretrain(out: Path, config: WorldModelConfig, options: RunOptions, progress: bool, command: str | None) -> Path:
     run = _Run(out, config, options, progress)
     run.find_resume_point()
     remove_stale_temporaries(out)
@@ -669,7 +692,7 @@ def pretrain_world_model(output_dir: str | Path, config: WorldModelConfig | None
     info = {
         "config": dataclasses.asdict(config), "seed": config.seed, "command": command, "seeding": SEEDING,
         "seeding_components": list(COMPONENTS), "device": str(run.device), "threads": torch.get_num_threads(),
-        "versions": _versions(), "torch": torch.__version__, "metrics": metrics,
+        "versions": _versions(run.device), "torch": torch.__version__, "metrics": metrics,
         "seconds": {k: round(v, 1) for k, v in sorted(run.seconds.items())}, "seconds_per_step": per_step,
         "cpu_seconds": {k: round(v, 1) for k, v in sorted(run.cpu_seconds.items())},
         "cpu_seconds_per_step": cpu_per_step,
@@ -683,12 +706,16 @@ def pretrain_world_model(output_dir: str | Path, config: WorldModelConfig | None
     return out
 
 
-def _versions() -> dict[str, str]:
+def _versions(device: torch.device) -> dict[str, str]:
     import diffusers
     import transformers
 
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-            "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
+                "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    if device.type == "cuda":  # GPU bytes are reproducible on this device and software only
+        versions |= {"gpu": torch.cuda.get_device_name(device), "cuda": str(torch.version.cuda),
+                     "cudnn": str(torch.backends.cudnn.version())}
+    return versions
 
 
 @dataclass
