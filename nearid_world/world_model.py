@@ -11,24 +11,43 @@ scratch in two stages:
    that leave attributes out at random (and 10 % empty captions, for classifier-free guidance), with an EMA of both.
 
 Held-out identities (:func:`nearid_world.scenes.held_out_identities`) are never rendered for training: the benchmark's
-subjects are new to the model. Everything derives from the seed, so a rerun of the same command reproduces the same
-weights on the same software (CPU float32). The output folder loads with ``StableDiffusionPipeline.from_pretrained``
-and can be passed as ``--pretrained_model_name_or_path`` to DreamBooth scripts.
+subjects are new to the model. The output folder loads with ``StableDiffusionPipeline.from_pretrained`` and can be
+passed as ``--pretrained_model_name_or_path`` to DreamBooth scripts.
 
-Command that made the shipped model (``nearid_world/weights/world_model``)::
+Reproducible by construction: every component that draws random numbers (the renderer, each model's initialisation,
+each stage's data order, posterior and diffusion noise, timesteps, caption dropout) draws from its own stream derived
+from ``--seed`` (:mod:`nearid_world.seeding`), and nothing draws from the global generators, so a change in one
+component leaves the others' numbers alone, and a rerun of the same command on the same software, device and thread
+count writes the same bytes. ``world_model_config.json`` records the command, the seed, the versions, the thread
+count, the initial weights' hashes and the sha256 of every file written (itself excluded).
 
-    python -m nearid_world.world_model --output_dir nearid_world/weights/world_model --seed 0
+Resumable: with ``--checkpoint_every N`` (default 250) the run saves its whole state (weights, EMA, optimizer state,
+every generator's state) to ``OUTPUT_DIR/checkpoints/<stage>-<step>`` every N steps of each stage and once at the
+boundary between the autoencoder and denoiser stages; ``--resume`` continues from the newest complete checkpoint and
+ends with the same bytes as an uninterrupted run. ``--eval_every N`` measures prompt following
+(:func:`nearid_world.evaluate.prompt_following`, read by the shipped oracle) every N denoiser steps and appends it to
+``OUTPUT_DIR/prompt_following.jsonl``.
+
+Command (the shipped ``nearid_world/weights/world_model`` predates per-component seeding; see docs/world.md)::
+
+    nearid-make-world --output_dir nearid_world/weights/world_model --seed 0 --threads 1
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import math
+import os
+import shlex
+import shutil
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,20 +56,43 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nearid_reward.cli.arguments import parse_arguments
+from nearid_reward.cli.arguments import parse_arguments, parse_device
 from nearid_reward.cli.entry_points import entry_point
-from nearid_reward.files import write_json_atomic
+from nearid_reward.files import (
+    append_jsonl,
+    read_jsonl,
+    remove_stale_temporaries,
+    temporary_path,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 from . import scenes
+from .seeding import COMPONENTS, child_seed_sequence, numpy_generator, seeded_init, torch_generator
+from .training_state import (
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    load_training_state,
+    module_sha256,
+    output_sha256,
+    read_scalars,
+    save_training_state,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "WorldModelConfig", "MakeWorldArguments", "build_world_pipeline", "render_training_set", "caption",
+    "WorldModelConfig", "RunOptions", "MakeWorldArguments", "build_world_pipeline", "render_training_set", "caption",
     "pretrain_world_model", "parse_args", "main",
 ]
 
 CONFIG_NAME = "world_model_config.json"
+CHECKPOINTS_DIR = "checkpoints"
+SNAPSHOT_DIR = "snapshot"
+CURVE_NAME = "prompt_following.jsonl"
+STAGES: tuple[str, ...] = ("autoencoder", "denoiser")
+SEEDING = "per-component: numpy SeedSequence(seed).spawn, one child per nearid_world.seeding.COMPONENTS entry"
 
 
 @dataclass
@@ -68,7 +110,7 @@ class WorldModelConfig:
         ema_decay: EMA of the UNet and text encoder weights (what is saved).
         keep_attribute, keep_context, empty_caption: caption dropout probabilities.
         unet_channels, text_width: model sizes.
-        seed: everything derives from it.
+        seed: every component's random stream derives from it (:mod:`nearid_world.seeding`).
     """
 
     image_size: int = field(default=32, metadata={"help": "pixels (the latents are half of it)"})
@@ -119,7 +161,11 @@ class WorldModelConfig:
 
 
 def build_world_pipeline(config: WorldModelConfig | None = None) -> Any:
-    """The world's ``StableDiffusionPipeline`` with seeded random weights (:func:`pretrain_world_model` trains it)."""
+    """The world's ``StableDiffusionPipeline`` with seeded random weights (:func:`pretrain_world_model` trains it).
+
+    Each model is initialised from its own component seed (``text_encoder_init``, ``unet_init``, ``vae_init``), so
+    the sizes of one never change the initial weights of another; the global torch generator is left as it was.
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -127,25 +173,27 @@ def build_world_pipeline(config: WorldModelConfig | None = None) -> Any:
 
     config = config or WorldModelConfig()
     tokenizer = build_clip_tokenizer(scenes.VOCABULARY, model_max_length=20)
-    torch.manual_seed(config.seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=config.text_width, intermediate_size=2 * config.text_width,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        projection_dim=config.text_width,
-    ))  # fmt: skip
+    with seeded_init(config.seed, "text_encoder_init"):
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=config.text_width, intermediate_size=2 * config.text_width,
+            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, projection_dim=config.text_width,
+        ))  # fmt: skip
     c0, c1 = config.unet_channels
-    unet = UNet2DConditionModel(
-        sample_size=config.image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(c0, c1), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=config.text_width,
-        attention_head_dim=4, norm_num_groups=16,
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
-        norm_num_groups=8, sample_size=config.image_size, mid_block_add_attention=False,
-    )  # fmt: skip
+    with seeded_init(config.seed, "unet_init"):
+        unet = UNet2DConditionModel(
+            sample_size=config.image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(c0, c1), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=config.text_width,
+            attention_head_dim=4, norm_num_groups=16,
+        )  # fmt: skip
+    with seeded_init(config.seed, "vae_init"):
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1, norm_num_groups=8, sample_size=config.image_size, mid_block_add_attention=False,
+        )  # fmt: skip
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               prediction_type="epsilon", steps_offset=1, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(
@@ -164,10 +212,21 @@ class TrainingSet:
     identities: list[scenes.Identity]
     contexts: list[str]
 
+    def sha256(self) -> str:
+        """sha256 of the pixels, identities and contexts (a resumed run checks it re-rendered the same set)."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.images).tobytes())
+        for ident, context in zip(self.identities, self.contexts):
+            digest.update(f"{ident.describe()}|{context};".encode())
+        return digest.hexdigest()
+
 
 def render_training_set(num_images: int, *, image_size: int = 32, held_out: int = 48, seed: int = 0,
                         progress: bool = False) -> TrainingSet:
-    """Views of random non-held-out identities in random contexts (deterministic for a seed)."""
+    """Views of random non-held-out identities in random contexts, deterministic for a seed.
+
+    View ``i`` draws its identity, context and view from child ``i`` of the ``render`` component's stream
+    (:func:`nearid_world.seeding.child_seed_sequence`), so it does not depend on ``num_images``.
+    """
     from tqdm.auto import tqdm
 
     banned = scenes.held_out_identities(held_out) if held_out else []
@@ -175,7 +234,7 @@ def render_training_set(num_images: int, *, image_size: int = 32, held_out: int 
     identities, contexts = [], []
     names = list(scenes.CONTEXTS)
     for i in tqdm(range(num_images), desc="world views", disable=not progress, leave=False):
-        rng = np.random.default_rng([seed, 7001, i])
+        rng = np.random.default_rng(child_seed_sequence(seed, "render", i))
         ident = scenes.sample_identity(rng, banned)
         context = names[int(rng.integers(len(names)))]
         images[i] = scenes.render_view(ident, context, rng, image_size)
@@ -206,32 +265,252 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _train_vae(vae: Any, data: TrainingSet, config: WorldModelConfig, progress: bool) -> dict[str, float]:
+def _set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    # a pure function of the step: nothing to checkpoint (a LambdaLR would give the same values)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@dataclass
+class RunOptions:
+    """How a pretraining run is carried out; none of it changes the weights (see :class:`WorldModelConfig`).
+
+    Attributes:
+        checkpoint_every: save the whole training state every this many steps of each stage, and at the stage
+            boundary (0: never; then ``resume`` has nothing to resume from).
+        resume: continue from the newest complete checkpoint in ``OUTPUT_DIR/checkpoints`` (start afresh when there
+            is none).
+        keep_checkpoints: keep ``OUTPUT_DIR/checkpoints`` after the run (default: removed once the model is saved,
+            unless ``stop_after`` ended the denoiser stage early).
+        snapshot_every: save the EMA weights so far to ``OUTPUT_DIR/snapshot`` every this many denoiser steps.
+        eval_every: measure prompt following every this many denoiser steps and at the end (0: never).
+        eval_count: prompts of each prompt-following measurement (96 is the documented measure).
+        eval_oracle: the oracle folder that reads the samples (None: the shipped one).
+        device: torch device of the training (``cpu``, ``cuda``, ``cuda:1``); random numbers are always drawn on
+            the CPU, but the bytes made on a GPU are reproducible only on that GPU model and software.
+    """
+
+    checkpoint_every: int = 250
+    resume: bool = False
+    keep_checkpoints: bool = False
+    snapshot_every: int = 0
+    eval_every: int = 0
+    eval_count: int = 96
+    eval_oracle: str | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("snapshot_every", "checkpoint_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_count < 1:
+            raise ValueError(f"--eval_count must be >= 1, got {self.eval_count}")
+        parse_device(self.device, name="--device")
+
+
+class _Run:
+    """What the two stages share: the output folder, checkpoints, timers and the prompt-following curve."""
+
+    def __init__(self, out: Path, config: WorldModelConfig, options: RunOptions, progress: bool) -> None:
+        self.out, self.config, self.options, self.progress = out, config, options, progress
+        self.device = torch.device(options.device)
+        self.checkpoints = out / CHECKPOINTS_DIR
+        self.seconds: dict[str, float] = {}  # wall-clock
+        self.cpu_seconds: dict[str, float] = {}  # this process's CPU time (all threads): robust to a busy machine
+        self.steps_run: dict[str, int] = {}
+        self.data_sha256 = ""
+        self.resume_from: Path | None = None
+        self.resumed: dict[str, Any] = {}
+        self.vae_metrics: dict[str, float] = {}
+        self._oracle: Any = None
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+    def find_resume_point(self) -> None:
+        remove_stale_temporaries(self.checkpoints)
+        latest = latest_checkpoint(self.checkpoints, STAGES)
+        if latest is not None and not self.options.resume:
+            raise ValueError(f"{self.checkpoints} holds checkpoints of an earlier run (newest: {latest.name}): pass "
+                             "--resume to continue it, or remove that folder to start afresh")
+        if latest is None:
+            if self.options.resume:
+                logger.info("--resume: no complete checkpoint in %s, starting afresh", self.checkpoints)
+            return
+        scalars = read_scalars(latest)
+        here = dataclasses.asdict(self.config)
+        there = scalars.get("config", {})
+        differ = sorted(k for k in set(here) | set(there) if k != "stop_after" and here.get(k) != there.get(k))
+        if differ:
+            details = ", ".join(f"{k} {there.get(k)!r} there, {here.get(k)!r} here" for k in differ)
+            raise ValueError(f"--resume: checkpoint {latest} was made with other settings ({details}); rerun with "
+                             f"the same flags, or remove {self.checkpoints} to start afresh")
+        for key, now in (("device", str(self.device)), ("threads", torch.get_num_threads()),
+                         ("torch", torch.__version__)):
+            if scalars.get(key) != now:
+                logger.warning("--resume: checkpoint %s was made with %s %s, this run has %s: the final bytes may "
+                               "differ from an uninterrupted run", latest.name, key, scalars.get(key), now)
+        self.resume_from = latest
+        self.resumed = scalars
+        self.seconds = {k: float(v) for k, v in scalars["seconds"].items()}
+        self.cpu_seconds = {k: float(v) for k, v in scalars["cpu_seconds"].items()}
+        self.steps_run = {k: int(v) for k, v in scalars["steps_run"].items()}
+        logger.info("resuming from %s", latest)
+
+    @property
+    def resume_stage(self) -> str | None:
+        return self.resumed.get("stage")
+
+    @property
+    def resume_step(self) -> int:
+        return int(self.resumed.get("step", 0))
+
+    def checkpoint_due(self, done: int, end: int) -> bool:
+        every = self.options.checkpoint_every
+        return bool(every) and (done % every == 0 or done == end)
+
+    def save_checkpoint(self, stage: str, step: int, scalars: dict[str, Any], **state: Any) -> None:
+        if not self.options.checkpoint_every:
+            return
+        with self.timed("checkpoints"):
+            self._save_checkpoint(stage, step, scalars, **state)
+
+    def _save_checkpoint(self, stage: str, step: int, scalars: dict[str, Any], **state: Any) -> None:
+        common = {"stage": stage, "step": step, "config": dataclasses.asdict(self.config),
+                  "data_sha256": self.data_sha256, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
+                  "steps_run": self.steps_run,
+                  "device": str(self.device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+        folder = save_training_state(self.checkpoints / checkpoint_name(stage, step), scalars=common | scalars,
+                                     **state)
+        for older in list_checkpoints(self.checkpoints, STAGES):
+            if older != folder:
+                shutil.rmtree(older, ignore_errors=True)
+
+    def remove_checkpoints(self) -> None:
+        if self.checkpoints.exists() and not self.options.keep_checkpoints:
+            # renamed first: a kill while deleting leaves a stale temporary, never a half-deleted checkpoint
+            aside = temporary_path(self.checkpoints)
+            os.replace(self.checkpoints, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------------------------- timing
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu_started
+
+    def step_done(self, stage: str) -> None:
+        self.steps_run[stage] = self.steps_run.get(stage, 0) + 1
+
+    # ---------------------------------------------------------------------------------------------- curve
+    @property
+    def curve(self) -> Path:
+        return self.out / CURVE_NAME
+
+    def reset_curve(self, keep_until: int) -> None:
+        """Keep the rows of steps <= ``keep_until`` (those the resumed checkpoint had measured)."""
+        if not self.curve.exists():
+            return
+        rows = [r for r in read_jsonl(self.curve) if int(r.get("step", -1)) <= keep_until]
+        if rows:  # the same bytes as append_jsonl wrote
+            write_text_atomic(self.curve, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        else:
+            self.curve.unlink()
+
+    def eval_due(self, done: int, end: int) -> bool:
+        every = self.options.eval_every
+        return bool(every) and (done % every == 0 or done == end)
+
+    def measure(self, pipe: Any, ema_unet: torch.nn.Module, ema_text: torch.nn.Module, step: int) -> None:
+        """Append the prompt following of the weights as they would be saved now (EMA, float16-rounded)."""
+        from .evaluate import WorldAssets, prompt_following
+        from .oracle import AttributeOracle
+
+        with self.timed("eval"), _forked_rng(self.device):  # building the oracle draws from the global generator
+            if self._oracle is None:
+                self._oracle = AttributeOracle.from_pretrained(self.options.eval_oracle or WorldAssets().oracle).eval()
+            shipped = copy.copy(pipe)
+            shipped.register_modules(unet=_float16_rounded(ema_unet), vae=_float16_rounded(pipe.vae),
+                                     text_encoder=ema_text)
+            rates = prompt_following(shipped, self._oracle, count=self.options.eval_count)
+            append_jsonl(self.curve, {"step": step, "count": self.options.eval_count,
+                                      **{k: round(v, 6) for k, v in rates.items()}})
+        logger.info("world denoiser step %d: prompt following %s", step, rates)
+
+
+def _float16_rounded(module: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(module).to(torch.float16).to(torch.float32).eval()
+
+
+@contextmanager
+def _forked_rng(device: torch.device) -> Iterator[None]:
+    """Whatever the block draws from the global generators is undone afterwards."""
+    devices = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    """On a GPU, deterministic kernels for the block (an op that has none warns): otherwise two runs on the same GPU
+    could differ in the last bits (atomic adds, autotuned convolution algorithms). The CPU needs nothing."""
+    if device.type != "cuda":
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any CUDA matmul
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
+
+
+def _train_vae(vae: Any, data: TrainingSet, config: WorldModelConfig, run: _Run) -> dict[str, float]:
     from tqdm.auto import tqdm
 
-    generator = torch.Generator().manual_seed(config.seed + 1)
+    device, total = run.device, config.vae_steps
+    generators = {"vae_data": torch_generator(config.seed, "vae_data"),
+                  "vae_noise": torch_generator(config.seed, "vae_noise")}
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, config.vae_steps, 50))
+    start, loss_ema = 0, None
+    if run.resume_stage == "autoencoder":
+        scalars = load_training_state(run.resume_from, modules={"vae": vae}, optimizers={"vae": optimizer},
+                                      torch_generators=generators)
+        start, loss_ema = int(scalars["step"]), scalars["loss_ema"]
     vae.train()
-    loss_ema = None
-    for step in tqdm(range(config.vae_steps), desc="world autoencoder", disable=not progress, leave=False):
-        idx = torch.randint(len(data.images), (config.vae_batch_size,), generator=generator).numpy()
-        x = _to_pixels(data.images[idx])
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=generator)).sample
-        rec = (recon - x).abs().mean()
-        loss = rec + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        loss_ema = float(rec) if loss_ema is None else 0.95 * loss_ema + 0.05 * float(rec)
+    for step in tqdm(range(start, total), desc="world autoencoder", disable=not run.progress, leave=False,
+                     initial=start, total=total):
+        with run.timed("autoencoder"):
+            _set_learning_rate(optimizer, config.vae_learning_rate * _cosine(step, total, 50))
+            idx = torch.randint(len(data.images), (config.vae_batch_size,), generator=generators["vae_data"])
+            x = _to_pixels(data.images[idx.numpy()]).to(device)
+            posterior = vae.encode(x).latent_dist
+            eps = torch.randn(posterior.mean.shape, generator=generators["vae_noise"]).to(device)
+            recon = vae.decode(posterior.mean + posterior.std * eps).sample
+            rec = (recon - x).abs().mean()
+            loss = rec + 1e-6 * posterior.kl().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            optimizer.step()
+            rec_value = float(rec.detach())
+            loss_ema = rec_value if loss_ema is None else 0.95 * loss_ema + 0.05 * rec_value
+            run.step_done("autoencoder")
         if step % 100 == 0:
-            logger.info("world autoencoder step %d/%d: L1 %.4f", step, config.vae_steps, loss_ema)
+            logger.info("world autoencoder step %d/%d: L1 %.4f", step, total, loss_ema)
+        done = step + 1
+        if done < total and run.checkpoint_due(done, total):  # the last step's state is the stage boundary's
+            run.save_checkpoint("autoencoder", done, {"loss_ema": loss_ema}, modules={"vae": vae},
+                                optimizers={"vae": optimizer}, torch_generators=generators)
     vae.eval()
     with torch.no_grad():
-        x = _to_pixels(data.images[:256])
+        x = _to_pixels(data.images[:256]).to(device)
         latents = vae.encode(x).latent_dist.mean
         recon = vae.decode(latents).sample
         std = float(latents.std())
@@ -241,13 +520,14 @@ def _train_vae(vae: Any, data: TrainingSet, config: WorldModelConfig, progress: 
 
 
 @torch.no_grad()
-def _encode_all(vae: Any, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode_all(vae: Any, images: np.ndarray, device: torch.device,
+                batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     for i in range(0, len(images), batch):
-        dist = vae.encode(_to_pixels(images[i:i + batch])).latent_dist
+        dist = vae.encode(_to_pixels(images[i:i + batch]).to(device)).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
-    return torch.cat(means), torch.cat(stds)
+    return torch.cat(means), torch.cat(stds)  # [N, 4, S/2, S/2] each
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -259,130 +539,224 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 def _save(pipe: Any, out: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
     """Save ``pipe`` with the given denoiser weights; the UNet and autoencoder in float16 (they load as float32)."""
     saved = copy.copy(pipe)
-    saved.register_modules(unet=copy.deepcopy(unet).to(torch.float16), vae=copy.deepcopy(pipe.vae).to(torch.float16),
-                           text_encoder=text_encoder)
+    cpu = torch.device("cpu")
+    saved.register_modules(unet=copy.deepcopy(unet).to(cpu, torch.float16),
+                           vae=copy.deepcopy(pipe.vae).to(cpu, torch.float16),
+                           text_encoder=copy.deepcopy(text_encoder).to(cpu))
     out.mkdir(parents=True, exist_ok=True)
     saved.save_pretrained(str(out), safe_serialization=True)
 
 
-def _train_denoiser(pipe: Any, data: TrainingSet, config: WorldModelConfig, progress: bool,
-                    snapshot_dir: Path | None = None, snapshot_every: int = 0) -> dict[str, float]:
+def _train_denoiser(pipe: Any, data: TrainingSet, config: WorldModelConfig, run: _Run) -> dict[str, float]:
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
+    device = run.device
     unet, text_encoder, tokenizer, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    alphas = noise_scheduler.alphas_cumprod
-    means, stds = _encode_all(vae, data.images)
+    alphas = noise_scheduler.alphas_cumprod  # [T] on the CPU
+    with run.timed("encode_latents"):
+        means, stds = _encode_all(vae, data.images, device)
     scale = float(vae.config.scaling_factor)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _cosine(s, config.unet_steps, config.warmup_steps))
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     for m in (ema_unet, ema_text):
         m.requires_grad_(False)
-    generator = torch.Generator().manual_seed(config.seed + 2)
-    rng = np.random.default_rng([config.seed, 7002])
+    generators = {name: torch_generator(config.seed, name)
+                  for name in ("denoiser_data", "denoiser_noise", "denoiser_timesteps")}
+    captions_rng = numpy_generator(config.seed, "caption")
+    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text_encoder": ema_text}
+    state = {"modules": modules, "optimizers": {"denoiser": optimizer}, "torch_generators": generators,
+             "numpy_generators": {"caption": captions_rng}}
+    start, loss_ema = 0, None
+    if run.resume_stage == "denoiser" and run.resume_step > 0:
+        scalars = load_training_state(run.resume_from, **state)
+        start, loss_ema = int(scalars["step"]), scalars["loss_ema"]
+    total = config.unet_steps
+    end = min(total, config.stop_after) if config.stop_after else total
     unet.train()
     text_encoder.train()
-    loss_ema = None
-    for step in tqdm(range(config.unet_steps), desc="world denoiser", disable=not progress, leave=False):
-        idx = torch.randint(len(data.images), (config.batch_size,), generator=generator)
-        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)) * scale
-        captions = [caption(data.identities[i], data.contexts[i], rng, config) for i in idx.tolist()]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        noise = torch.randn(latents.shape, generator=generator)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        hidden = text_encoder(ids)[0]  # [B, L, D]
-        loss = F.mse_loss(unet(noisy, t, hidden).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_text, text_encoder, decay)
-        loss_ema = float(loss) if loss_ema is None else 0.98 * loss_ema + 0.02 * float(loss)
+    for step in tqdm(range(start, end), desc="world denoiser", disable=not run.progress, leave=False,
+                     initial=start, total=end):
+        with run.timed("denoiser"):
+            _set_learning_rate(optimizer, config.learning_rate * _cosine(step, total, config.warmup_steps))
+            idx = torch.randint(len(data.images), (config.batch_size,), generator=generators["denoiser_data"])
+            posterior_eps = torch.randn((config.batch_size, *means.shape[1:]), generator=generators["denoiser_noise"])
+            latents = (means[idx] + stds[idx] * posterior_eps.to(device)) * scale  # [B, 4, S/2, S/2]
+            captions = [caption(data.identities[i], data.contexts[i], captions_rng, config) for i in idx.tolist()]
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(device)
+            noise = torch.randn(latents.shape, generator=generators["denoiser_noise"]).to(device)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,),
+                              generator=generators["denoiser_timesteps"])
+            a = alphas[t].view(-1, 1, 1, 1).to(device)
+            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+            hidden = text_encoder(ids)[0]  # [B, L, D]
+            loss = F.mse_loss(unet(noisy, t.to(device), hidden).sample, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            decay = min(config.ema_decay, (1 + step) / (10 + step))
+            _ema_update(ema_unet, unet, decay)
+            _ema_update(ema_text, text_encoder, decay)
+            loss_value = float(loss.detach())
+            loss_ema = loss_value if loss_ema is None else 0.98 * loss_ema + 0.02 * loss_value
+            run.step_done("denoiser")
         if step % 200 == 0:
-            logger.info("world denoiser step %d/%d: loss %.4f", step, config.unet_steps, loss_ema)
-        if snapshot_dir is not None and snapshot_every and (step + 1) % snapshot_every == 0:
-            _save(pipe, snapshot_dir, ema_unet, ema_text)
-            write_json_atomic(snapshot_dir / "snapshot.json", {"step": step + 1, "loss_ema": loss_ema})
-        if config.stop_after and step + 1 >= config.stop_after:
-            break
+            logger.info("world denoiser step %d/%d: loss %.4f", step, total, loss_ema)
+        done = step + 1
+        every = run.options.snapshot_every
+        if every and done % every == 0:
+            _save(pipe, run.out / SNAPSHOT_DIR, ema_unet, ema_text)
+            write_json_atomic(run.out / SNAPSHOT_DIR / "snapshot.json", {"step": done, "loss_ema": loss_ema})
+        if run.eval_due(done, end):  # measured before the checkpoint: a resumed run never misses a row
+            run.measure(pipe, ema_unet, ema_text, done)
+        if run.checkpoint_due(done, end):
+            run.save_checkpoint("denoiser", done, {"loss_ema": loss_ema, **_vae_scalars(vae, run)},
+                                modules={"vae": vae, **modules}, **{k: v for k, v in state.items() if k != "modules"})
     pipe.unet, pipe.text_encoder = ema_unet, ema_text
     return {"denoiser_loss_ema": round(loss_ema or 0.0, 5)}
 
 
+def _vae_scalars(vae: Any, run: _Run) -> dict[str, Any]:
+    return {"scaling_factor": float(vae.config.scaling_factor), "vae_metrics": run.vae_metrics}
+
+
 def pretrain_world_model(output_dir: str | Path, config: WorldModelConfig | None = None, *,
-                         progress: bool = False, snapshot_every: int = 0) -> Path:
+                         options: RunOptions | None = None, progress: bool = False,
+                         command: str | None = None) -> Path:
     """Render the training views, train the autoencoder then the denoiser, and save the pipeline (safetensors).
 
     Args:
-        output_dir: destination; receives the pipeline folders and ``world_model_config.json`` (the settings, the
-            final losses and the seconds each stage took).
-        config: settings (default :class:`WorldModelConfig`).
+        output_dir: destination; receives the pipeline folders, ``world_model_config.json`` (the settings, the
+            command, versions, thread count, final losses, seconds per stage and per step, initial-weight hashes,
+            the sha256 of every other file written) and, with ``options.eval_every``, ``prompt_following.jsonl``.
+        config: what is trained (default :class:`WorldModelConfig`).
+        options: how the run is carried out: checkpoints, resume, measurements, device (default
+            :class:`RunOptions`).
         progress: tqdm progress bars.
-        snapshot_every: also save the EMA weights so far to ``output_dir/snapshot`` every this many denoiser steps
-            (0: never), to look at samples while it trains.
+        command: the command line recorded in the config (None: not recorded).
 
     Returns:
         ``output_dir``, loadable with ``StableDiffusionPipeline.from_pretrained``.
+
+    Raises:
+        ValueError: checkpoints of an earlier run are present without ``options.resume``, or ``options.resume``
+            finds a checkpoint made with other settings or from other rendered views.
     """
     config = config or WorldModelConfig()
-    out = Path(output_dir)
-    torch.manual_seed(config.seed)
-    started = time.perf_counter()
-    data = render_training_set(config.num_images, image_size=config.image_size, held_out=config.held_out,
-                               seed=config.seed, progress=progress)
-    seconds = {"render": time.perf_counter() - started}
-    pipe = build_world_pipeline(config)
-    t = time.perf_counter()
-    stage = out / "autoencoder_stage"
-    stamp = {"config": {k: v for k, v in dataclasses.asdict(config).items() if k.startswith(("vae_", "num_images",
-                                                                                              "image_size", "held"))},
-             "seed": config.seed}
-    if (stage / "stage.json").is_file() and json.loads((stage / "stage.json").read_text())["stamp"] == stamp:
-        from diffusers import AutoencoderKL
+    options = options or RunOptions()
+    with _deterministic(torch.device(options.device)):
+        return _pretrain(Path(output_dir), config, options, progress, command)
 
-        pipe.register_modules(vae=AutoencoderKL.from_pretrained(str(stage), use_safetensors=True).eval())
-        metrics = json.loads((stage / "stage.json").read_text())["metrics"]
-        logger.info("reusing the trained autoencoder in %s", stage)
+
+def _pretrain(out: Path, config: WorldModelConfig, options: RunOptions, progress: bool, command: str | None) -> Path:
+    run = _Run(out, config, options, progress)
+    run.find_resume_point()
+    remove_stale_temporaries(out)
+    run.reset_curve(run.resume_step if run.resume_stage == "denoiser" else 0)
+    started = time.perf_counter()
+    run.seconds.pop("render", None)  # a resumed run renders again: its own time counts
+    run.cpu_seconds.pop("render", None)
+    with run.timed("render"):
+        data = render_training_set(config.num_images, image_size=config.image_size, held_out=config.held_out,
+                                   seed=config.seed, progress=progress)
+    run.data_sha256 = data.sha256()
+    if run.resume_from is not None and run.resumed.get("data_sha256") != run.data_sha256:
+        raise ValueError(f"--resume: the rendered training views differ from those checkpoint {run.resume_from} "
+                         f"was trained on (sha256 {run.data_sha256[:12]} here, "
+                         f"{str(run.resumed.get('data_sha256'))[:12]} there): the renderer changed; start afresh")
+    pipe = build_world_pipeline(config)
+    init_sha256 = {name: module_sha256(getattr(pipe, name)) for name in ("vae", "text_encoder", "unet")}
+    for name in ("vae", "text_encoder", "unet"):
+        getattr(pipe, name).to(run.device)
+    if run.resume_stage == "denoiser":
+        load_training_state(run.resume_from, modules={"vae": pipe.vae})
+        pipe.vae.register_to_config(scaling_factor=float(run.resumed["scaling_factor"]))
+        pipe.vae.eval()
+        run.vae_metrics = dict(run.resumed["vae_metrics"])
     else:
-        metrics = _train_vae(pipe.vae, data, config, progress)
-        pipe.vae.save_pretrained(str(stage), safe_serialization=True)
-        write_json_atomic(stage / "stage.json", {"stamp": stamp, "metrics": metrics})
-    seconds["autoencoder"] = time.perf_counter() - t
-    t = time.perf_counter()
-    metrics |= _train_denoiser(pipe, data, config, progress, out / "snapshot", snapshot_every)
-    seconds["denoiser"] = time.perf_counter() - t
+        run.vae_metrics = _train_vae(pipe.vae, data, config, run)
+        run.save_checkpoint("denoiser", 0, {"loss_ema": None, **_vae_scalars(pipe.vae, run)},
+                            modules={"vae": pipe.vae})
+    pipe.vae.requires_grad_(False)
+    metrics = run.vae_metrics | _train_denoiser(pipe, data, config, run)
     _save(pipe, out, pipe.unet, pipe.text_encoder)
-    info = {"config": dataclasses.asdict(config), "metrics": metrics,
-            "seconds": {k: round(v, 1) for k, v in seconds.items()},
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    hashes = output_sha256(out, exclude=(CONFIG_NAME, CHECKPOINTS_DIR, SNAPSHOT_DIR))
+    per_step = {stage: round(run.seconds.get(stage, 0.0) / run.steps_run[stage], 4)
+                for stage in STAGES if run.steps_run.get(stage)}
+    cpu_per_step = {stage: round(run.cpu_seconds.get(stage, 0.0) / run.steps_run[stage], 4)
+                    for stage in STAGES if run.steps_run.get(stage)}
+    info = {
+        "config": dataclasses.asdict(config), "seed": config.seed, "command": command, "seeding": SEEDING,
+        "seeding_components": list(COMPONENTS), "device": str(run.device), "threads": torch.get_num_threads(),
+        "versions": _versions(run.device), "torch": torch.__version__, "metrics": metrics,
+        "seconds": {k: round(v, 1) for k, v in sorted(run.seconds.items())}, "seconds_per_step": per_step,
+        "cpu_seconds": {k: round(v, 1) for k, v in sorted(run.cpu_seconds.items())},
+        "cpu_seconds_per_step": cpu_per_step,
+        "init_sha256": init_sha256, "sha256": hashes,
+        "resumed_from": run.resume_from.name if run.resume_from is not None else None,
+    }
     write_json_atomic(out / CONFIG_NAME, info)
+    if not config.stop_after or config.stop_after >= config.unet_steps:
+        run.remove_checkpoints()  # a run ended early by --stop_after keeps them, to be continued with --resume
     logger.info("world model written to %s in %.0f s: %s", out, time.perf_counter() - started, metrics)
     return out
 
 
+def _versions(device: torch.device) -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
+                "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    if device.type == "cuda":  # GPU bytes are reproducible on this device and software only
+        versions |= {"gpu": torch.cuda.get_device_name(device), "cuda": str(torch.version.cuda),
+                     "cudnn": str(torch.backends.cudnn.version())}
+    return versions
+
+
 @dataclass
 class MakeWorldArguments:
-    """The options of ``nearid-make-world`` besides the :class:`WorldModelConfig` fields."""
+    """The options of ``nearid-make-world`` besides the :class:`WorldModelConfig` fields (see :class:`RunOptions`)."""
 
     output_dir: str = field(metadata={"help": "where the StableDiffusionPipeline folder is written"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (None: torch's choice)"})
     snapshot_every: int = field(
         default=0, metadata={"help": "save the EMA weights so far to OUTPUT_DIR/snapshot every N denoiser steps"}
     )
+    checkpoint_every: int = field(
+        default=250, metadata={"help": "save the whole training state to OUTPUT_DIR/checkpoints every N steps of "
+                                       "each stage and at the stage boundary (0: never)"}
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "continue from the newest complete checkpoint in OUTPUT_DIR/checkpoints"}
+    )
+    keep_checkpoints: bool = field(
+        default=False, metadata={"help": "keep OUTPUT_DIR/checkpoints once the model is saved"}
+    )
+    eval_every: int = field(
+        default=0, metadata={"help": "measure prompt following every N denoiser steps and at the end, appended to "
+                                     "OUTPUT_DIR/prompt_following.jsonl (0: never)"}
+    )
+    eval_count: int = field(default=96, metadata={"help": "prompts per prompt-following measurement"})
+    eval_oracle: str | None = field(
+        default=None, metadata={"help": "oracle folder that reads the samples (None: the shipped one)"}
+    )
+    device: str = field(
+        default="cpu", metadata={"help": "torch device of the training; bytes made on a GPU are reproducible "
+                                         "only on that GPU"}
+    )
 
     def __post_init__(self) -> None:
-        if self.snapshot_every < 0:
-            raise ValueError(f"--snapshot_every must be >= 0, got {self.snapshot_every}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        self.run_options()  # checks the values
+
+    def run_options(self) -> RunOptions:
+        return RunOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RunOptions)})
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[MakeWorldArguments, WorldModelConfig]:
@@ -394,11 +768,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[MakeWorldArguments, W
 
 @entry_point("nearid-make-world")
 def main(argv: Sequence[str] | None = None) -> int:
-    args, config = parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args, config = parse_args(words)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = pretrain_world_model(args.output_dir, config, progress=True, snapshot_every=args.snapshot_every)
+    out = pretrain_world_model(args.output_dir, config, options=args.run_options(), progress=True,
+                               command=shlex.join(["nearid-make-world", *words]))
     print(json.dumps(json.loads((out / CONFIG_NAME).read_text()), indent=2))
     return 0
 

@@ -142,7 +142,9 @@ EXPECTED: dict[str, tuple[list[str], dict[str, Any]]] = {
         "device": "cpu", "dtype": "float32", "log_level": "info",
     }),
     "nearid-make-world": (["--output_dir", "o"], {
-        "output_dir": "o", "threads": None, "snapshot_every": 0, "image_size": 32, "num_images": 24000,
+        "output_dir": "o", "threads": None, "snapshot_every": 0, "checkpoint_every": 250, "resume": False,
+        "keep_checkpoints": False, "eval_every": 0, "eval_count": 96, "eval_oracle": None, "device": "cpu",
+        "image_size": 32, "num_images": 24000,
         "held_out": 48, "vae_steps": 500, "vae_batch_size": 32, "vae_learning_rate": 2e-3, "unet_steps": 2500,
         "stop_after": 0, "batch_size": 48, "learning_rate": 1e-3, "warmup_steps": 100, "ema_decay": 0.995,
         "keep_attribute": 0.75, "keep_context": 0.85, "empty_caption": 0.1, "unet_channels": [48, 96],
