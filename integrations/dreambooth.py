@@ -291,7 +291,12 @@ class DreamBoothSession:
                 accelerator=self.accelerator, monitor=o.nearid_monitor, mode=o.nearid_mode, patience=o.nearid_patience,
                 threshold=o.nearid_threshold,
             )  # fmt: skip
-            conditioning, guidance = host_conditioning(self.args, self.args.pretrained_model_name_or_path)
+            try:
+                conditioning, guidance = host_conditioning(self.args, self.args.pretrained_model_name_or_path)
+            except Exception as exc:  # e.g. a hub id not in the local cache: render with the pipeline's defaults
+                logger.warning("could not read the base model's pipeline class and transformer config (%s); NearID "
+                               "renders with the pipeline's default conditioning", exc)
+                conditioning, guidance = {}, None
             render = RenderConfig(
                 num_inference_steps=o.nearid_num_inference_steps,
                 guidance_scale=o.nearid_guidance_scale if o.nearid_guidance_scale is not None else guidance,

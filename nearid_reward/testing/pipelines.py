@@ -1,7 +1,9 @@
 """Tiny random diffusers pipelines and LoRA checkpoints for tests, demos and benchmarks (offline, no downloads).
 
 Everything here is built from configs with seeded random weights: a CLIP BPE tokenizer from a generated vocabulary,
-a tiny CLIP text encoder, UNet and VAE, and a DDIM (or DDPM) scheduler. A 64x64 SD-style image needs a 32x32 latent
+a tiny CLIP text encoder, UNet and VAE, and a DDIM (or DDPM) scheduler; for the transformer families (Flux, SD3,
+Sana, Qwen-Image, Lumina2, see :func:`build_tiny_pipeline`) T5, Qwen2 and Gemma tokenizers built in memory and tiny
+text encoders, transformers and VAEs of each model's own classes. A 64x64 SD-style image needs a 32x32 latent
 (the VAE downsamples by 2). Builders return real ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` objects
 that ``save_pretrained`` / ``from_pretrained`` round-trip, so LoRA loading, adapters and offloading behave as with
 real checkpoints.
