@@ -1,4 +1,5 @@
-"""``nearid-dreambooth`` across the transformer DreamBooth-LoRA families (SD3, Sana, Qwen-Image, an offloading host).
+"""``nearid-dreambooth`` across the transformer DreamBooth-LoRA families (SD3, Sana, Qwen-Image, Lumina2, and a host
+that offloads inside its ``log_validation``).
 
 Each run hosts a minimal script of ``tests/fixtures`` that reproduces its diffusers script's ``log_validation``
 signature, pipeline construction (Qwen-Image's ``tokenizer=None, text_encoder=None`` included) and LoRA saving, over
@@ -29,9 +30,10 @@ SCRIPTS = {
     "qwen_image": FIXTURES / "dreambooth_qwen_image_minimal.py",
     "sd3": FIXTURES / "dreambooth_sd3_minimal.py",
     "sana": FIXTURES / "dreambooth_sana_minimal.py",
+    "lumina2": FIXTURES / "dreambooth_lumina2_minimal.py",
     "offload": FIXTURES / "dreambooth_offload_minimal.py",  # Flux2-klein / Z-Image shaped, over tiny Flux
 }
-FAMILY = {"qwen_image": "qwen_image", "sd3": "sd3", "sana": "sana", "offload": "flux"}
+FAMILY = {"qwen_image": "qwen_image", "sd3": "sd3", "sana": "sana", "lumina2": "lumina2", "offload": "flux"}
 
 
 def _reset_accelerate() -> None:
@@ -103,6 +105,7 @@ def _failures(caplog: pytest.LogCaptureFixture) -> list[str]:
     ("qwen_image", (), [(2, "checkpoint"), (3, "validation"), (4, "checkpoint"), (5, "validation"), (5, "final")]),
     ("sd3", ("--nearid_no_score_checkpoints",), [(3, "validation"), (5, "validation"), (5, "final")]),
     ("sana", ("--nearid_no_score_checkpoints",), [(3, "validation"), (5, "validation"), (5, "final")]),
+    ("lumina2", ("--nearid_no_score_checkpoints",), [(3, "validation"), (5, "validation"), (5, "final")]),
 ])  # fmt: skip
 def test_family_is_scored_at_every_validation_and_its_best_adapter_loads_back_whole(
     assets: dict[str, Path], bases: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture,

@@ -463,7 +463,7 @@ def build_tiny_qwen_image_pipeline(seed: int = 0, *, image_size: int = 32) -> An
 
 
 def build_tiny_lumina2_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
-    """A tiny ``Lumina2Pipeline`` (Gemma2 text encoder, two transformer layers)."""
+    """A tiny ``Lumina2Pipeline`` (Gemma2 text encoder, two transformer layers, 8x VAE)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
 
     tokenizer = build_gemma_tokenizer()
@@ -475,7 +475,11 @@ def build_tiny_lumina2_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
     )  # fmt: skip
     pipe = Lumina2Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_flow_vae(image_size, shift_factor=0.0609, scaling_factor=1.5035),
+        vae=AutoencoderKL(  # the pipeline assumes an 8x downsampling VAE
+            sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1, latent_channels=4, norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, shift_factor=0.0609, scaling_factor=1.5035,
+        ),
         text_encoder=_gemma2_encoder(tokenizer, 8), tokenizer=tokenizer,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
