@@ -50,7 +50,8 @@ HOSTS = [
     Host("flux", FLUX_TARGETS, CLIP_TARGETS),  # train_dreambooth_lora_flux --train_text_encoder
     Host("sana", ("to_k", "to_q", "to_v"), metadata=True, lora_alpha=8),  # train_dreambooth_lora_sana
     Host("qwen_image", ("to_k", "to_q", "to_v", "to_out.0"), metadata=True, lora_alpha=8),  # _qwen_image
-    Host("lumina2", ("to_k", "to_q", "to_v", "to_out.0"), metadata=True),  # train_dreambooth_lora_lumina2
+    Host("lumina2", ("to_k", "to_q", "to_v", "to_out.0")),  # train_dreambooth_lora_lumina2
+    Host("hidream", ("to_k", "to_q", "to_v", "to_out")),  # train_dreambooth_lora_hidream
 ]
 
 

@@ -173,17 +173,24 @@ def test_a_host_that_offloads_in_log_validation_degrades_to_a_warning_without_an
 
 
 # ---------------------------------------------------------------------------------------------- pieces
-@pytest.mark.parametrize("family", ["qwen_image", "sd"])
+LEFT_OUT = {  # what each script leaves out of its validation pipeline
+    "qwen_image": ("text_encoder", "tokenizer"),
+    "sd": ("text_encoder",),  # train_dreambooth_lora.py --pre_compute_text_embeddings
+    "hidream": tuple(f"{kind}{n}" for n in ("", "_2", "_3", "_4") for kind in ("text_encoder", "tokenizer")),
+}
+
+
+@pytest.mark.parametrize("family", sorted(LEFT_OUT))
 def test_text_components_filled_from_the_base_render_as_the_whole_pipeline(
     bases: dict[str, Path], family: str
 ) -> None:
-    """A pipeline built without text components (Qwen-Image's, or SD's with --pre_compute_text_embeddings) renders
-    the same images, once filled, as the base pipeline with its own text encoder."""
+    """A pipeline built without text components (Qwen-Image's and HiDream's, or SD's with
+    --pre_compute_text_embeddings) renders the same images, once filled, as the base pipeline with its own."""
     from diffusers import DiffusionPipeline
 
     base = bases[family]
     whole = DiffusionPipeline.from_pretrained(str(base), use_safetensors=True)
-    left_out = {"text_encoder": None} if family == "sd" else {"tokenizer": None, "text_encoder": None}
+    left_out = dict.fromkeys(LEFT_OUT[family])
     partial = DiffusionPipeline.from_pretrained(str(base), use_safetensors=True, **left_out)
     components = TextComponents(str(base))
     assert components.missing(partial) == sorted(left_out)

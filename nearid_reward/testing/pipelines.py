@@ -2,11 +2,11 @@
 
 Everything here is built from configs with seeded random weights: a CLIP BPE tokenizer from a generated vocabulary,
 a tiny CLIP text encoder, UNet and VAE, and a DDIM (or DDPM) scheduler; for the transformer families (Flux, SD3,
-Sana, Qwen-Image, Lumina2, see :func:`build_tiny_pipeline`) T5, Qwen2 and Gemma tokenizers built in memory and tiny
-text encoders, transformers and VAEs of each model's own classes. A 64x64 SD-style image needs a 32x32 latent
-(the VAE downsamples by 2). Builders return real ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` objects
-that ``save_pretrained`` / ``from_pretrained`` round-trip, so LoRA loading, adapters and offloading behave as with
-real checkpoints.
+Sana, Qwen-Image, Lumina2, HiDream, see :func:`build_tiny_pipeline`) T5, Qwen2, Gemma and Llama tokenizers built in
+memory and tiny text encoders, transformers and VAEs of each model's own classes. A 64x64 SD-style image needs a
+32x32 latent (the VAE downsamples by 2). Builders return real ``StableDiffusionPipeline``,
+``StableDiffusionXLPipeline``, ``FluxPipeline``, ... objects that ``save_pretrained`` / ``from_pretrained``
+round-trip, so LoRA loading, adapters and offloading behave as with real checkpoints.
 
 This module imports diffusers, transformers and peft at import time; ``import nearid_reward`` does not import it.
 
@@ -59,11 +59,13 @@ __all__ = [
     "build_t5_tokenizer",
     "build_qwen2_tokenizer",
     "build_gemma_tokenizer",
+    "build_llama_tokenizer",
     "build_tiny_flux_pipeline",
     "build_tiny_sd3_pipeline",
     "build_tiny_sana_pipeline",
     "build_tiny_qwen_image_pipeline",
     "build_tiny_lumina2_pipeline",
+    "build_tiny_hidream_pipeline",
     "build_tiny_pipeline",
     "save_tiny_pipeline",
     "add_lora_adapter",
@@ -253,8 +255,8 @@ def save_tiny_sdxl_pipeline(folder: str | os.PathLike[str], seed: int = 0, *, im
 # Tiny pipelines of the transformer (flow-matching) families the diffusers DreamBooth LoRA scripts train. Every
 # text encoder, tokenizer, VAE and transformer is built from a config with seeded random weights; sizes are the
 # smallest the models accept. Output images are ``image_size`` square (32 px by default).
-TransformerFamily = Literal["flux", "sd3", "sana", "qwen_image", "lumina2"]
-TRANSFORMER_FAMILIES: tuple[str, ...] = ("flux", "sd3", "sana", "qwen_image", "lumina2")
+TransformerFamily = Literal["flux", "sd3", "sana", "qwen_image", "lumina2", "hidream"]
+TRANSFORMER_FAMILIES: tuple[str, ...] = ("flux", "sd3", "sana", "qwen_image", "lumina2", "hidream")
 
 
 def _byte_level_bpe(words: Iterable[str], space: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -298,11 +300,9 @@ def build_qwen2_tokenizer(words: Iterable[str] = DEFAULT_WORDS) -> Any:
     return tokenizer
 
 
-def build_gemma_tokenizer(words: Iterable[str] = DEFAULT_WORDS) -> Any:
-    """A real ``GemmaTokenizer`` (BPE on ``▁``-marked words, byte fallback) with Gemma's chat special tokens."""
-    from transformers import GemmaTokenizer
-
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+def _sentencepiece_bpe(words: Iterable[str], specials: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of a sentencepiece-style BPE (``▁`` marks a space, ``<0xNN>`` byte fallback): the
+    ``specials`` first, then the bytes, letters and digits, and one token per word of ``words``."""
     vocab: dict[str, int] = {token: i for i, token in enumerate(specials)}
     for b in range(256):
         vocab[f"<0x{b:02X}>"] = len(vocab)
@@ -317,8 +317,27 @@ def build_gemma_tokenizer(words: Iterable[str] = DEFAULT_WORDS) -> Any:
                 merges.append(merge)
             vocab.setdefault(pieces[0] + pieces[1], len(vocab))
             pieces = [pieces[0] + pieces[1], *pieces[2:]]
+    return vocab, merges
+
+
+def build_gemma_tokenizer(words: Iterable[str] = DEFAULT_WORDS) -> Any:
+    """A real ``GemmaTokenizer`` (BPE on ``▁``-marked words, byte fallback) with Gemma's chat special tokens."""
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    vocab, merges = _sentencepiece_bpe(words, specials)
     tokenizer = GemmaTokenizer(vocab=vocab, merges=merges)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    return tokenizer
+
+
+def build_llama_tokenizer(words: Iterable[str] = DEFAULT_WORDS) -> Any:
+    """A real ``LlamaTokenizer`` (BPE on ``▁``-marked words, byte fallback), padding with ``</s>``."""
+    from transformers import LlamaTokenizer
+
+    vocab, merges = _sentencepiece_bpe(words, ["<unk>", "<s>", "</s>"])
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges)
+    tokenizer.pad_token = "</s>"
     return tokenizer
 
 
@@ -486,9 +505,43 @@ def build_tiny_lumina2_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
     return pipe
 
 
+def build_tiny_hidream_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
+    """A tiny ``HiDreamImagePipeline`` (two CLIP encoders, a T5 and a Llama; one double and one single MoE block).
+
+    The pipeline rescales every request to its maximum area: renders are 256 px whatever ``height``/``width``.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer, tokenizer_2 = build_clip_tokenizer(model_max_length=128), build_clip_tokenizer(model_max_length=128)
+    tokenizer_3, tokenizer_4 = build_t5_tokenizer(), build_llama_tokenizer()
+    torch.manual_seed(seed)
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_channels=[32, 16], text_emb_dim=64, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1),
+    )  # fmt: skip
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer_4), hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=tokenizer_4.bos_token_id, eos_token_id=tokenizer_4.eos_token_id,
+        pad_token_id=tokenizer_4.pad_token_id, max_position_embeddings=256,
+    ))  # fmt: skip
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_flow_vae(image_size, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer, hidden_act="gelu")), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden_act="gelu")),
+        tokenizer_2=tokenizer_2, text_encoder_3=_t5_encoder(tokenizer_3, 32), tokenizer_3=tokenizer_3,
+        text_encoder_4=llama.eval(), tokenizer_4=tokenizer_4, transformer=transformer.eval(),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 _TRANSFORMER_BUILDERS = {
     "flux": build_tiny_flux_pipeline, "sd3": build_tiny_sd3_pipeline, "sana": build_tiny_sana_pipeline,
     "qwen_image": build_tiny_qwen_image_pipeline, "lumina2": build_tiny_lumina2_pipeline,
+    "hidream": build_tiny_hidream_pipeline,
 }  # fmt: skip
 
 
