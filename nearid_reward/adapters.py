@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -100,7 +100,9 @@ def _adapter_name(module: torch.nn.Module) -> str:
     return "default"
 
 
-def adapter_state_dict(module: torch.nn.Module, *, layout: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def adapter_state_dict(
+    module: torch.nn.Module, *, layout: Literal["unet", "transformer"]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A module's active LoRA adapter as the diffusers DreamBooth scripts save it, and its LoRA config.
 
     Args:
@@ -115,6 +117,11 @@ def adapter_state_dict(module: torch.nn.Module, *, layout: str) -> tuple[dict[st
     Returns:
         ``(state_dict, lora_config)``: the tensors by key, and the adapter's ``LoraConfig`` as a dict (what the
         scripts pass as ``*_lora_adapter_metadata`` so that ``lora_alpha`` survives the round trip).
+
+    Example:
+        >>> state, config = adapter_state_dict(pipe.transformer, layout="transformer")  # doctest: +SKIP
+        >>> type(pipe).save_lora_weights(out, transformer_lora_layers=state,
+        ...                              transformer_lora_adapter_metadata=config)  # doctest: +SKIP
     """
     from peft.utils import get_peft_model_state_dict
 
@@ -155,7 +162,7 @@ def save_pipeline_adapter(pipeline: Any, folder: str | os.PathLike[str]) -> list
             modules[name] = getattr(encoder, "module", encoder)
     layers: dict[str, Any] = {}
     for name, module in modules.items():
-        state, config = adapter_state_dict(module, layout=attr)
+        state, config = adapter_state_dict(module, layout="unet" if attr == "unet" else "transformer")
         layers[f"{name}_lora_layers"] = state
         if config and f"{name}_lora_adapter_metadata" in params:
             layers[f"{name}_lora_adapter_metadata"] = config
