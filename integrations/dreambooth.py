@@ -53,6 +53,7 @@ from nearid_reward.rendering import PromptSet, RenderConfig
 from nearid_reward.results import SelectionResult, format_table, plot_identity_history, summary_markdown
 from nearid_reward.selection import CheckpointSelector, SelectionConfig, load_pipeline
 
+from .host_pipelines import TextComponents, host_conditioning
 from .script_hooks import ValidationFamily, install_hooks, load_script, split_argv
 
 logger = logging.getLogger(__name__)
@@ -235,6 +236,7 @@ class DreamBoothSession:
         self._model: NearIDModel | None = None
         self._references: ReferenceSet | None = None
         self._checkpoint_pipeline: Any = None
+        self._text_components: TextComponents | None = None
         self._identity_loss: Any = None
         self.validations = 0
         self.script_scores: list[dict[str, Any]] = []
@@ -254,6 +256,12 @@ class DreamBoothSession:
     @property
     def device(self) -> torch.device:
         return torch.device(self.accelerator.device) if self.accelerator is not None else torch.device("cpu")
+
+    def text_components(self) -> TextComponents:
+        """The base model's text components, for script pipelines built without them (loaded on first need)."""
+        if self._text_components is None:
+            self._text_components = TextComponents(self.args.pretrained_model_name_or_path)
+        return self._text_components
 
     def nearid_model(self) -> NearIDModel:
         """The run's one NearID model, loaded on first use: backbone in ``--nearid_dtype``, head in float32."""
@@ -283,11 +291,18 @@ class DreamBoothSession:
                 accelerator=self.accelerator, monitor=o.nearid_monitor, mode=o.nearid_mode, patience=o.nearid_patience,
                 threshold=o.nearid_threshold,
             )  # fmt: skip
+            try:
+                conditioning, guidance = host_conditioning(self.args, self.args.pretrained_model_name_or_path)
+            except Exception as exc:  # e.g. a hub id not in the local cache: render with the pipeline's defaults
+                logger.warning("could not read the base model's pipeline class and transformer config (%s); NearID "
+                               "renders with the pipeline's default conditioning", exc)
+                conditioning, guidance = {}, None
             render = RenderConfig(
-                num_inference_steps=o.nearid_num_inference_steps, guidance_scale=o.nearid_guidance_scale,
+                num_inference_steps=o.nearid_num_inference_steps,
+                guidance_scale=o.nearid_guidance_scale if o.nearid_guidance_scale is not None else guidance,
                 images_per_prompt=o.nearid_images_per_prompt, height=o.nearid_resolution, width=o.nearid_resolution,
                 render_base=not o.nearid_no_base, render_class=bool(getattr(self.args, "class_prompt", None)),
-                scheduler=o.render_scheduler,
+                scheduler=o.render_scheduler, pipeline_kwargs=conditioning,
             )  # fmt: skip
             self._callback = NearIDValidationCallback(
                 validator, output_dir=self.output_dir, prompts=PromptSet.load(o.nearid_prompts),
@@ -323,17 +338,27 @@ class DreamBoothSession:
         if self.args is None:
             self.args = args
         step = int(arguments["global_step"]) if family == "components" else self.step
-        pipeline = arguments.get("pipeline") if family == "pipeline" else self._pipeline_from_components(arguments)
         callback = self.callback()
         extra: dict[str, float] = {}
-        if images:
+        if images:  # scored first: a failure of the prompt-set render below cannot lose them
             script_metrics = callback.validator.compute(list(images))
             extra = {"script/" + k: v for k, v in script_metrics.items()}  # logged as nearid/script/...
             self.script_scores.append({"step": step, **extra})
-        final = bool(arguments.get("is_final_validation", False))
-        callback.on_validation(pipeline, step, extra_metrics=extra, source="final" if final else "validation",
-                               reuse_render=True)
-        self.validations += 1
+        source = "final" if bool(arguments.get("is_final_validation", False)) else "validation"
+        metrics = None
+        try:
+            if family == "pipeline":
+                pipeline = arguments.get("pipeline")
+                with self.text_components().filled(pipeline):
+                    metrics = callback.on_validation(pipeline, step, extra_metrics=extra, source=source,
+                                                     reuse_render=True)
+            else:
+                metrics = callback.on_validation(self._pipeline_from_components(arguments), step,
+                                                 extra_metrics=extra, source=source, reuse_render=True)
+        finally:
+            if metrics is None and extra:  # the prompt set failed (logged): the line keeps the script's scores
+                callback.validator.record(extra, step=step, source=source)
+            self.validations += 1
 
     def on_save_state(self, models: list[Any], weights: list[Any], output_dir: str) -> None:
         if not self.is_main or self.args is None:
@@ -391,6 +416,8 @@ class DreamBoothSession:
                 logger.warning("could not match the checkpointed models %s to pipeline components; checkpoint "
                                "scoring is skipped", [type(m).__name__ for m in live])
                 return None
+            if self._text_components is not None:  # already loaded for the script's pipelines: not twice
+                parts.update({k: v for k, v in self._text_components.loaded.items() if k not in parts})
             pipeline = load_pipeline(base, **parts)
             pipeline.set_progress_bar_config(disable=True)
             device = self.accelerator.device if self.accelerator is not None else torch.device("cpu")

@@ -5,7 +5,9 @@ are replaced, and ``main(parse_args(argv))`` is called in the same process:
 
 * ``log_validation`` is wrapped: the script's own function runs first and returns its images; then a listener sees
   the call's arguments (the live pipeline, ``args``, the accelerator, ...) and the images. Both signature families of
-  the diffusers DreamBooth scripts are recognised by parameter names.
+  the diffusers DreamBooth scripts are recognised by parameter names. On a machine without an accelerator a
+  ``pipeline.enable_model_cpu_offload()`` inside the script's function (Flux2-klein, Z-Image) warns instead of
+  raising (:func:`integrations.host_pipelines.offload_without_accelerator`).
 * ``Accelerator`` is replaced by a subclass that records the true global step from every ``log(values, step=...)``
   call, registers a save-state pre-hook before the script registers its own (so it sees the models with their weights
   not yet popped), and tells the listener when training ends.
@@ -13,6 +15,7 @@ are replaced, and ``main(parse_args(argv))`` is called in the same process:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -23,6 +26,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal, Protocol
+
+from .host_pipelines import offload_without_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +138,9 @@ def wrap_log_validation(fn: Callable[..., Any], listener: ScriptListener) -> Cal
     def log_validation(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        images = fn(*args, **kwargs)
+        pipeline = bound.arguments.get("pipeline") if family == "pipeline" else None
+        with offload_without_accelerator(pipeline) if pipeline is not None else contextlib.nullcontext():
+            images = fn(*args, **kwargs)
         arguments = dict(bound.arguments)
         _report(listener, "validation scoring",
                 lambda: listener.on_validation(family, arguments, list(images) if images is not None else []))

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -24,6 +24,7 @@ __all__ = [
     "pipeline_modules",
     "has_active_adapter",
     "adapters_disabled",
+    "adapter_state_dict",
     "save_pipeline_adapter",
     "lora_rank",
     "LoraSlot",
@@ -88,12 +89,63 @@ def adapters_disabled(pipeline: Any) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- save
+def _adapter_name(module: torch.nn.Module) -> str:
+    """The name of the module's active PEFT adapter (``"default"`` for one added by ``add_adapter``)."""
+    active = getattr(module, "active_adapters", None)
+    names = active() if callable(active) else active
+    if isinstance(names, str):
+        return names
+    if names:
+        return str(list(names)[0])
+    return "default"
+
+
+def adapter_state_dict(
+    module: torch.nn.Module, *, layout: Literal["unet", "transformer"]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A module's active LoRA adapter as the diffusers DreamBooth scripts save it, and its LoRA config.
+
+    Args:
+        module: a UNet, transformer or text encoder carrying a PEFT adapter.
+        layout: ``"unet"`` for the UNet scripts (SD 1.x/2.x, SDXL), which convert peft's names to diffusers' legacy
+            ``lora.down``/``lora.up`` ones with ``convert_state_dict_to_diffusers``; ``"transformer"`` for the
+            transformer scripts (SD3, Flux, Sana, Qwen-Image, HiDream, Lumina2, ...), which save peft's names
+            (``lora_A``/``lora_B``) as they are. Converting a transformer adapter would rename only the projections
+            diffusers knows (``to_q/k/v/out.0``) and leave the others (``add_*_proj``) in peft's names, a mix that
+            ``load_lora_weights`` reads partly.
+
+    Returns:
+        ``(state_dict, lora_config)``: the tensors by key, and the adapter's ``LoraConfig`` as a dict (what the
+        scripts pass as ``*_lora_adapter_metadata`` so that ``lora_alpha`` survives the round trip).
+
+    Example:
+        >>> state, config = adapter_state_dict(pipe.transformer, layout="transformer")  # doctest: +SKIP
+        >>> type(pipe).save_lora_weights(out, transformer_lora_layers=state,
+        ...                              transformer_lora_adapter_metadata=config)  # doctest: +SKIP
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    if layout not in ("unet", "transformer"):
+        raise ValueError(f"`layout` must be 'unet' or 'transformer', got {layout!r}")
+    name = _adapter_name(module)
+    state = get_peft_model_state_dict(module, adapter_name=name)
+    if layout == "unet":
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        state = convert_state_dict_to_diffusers(state)
+    config = module.peft_config[name].to_dict() if name in getattr(module, "peft_config", {}) else {}
+    return state, config
+
+
 def save_pipeline_adapter(pipeline: Any, folder: str | os.PathLike[str]) -> list[Path]:
-    """Save the pipeline's trained weights the way diffusers' training scripts do; returns the written files.
+    """Save the pipeline's trained weights in the key format its diffusers training script writes; returns the files.
 
     With a PEFT adapter on the UNet/transformer (and optionally the text encoders) this writes
-    ``pytorch_lora_weights.safetensors`` with the pipeline class's ``save_lora_weights``; a denoiser without
-    adapter is saved whole with ``save_pretrained`` into ``folder/unet`` or ``folder/transformer``.
+    ``pytorch_lora_weights.safetensors`` with the pipeline class's ``save_lora_weights``, keys as
+    :func:`adapter_state_dict` makes them for the pipeline's layout (converted for a UNet, peft's own for a
+    transformer) and the adapters' LoRA configs as metadata where the class takes them; a fresh pipeline's
+    ``load_lora_weights`` then loads every tensor, as it does the script's own file. A denoiser without adapter is
+    saved whole with ``save_pretrained`` into ``folder/unet`` or ``folder/transformer``.
     """
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,16 +154,18 @@ def save_pipeline_adapter(pipeline: Any, folder: str | os.PathLike[str]) -> list
     if not getattr(denoiser, "_hf_peft_config_loaded", False):
         denoiser.save_pretrained(str(out / attr))
         return sorted(p for p in (out / attr).rglob("*") if p.is_file())
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
-    layers: dict[str, Any] = {f"{attr}_lora_layers": state}
     params = inspect.signature(type(pipeline).save_lora_weights).parameters
+    modules: dict[str, torch.nn.Module] = {attr: denoiser}
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipeline, name, None)
         if encoder is not None and getattr(encoder, "peft_config", None) and f"{name}_lora_layers" in params:
-            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+            modules[name] = getattr(encoder, "module", encoder)
+    layers: dict[str, Any] = {}
+    for name, module in modules.items():
+        state, config = adapter_state_dict(module, layout="unet" if attr == "unet" else "transformer")
+        layers[f"{name}_lora_layers"] = state
+        if config and f"{name}_lora_adapter_metadata" in params:
+            layers[f"{name}_lora_adapter_metadata"] = config
     type(pipeline).save_lora_weights(str(out), **layers)
     return sorted(p for p in out.iterdir() if p.is_file())
 

@@ -399,6 +399,38 @@ class IdentityValidator:
             )  # fmt: skip
         return metrics
 
+    def record(self, metrics: dict[str, float], *, step: int, source: str | None = None) -> dict[str, float]:
+        """Append a history line of scalars scored elsewhere, without images of the prompt set.
+
+        For a validation whose prompt-set render failed: the line keeps what was scored (e.g. the training
+        script's own images as ``script/...``), so no validation loses its line. The monitor is usually not among
+        ``metrics``; the line then takes no part in best tracking or patience.
+
+        Args:
+            metrics: scalars by name (no prefix), e.g. ``{"script/identity_mean": 0.41}``.
+            step: the true global training step.
+            source: what triggered this validation, kept in the history.
+
+        Returns:
+            The logged dict, every name with the prefix.
+        """
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"`step` must be a non-negative int (the global training step), got {step!r}")
+        p = self.config.prefix
+        logged = {p + k: float(v) for k, v in metrics.items()}
+        line: dict[str, Any] = {"step": int(step), "time": time.time(), **logged}
+        if source is not None:
+            line["source"] = str(source)
+        monitored = self.monitor_key in line or self.config.monitor in line
+        is_best, value = self._judge(line) if monitored else (False, None)
+        line["is_best"] = is_best
+        if self.history_path is not None and self.is_main_process:
+            append_jsonl(self.history_path, line)
+        self._commit(line, is_best, value)
+        if self.accelerator is not None:
+            self.accelerator.log(logged, step=int(step))
+        return logged
+
     # ------------------------------------------------------------------ best tracking
     def _track(self, record: dict[str, Any], *, replay: bool) -> None:
         is_best, value = self._judge(record)

@@ -348,3 +348,21 @@ def test_scored_images_reach_tensorboard_and_a_failing_tracker_is_only_logged(tm
             if "nearid/validation" in acc.Tags()["images"] else []
     assert (7, 2 * 16, 2 * 16) in found  # 4 of the 5 images, in a 2x2 grid
     assert "could not log validation images to the wandb tracker" in caplog.text
+
+
+def test_record_keeps_a_line_of_scores_made_elsewhere_out_of_best_tracking(model, refs, tmp_path):
+    """A validation whose prompt set could not be rendered keeps its line (the script's own scores), neither best
+    nor counted against patience, and the best found before survives a resume."""
+    path = tmp_path / "h.jsonl"
+    v = IdentityValidator(model, refs, history_path=path, patience=1)
+    v.validate(refs[:2], step=10)
+    logged = v.record({"script/identity_mean": 0.25}, step=20, source="validation")
+    assert logged == {"nearid/script/identity_mean": 0.25}
+    assert (v.best_step, v.validations_without_improvement, v.should_stop) == (10, 0, False)
+    lines = read_jsonl(path)
+    assert [(r["step"], r["is_best"]) for r in lines] == [(10, True), (20, False)]
+    assert lines[1]["source"] == "validation" and "nearid/identity_mean" not in lines[1]
+    resumed = IdentityValidator(model, refs, history_path=path, patience=1)
+    assert (resumed.best_step, resumed.best_value) == (10, v.best_value)
+    with pytest.raises(ValueError, match="`step` must be a non-negative int"):
+        v.record({"script/identity_mean": 0.25}, step=-1)

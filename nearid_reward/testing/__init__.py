@@ -2,9 +2,9 @@
 
 * :mod:`nearid_reward.testing.models` (re-exported here): tiny NearID / SigLIP checkpoints in every format and
   random images. Needs only the core dependencies.
-* :mod:`nearid_reward.testing.pipelines`: tiny diffusers Stable Diffusion / SDXL pipelines, CLIP tokenizers and
-  LoRA checkpoints. Needs the ``diffusers`` extra; importing it without diffusers raises an ImportError that names
-  the extra.
+* :mod:`nearid_reward.testing.pipelines`: tiny diffusers pipelines (SD, SDXL, Flux, SD3, Sana, Qwen-Image,
+  Lumina2, HiDream), offline tokenizers and LoRA checkpoints. Needs the ``diffusers`` extra; importing it without
+  diffusers raises an ImportError that names the extra.
 """
 
 from __future__ import annotations

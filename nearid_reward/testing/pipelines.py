@@ -1,10 +1,12 @@
 """Tiny random diffusers pipelines and LoRA checkpoints for tests, demos and benchmarks (offline, no downloads).
 
 Everything here is built from configs with seeded random weights: a CLIP BPE tokenizer from a generated vocabulary,
-a tiny CLIP text encoder, UNet and VAE, and a DDIM (or DDPM) scheduler. A 64x64 SD-style image needs a 32x32 latent
-(the VAE downsamples by 2). Builders return real ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` objects
-that ``save_pretrained`` / ``from_pretrained`` round-trip, so LoRA loading, adapters and offloading behave as with
-real checkpoints.
+a tiny CLIP text encoder, UNet and VAE, and a DDIM (or DDPM) scheduler; for the transformer families (Flux, SD3,
+Sana, Qwen-Image, Lumina2, HiDream, see :func:`build_tiny_pipeline`) T5, Qwen2, Gemma and Llama tokenizers built in
+memory and tiny text encoders, transformers and VAEs of each model's own classes. A 64x64 SD-style image needs a
+32x32 latent (the VAE downsamples by 2). Builders return real ``StableDiffusionPipeline``,
+``StableDiffusionXLPipeline``, ``FluxPipeline``, ... objects that ``save_pretrained`` / ``from_pretrained``
+round-trip, so LoRA loading, adapters and offloading behave as with real checkpoints.
 
 This module imports diffusers, transformers and peft at import time; ``import nearid_reward`` does not import it.
 
@@ -53,6 +55,19 @@ __all__ = [
     "save_tiny_sd_pipeline",
     "build_tiny_sdxl_pipeline",
     "save_tiny_sdxl_pipeline",
+    "TRANSFORMER_FAMILIES",
+    "build_t5_tokenizer",
+    "build_qwen2_tokenizer",
+    "build_gemma_tokenizer",
+    "build_llama_tokenizer",
+    "build_tiny_flux_pipeline",
+    "build_tiny_sd3_pipeline",
+    "build_tiny_sana_pipeline",
+    "build_tiny_qwen_image_pipeline",
+    "build_tiny_lumina2_pipeline",
+    "build_tiny_hidream_pipeline",
+    "build_tiny_pipeline",
+    "save_tiny_pipeline",
     "add_lora_adapter",
     "lora_parameters",
     "diffusers_lora_state_dict",
@@ -236,6 +251,319 @@ def save_tiny_sdxl_pipeline(folder: str | os.PathLike[str], seed: int = 0, *, im
     return out
 
 
+# ---------------------------------------------------------------------------------------------- transformer families
+# Tiny pipelines of the transformer (flow-matching) families the diffusers DreamBooth LoRA scripts train. Every
+# text encoder, tokenizer, VAE and transformer is built from a config with seeded random weights; sizes are the
+# smallest the models accept. Output images are ``image_size`` square (32 px by default).
+TransformerFamily = Literal["flux", "sd3", "sana", "qwen_image", "lumina2", "hidream"]
+TRANSFORMER_FAMILIES: tuple[str, ...] = ("flux", "sd3", "sana", "qwen_image", "lumina2", "hidream")
+
+
+def _byte_level_bpe(words: Iterable[str], space: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of a byte-level BPE where each word of ``words`` (after a ``space`` marker) is one
+    token and any other text falls back to one token per byte (GPT-2/Qwen style with ``space="Ġ"``)."""
+    alphabet = byte_alphabet()
+    vocab = {token: i for i, token in enumerate(alphabet)}
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = [space, *word] if space else list(word)
+        while len(pieces) > 1:
+            merge = (pieces[0], pieces[1])
+            if merge not in merges:
+                merges.append(merge)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+    return vocab, merges
+
+
+def build_t5_tokenizer(words: Iterable[str] = DEFAULT_WORDS, *, model_max_length: int = 512) -> Any:
+    """A real ``T5Tokenizer`` (Unigram) built in memory: one piece per word of ``words``, letters and digits."""
+    from transformers import T5Tokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789{}.,'-_"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in dict.fromkeys(words)] + [(c, -5.0) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def build_qwen2_tokenizer(words: Iterable[str] = DEFAULT_WORDS) -> Any:
+    """A real byte-level ``Qwen2Tokenizer`` with the chat-template special tokens Qwen-Image's prompt template uses."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _byte_level_bpe(words, "\u0120")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]  # fmt: skip
+    for token in specials:
+        vocab.setdefault(token, len(vocab))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=1024)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    return tokenizer
+
+
+def _sentencepiece_bpe(words: Iterable[str], specials: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of a sentencepiece-style BPE (``▁`` marks a space, ``<0xNN>`` byte fallback): the
+    ``specials`` first, then the bytes, letters and digits, and one token per word of ``words``."""
+    vocab: dict[str, int] = {token: i for i, token in enumerate(specials)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for char in "\u2581abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;'\"!?-()":
+        vocab.setdefault(char, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(words):
+        pieces = ["\u2581", *word]
+        while len(pieces) > 1:
+            merge = (pieces[0], pieces[1])
+            if merge not in merges:
+                merges.append(merge)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+    return vocab, merges
+
+
+def build_gemma_tokenizer(words: Iterable[str] = DEFAULT_WORDS) -> Any:
+    """A real ``GemmaTokenizer`` (BPE on ``▁``-marked words, byte fallback) with Gemma's chat special tokens."""
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    vocab, merges = _sentencepiece_bpe(words, specials)
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    return tokenizer
+
+
+def build_llama_tokenizer(words: Iterable[str] = DEFAULT_WORDS) -> Any:
+    """A real ``LlamaTokenizer`` (BPE on ``▁``-marked words, byte fallback), padding with ``</s>``."""
+    from transformers import LlamaTokenizer
+
+    vocab, merges = _sentencepiece_bpe(words, ["<unk>", "<s>", "</s>"])
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges)
+    tokenizer.pad_token = "</s>"
+    return tokenizer
+
+
+def _t5_encoder(tokenizer: Any, d_model: int) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_ff=37, d_kv=8, num_layers=2, num_heads=4, pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0,
+    ))  # fmt: skip
+
+
+def _gemma2_encoder(tokenizer: Any, hidden_size: int) -> Any:
+    from transformers import Gemma2Config, Gemma2Model
+
+    return Gemma2Model(Gemma2Config(
+        head_dim=16, hidden_size=hidden_size, intermediate_size=32, max_position_embeddings=1024,
+        num_attention_heads=2, num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        attn_implementation="eager",
+    ))  # fmt: skip
+
+
+def _flow_vae(image_size: int, **config: Any) -> AutoencoderKL:
+    return AutoencoderKL(
+        sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+        latent_channels=4, norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, **config,
+    )  # fmt: skip
+
+
+def build_tiny_flux_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
+    """A tiny ``FluxPipeline`` (CLIP + T5 text encoders, one double and one single block, packed 2x2 latents)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    )  # fmt: skip
+    pipe = FluxPipeline(
+        transformer=transformer, text_encoder=CLIPTextModel(_text_config(tokenizer)), tokenizer=tokenizer,
+        text_encoder_2=_t5_encoder(tokenizer_2, 32), tokenizer_2=tokenizer_2,
+        vae=_flow_vae(image_size, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                      scaling_factor=1.5035),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_sd3_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
+    """A tiny ``StableDiffusion3Pipeline`` (two CLIP encoders with projection and a T5, one joint block)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tokenizer, tokenizer_2, tokenizer_3 = build_clip_tokenizer(), build_clip_tokenizer(), build_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=image_size // 2, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
+        out_channels=4,
+    )  # fmt: skip
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_flow_vae(image_size, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                      scaling_factor=1.5035),
+        text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer, hidden_act="gelu")), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden_act="gelu")),
+        tokenizer_2=tokenizer_2, text_encoder_3=_t5_encoder(tokenizer_3, 32), tokenizer_3=tokenizer_3,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_sana_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
+    """A tiny ``SanaPipeline`` (Gemma2 text encoder, deep-compression VAE with 2x downsampling, one block)."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+
+    tokenizer = build_gemma_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=image_size // 2,
+    )  # fmt: skip
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )  # fmt: skip
+    pipe = SanaPipeline(
+        tokenizer=tokenizer, text_encoder=_gemma2_encoder(tokenizer, 8), vae=vae, transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_qwen_image_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
+    """A tiny ``QwenImagePipeline`` (Qwen2.5-VL text encoder, Qwen-Image video VAE, two transformer blocks)."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = build_qwen2_tokenizer()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    )  # fmt: skip
+    vae = AutoencoderKLQwenImage(
+        base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    )  # fmt: skip
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "rope_theta": 1000000.0,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "vocab_size": len(tokenizer), "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
+        },
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=len(tokenizer), vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"), vision_token_id=ids("<|video_pad|>"),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+    )  # fmt: skip
+    pipe = QwenImagePipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer=tokenizer,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_lumina2_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
+    """A tiny ``Lumina2Pipeline`` (Gemma2 text encoder, two transformer layers, 8x VAE)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+
+    tokenizer = build_gemma_tokenizer()
+    torch.manual_seed(seed)
+    transformer = Lumina2Transformer2DModel(
+        sample_size=image_size // 2, patch_size=2, in_channels=4, hidden_size=8, num_layers=2, num_attention_heads=1,
+        num_kv_heads=1, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, scaling_factor=1.0,
+        axes_dim_rope=[4, 2, 2], cap_feat_dim=8,
+    )  # fmt: skip
+    pipe = Lumina2Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=AutoencoderKL(  # the pipeline assumes an 8x downsampling VAE
+            sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1, latent_channels=4, norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, shift_factor=0.0609, scaling_factor=1.5035,
+        ),
+        text_encoder=_gemma2_encoder(tokenizer, 8), tokenizer=tokenizer,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_hidream_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
+    """A tiny ``HiDreamImagePipeline`` (two CLIP encoders, a T5 and a Llama; one double and one single MoE block).
+
+    The pipeline rescales every request to its maximum area: renders are 256 px whatever ``height``/``width``.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer, tokenizer_2 = build_clip_tokenizer(model_max_length=128), build_clip_tokenizer(model_max_length=128)
+    tokenizer_3, tokenizer_4 = build_t5_tokenizer(), build_llama_tokenizer()
+    torch.manual_seed(seed)
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_channels=[32, 16], text_emb_dim=64, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1),
+    )  # fmt: skip
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer_4), hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=tokenizer_4.bos_token_id, eos_token_id=tokenizer_4.eos_token_id,
+        pad_token_id=tokenizer_4.pad_token_id, max_position_embeddings=256,
+    ))  # fmt: skip
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_flow_vae(image_size, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer, hidden_act="gelu")), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden_act="gelu")),
+        tokenizer_2=tokenizer_2, text_encoder_3=_t5_encoder(tokenizer_3, 32), tokenizer_3=tokenizer_3,
+        text_encoder_4=llama.eval(), tokenizer_4=tokenizer_4, transformer=transformer.eval(),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+_TRANSFORMER_BUILDERS = {
+    "flux": build_tiny_flux_pipeline, "sd3": build_tiny_sd3_pipeline, "sana": build_tiny_sana_pipeline,
+    "qwen_image": build_tiny_qwen_image_pipeline, "lumina2": build_tiny_lumina2_pipeline,
+    "hidream": build_tiny_hidream_pipeline,
+}  # fmt: skip
+
+
+def build_tiny_pipeline(family: str, seed: int = 0, *, image_size: int | None = None) -> Any:
+    """A tiny pipeline of ``family``: ``"sd"``, ``"sdxl"`` (64 px) or one of :data:`TRANSFORMER_FAMILIES` (32 px)."""
+    if family == "sd":
+        return build_tiny_sd_pipeline(seed, image_size=image_size or 64)
+    if family == "sdxl":
+        return build_tiny_sdxl_pipeline(seed, image_size=image_size or 64)
+    if family not in _TRANSFORMER_BUILDERS:
+        raise ValueError(f"family must be 'sd', 'sdxl' or one of {TRANSFORMER_FAMILIES}, got {family!r}")
+    return _TRANSFORMER_BUILDERS[family](seed, image_size=image_size or 32)
+
+
+def save_tiny_pipeline(folder: str | os.PathLike[str], family: str, seed: int = 0) -> Path:
+    """Write :func:`build_tiny_pipeline` with ``save_pretrained`` (safetensors) and return the folder: a base model
+    for ``--pretrained_model_name_or_path`` that ``DiffusionPipeline.from_pretrained`` loads offline."""
+    out = Path(folder)
+    build_tiny_pipeline(family, seed).save_pretrained(str(out))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- LoRA helpers
 def add_lora_adapter(
     denoiser: torch.nn.Module,
@@ -276,12 +604,13 @@ def lora_parameters(denoiser: torch.nn.Module, adapter_name: str = "default") ->
 
 
 def diffusers_lora_state_dict(denoiser: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's weights in diffusers' LoRA layout (what the DreamBooth LoRA scripts save)."""
+    """The adapter's weights in the key format the DreamBooth LoRA scripts save for this denoiser: diffusers' names
+    for a UNet, peft's own for a transformer (see :func:`nearid_reward.adapters.adapter_state_dict`)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
-    return convert_state_dict_to_diffusers(state)
+    return convert_state_dict_to_diffusers(state) if "Transformer" not in type(denoiser).__name__ else state
 
 
 def write_lora_checkpoint(
