@@ -259,6 +259,11 @@ def _shipped_ssr(assets: WorldAssets) -> dict[str, dict[str, float]]:
     sources = {"nearid": (assets.encoder_config, "nearid"), "frozen": (assets.encoder_config, "frozen"),
                "leaveout": (assets.leaveout_config, "nearid")}
     seen = [k for k in scenes.NEAR_ATTRIBUTES if k not in LEFT_OUT]
+    if assets.leaveout_config.is_file():
+        shipped = json.loads(assets.leaveout_config.read_text())["config"].get("leave_out", [])
+        if sorted(shipped) != sorted(LEFT_OUT):
+            raise ValueError(f"the leave-out head in {assets.leaveout_config} left out {shipped}, but the study "
+                             f"groups subjects by {list(LEFT_OUT)}: rebuild the head or change LEFT_OUT")
     for name, (path, key) in sources.items():
         if not path.is_file():
             out[name] = {f"{m}_{g}": math.nan for m in ("ssr", "pa") for g in ("seen", "unseen")}
