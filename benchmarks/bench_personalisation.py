@@ -41,9 +41,13 @@ DDIM 20 steps, guidance 4; DRaFT-K with K = 2, 40 steps, learning rate 1e-3, bat
 0.5 were chosen on subjects 40-41); curves to 160 steps (four times the reward's 40), measured every 20, on one
 subject per process (the cost model below leaves room for no more within two hours); 2000 bootstrap draws.
 
-Cost model (measured on development subject 40 with the real settings, one process, the other core busy; see
-docs/world.md): per subject DreamBooth 400 steps + 11 x 2 render sets + 3 reward runs of 40 steps; a curve subject
-adds 3 rewards x 2 priors x 160 steps with 8 measured checkpoints each. See docs/world.md for the figures.
+Cost model (CPU seconds measured on development subjects 40-41 with these settings but shorter runs, every process
+one torch thread, so on an idle 2-core machine two processes side by side run at about their CPU time; details in
+docs/world.md): DreamBooth 400 steps about 55 s; one render set measured (16 samples) 4.4 s, 21 per subject;
+DRaFT-K 1.55 s per step plus 6.5 s start-up. A subject: 55 + 21 x 4.4 + 3 x (6.5 + 40 x 1.55 + 4.4) = about 370 s
+(6.2 min); a curve subject adds 6 runs x 160 steps with 8 measured checkpoints each, about 1470 s (24.5 min). Two
+processes of 12 subjects with one curve subject each: about 99 min each, plus about a minute of bootstrap for the
+merge: inside the two hours. ``--quick``: 142 CPU s in all (2.4 min).
 
 Commands (the full study: two processes side by side, then a merge that recomputes every interval)::
 
