@@ -48,7 +48,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
             proxy_ax.plot(curve["steps"], curve["proxy"], "--", color=colour, alpha=0.7, label=f"proxy, {label}")
             ax.axvline(curve["truth_peak_step"], color=colour, lw=0.6, alpha=0.4)
         subjects = sorted({i for tag in PRIORS for i in curves.get(f"{kind}_{tag}", {}).get("subjects", [])})
-        ax.set_title(f"{title} (subjects {', '.join(map(str, subjects))})", fontsize=9)
+        label = "subject" if len(subjects) == 1 else "subjects"
+        ax.set_title(f"{title} ({label} {', '.join(map(str, subjects))})", fontsize=9)
         ax.set_xlabel("DRaFT-K steps")
         proxy_ax.set_ylabel("proxy: reward's cosine", fontsize=8)
         ax.grid(alpha=0.3)
