@@ -329,6 +329,8 @@ def summarise(subjects: list[dict[str, Any]], seconds: float, *, n_resamples: in
         for g in ("seen", "unseen"):
             entry[f"spearman_{g}"] = intervals.get(f"spearman_{head}_vs_truth_{g}", nan).mean
             entry[f"regret_{g}"] = intervals.get(f"selection_regret_{head}_{g}", nan).mean
+            if head != "leaveout":  # the leave-out head is not used as a reward (its scores only)
+                entry[f"reward_gain_{g}"] = intervals.get(f"reward_{head}_gain_{g}", nan).mean
         out["unseen_kinds"][head] = entry
     out["reward_baselines"] = {}
     for kind in REWARD_KINDS:

@@ -86,6 +86,10 @@ def test_summary_has_every_study_key_with_intervals(tmp_path: Path) -> None:
         if not math.isnan(out[key]) and not key.startswith("spearman"):
             assert low - 1e-9 <= out[key] <= high + 1e-9, key
     assert out["unseen_kinds"]["subjects_unseen"] == [2, 4] and out["unseen_kinds"]["subjects_seen"] == [0, 1, 3]
+    gains = [subject_figures(s, None)["reward_nearid_gain"] for s in subjects]
+    assert out["unseen_kinds"]["nearid"]["reward_gain_unseen"] == pytest.approx(np.mean([gains[2], gains[4]]))
+    assert out["unseen_kinds"]["leaveout"]["spearman_unseen"] == pytest.approx(np.nanmean(
+        [subject_figures(subjects[i], None)["spearman_leaveout_vs_truth"] for i in (2, 4)]))
     assert set(out["reward_baselines"]) == {"nearid", "frozen", "meanpool"}
     curve = out["overoptimisation"]["nearid_prior"]
     assert curve["steps"] == [0, 20, 40] and curve["truth_peak_step"] == 20 and curve["truth_end"] == 0.55
