@@ -110,3 +110,16 @@ def test_merge_recomputes_the_intervals_from_the_merged_subjects(tmp_path: Path)
     assert json.loads((tmp_path / "m.json").read_text())["intervals"] == json.loads(json.dumps(merged["intervals"]))
     with pytest.raises(SystemExit, match="more than one run"):
         main(["--merge", paths[0], paths[0], "--n_resamples", "10"])
+
+
+def test_overoptimisation_figure_is_drawn_from_the_summary(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+    from plot_overoptimisation import plot
+
+    summary = summarise([_subject(i, seed=i, curve=True) for i in range(2)], 1.0, n_resamples=20)
+    png = plot(summary, tmp_path / "images" / "overoptimisation.png")
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.width > 2 * image.height
+    with pytest.raises(SystemExit, match="no 'overoptimisation' curves"):
+        plot({"overoptimisation": {}}, tmp_path / "none.png")
