@@ -44,7 +44,8 @@ from nearid_reward.cli.arguments import parse_arguments  # noqa: E402
 # and oracle; one held-out subject, settings as the benchmark's but shorter.
 WORLD_SUBJECT = 0
 WORLD_RUN: dict[str, Any] = {"steps": 240, "checkpointing_steps": 40, "per_context": 4, "inference_steps": 20,
-                             "guidance_scale": 4.0, "reward_steps": 30, "no_prior_run": True}
+                             "guidance_scale": 4.0, "reward_steps": 30, "no_prior_run": True,
+                             "reward_kinds": ("nearid",)}
 
 
 STAGE_LABELS = {

@@ -24,6 +24,10 @@ Example (SD 1.5, one GPU)::
         --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 --nearid_model Aleksandar/nearid-siglip2 \\
         --reference_dir photos/ --instance_token sks --class_noun dog \\
         --mode draft --backprop_num_steps 1 --max_train_steps 500 --output_dir out/
+
+Baseline rewards for comparison, with the same code path: ``--nearid_model`` set to the plain SigLIP backbone
+folder scores with the backbone's own (frozen) pooling head, and ``--nearid_pooling mean`` with the mean of its tokens
+(CLIP-I / DINO-style).
 """
 
 # Real (not postponed) annotations: the options dataclass must build even when this file is executed as a module
@@ -75,6 +79,11 @@ class TrainArguments:
         default=None, metadata={"help": "near-identity distractors to penalise (optional)"}
     )
     negative_weight: float = field(default=1.0, metadata={"help": "lambda of the near-identity penalty"})
+    nearid_pooling: Literal["head", "mean"] = field(
+        default="head",
+        metadata={"help": "head: the checkpoint's head (NearID; a plain SigLIP folder gives the frozen-head "
+                  "baseline); mean: the mean of its backbone tokens (the CLIP-I / DINO-style baseline reward)"},
+    )
     instance_token: str = field(default="sks", metadata={"help": "fills {token} in the prompts"})
     class_noun: str = field(default="", metadata={"help": "fills {class} in the prompts"})
     prompts: str | None = field(
@@ -229,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Every rank scores its own samples; the reward model is frozen and shared by nothing else.
     reward = IdentityReward(args.nearid_model, args.reference_dir, negatives=args.negative_dir,
-                            negative_weight=args.negative_weight).to(accelerator.device)
+                            negative_weight=args.negative_weight, pooling=args.nearid_pooling).to(accelerator.device)
     prompts = PromptSet.load(args.prompts).fill(args.instance_token, args.class_noun).instance
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     size = args.resolution or int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)

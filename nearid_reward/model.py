@@ -35,9 +35,40 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NearIDModel", "as_nearid_model", "check_chunk_size"]
+__all__ = ["NearIDModel", "as_nearid_model", "check_chunk_size", "mean_pool_tokens", "Pooling"]
 
 SaveFormat = Literal["head", "release"]
+Pooling = Literal["head", "mean"]
+POOLINGS: tuple[str, ...] = ("head", "mean")
+
+
+def mean_pool_tokens(tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Masked mean of backbone tokens, L2-normalised: the CLIP-I / DINO-style baseline embedding.
+
+    Args:
+        tokens: ``[B, N, D]`` final backbone tokens.
+        token_mask: ``[B, N]`` (1 = real token, 0 = padding), or None when every token is real.
+
+    Returns:
+        ``[B, D]`` float32 embeddings with unit norm.
+
+    Example:
+        >>> emb = mean_pool_tokens(torch.tensor([[[3.0, 0.0], [1.0, 0.0]], [[0.0, 2.0], [0.0, 9.0]]]),
+        ...                        torch.tensor([[1, 1], [1, 0]]))
+        >>> emb.tolist()
+        [[1.0, 0.0], [0.0, 1.0]]
+    """
+    x = tokens.float()  # [B, N, D]
+    if token_mask is None:
+        return F.normalize(x.mean(1), dim=-1)
+    w = token_mask.to(x.dtype).unsqueeze(-1)  # [B, N, 1]
+    return F.normalize((x * w).sum(1) / w.sum(1).clamp(min=1), dim=-1)
+
+
+def check_pooling(pooling: Any, name: str = "pooling") -> Pooling:
+    if pooling not in POOLINGS:
+        raise ValueError(f"`{name}` must be 'head' or 'mean', got {pooling!r}")
+    return pooling  # type: ignore[no-any-return]
 
 
 def check_chunk_size(chunk_size: Any, name: str = "chunk_size", *, allow_none: bool = True) -> int | None:
@@ -86,6 +117,10 @@ class NearIDModel(nn.Module):
     All parameters are frozen (``requires_grad=False``) and the backbone stays in eval mode; a trainer that wants
     to train the head calls ``model.head.requires_grad_(True)`` explicitly.
 
+    ``pooling="mean"`` (see :meth:`with_pooling`) replaces the head by the masked mean of the backbone's tokens:
+    the CLIP-I / DINO-style baseline embedding ``[B, D]`` (D = backbone width), for comparing against NearID with the
+    same reward, validator and selector code.
+
     Example:
         >>> from nearid_reward.testing import tiny_nearid_model  # NearIDModel.from_pretrained("path/to/nearid")
         >>> model = tiny_nearid_model()
@@ -106,8 +141,10 @@ class NearIDModel(nn.Module):
         vision_config: PreTrainedConfig,
         backbone_ref: str | None = None,
         extra: dict[str, Any] | None = None,
+        pooling: Pooling = "head",
     ) -> None:
         super().__init__()
+        self.pooling: Pooling = check_pooling(pooling)
         self.backbone = backbone
         self.head = head
         self.preprocess = preprocess
@@ -272,8 +309,34 @@ class NearIDModel(nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def embed_dim(self) -> int:
-        """Width E of the embeddings returned by :meth:`embed`."""
+        """Width E of the embeddings returned by :meth:`embed` (the backbone width with ``pooling="mean"``)."""
+        if self.pooling == "mean":
+            return int(self.vision_config.hidden_size)
         return self.head.config.embed_dim
+
+    def with_pooling(self, pooling: Pooling) -> NearIDModel:
+        """This model with another pooling: ``self`` if it already pools so, else a view sharing the same frozen
+        backbone and head modules (no weights copied).
+
+        Args:
+            pooling: ``"head"`` (the NearID / MAP head) or ``"mean"`` (masked mean of the backbone tokens,
+                L2-normalised, :func:`mean_pool_tokens`).
+
+        Example:
+            >>> from nearid_reward.testing import tiny_nearid_model
+            >>> model = tiny_nearid_model()
+            >>> mean = model.with_pooling("mean")
+            >>> mean.backbone is model.backbone, mean.embed(torch.rand(2, 3, 32, 32)).shape[-1] == mean.embed_dim
+            (True, True)
+        """
+        pooling = check_pooling(pooling)
+        if pooling == self.pooling:
+            return self
+        view = NearIDModel(self.backbone, self.head, self.preprocess, backbone_type=self.backbone_type,
+                           vision_config=self.vision_config, backbone_ref=self.backbone_ref, extra=self.extra,
+                           pooling=pooling)
+        view.chunk_size = self.chunk_size
+        return view
 
     @property
     def device(self) -> torch.device:
@@ -374,7 +437,10 @@ class NearIDModel(nn.Module):
         return out.last_hidden_state, inputs.pixel_attention_mask
 
     def pool(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Head + L2 normalisation: tokens ``[B, N, D]`` -> float32 embeddings ``[B, E]`` with unit norm."""
+        """Head (or, with ``pooling="mean"``, the token mean) + L2 normalisation: tokens ``[B, N, D]`` -> float32
+        embeddings ``[B, E]`` with unit norm."""
+        if self.pooling == "mean":
+            return mean_pool_tokens(tokens, token_mask)
         return F.normalize(self.head(tokens, token_mask).float(), dim=-1)
 
     def forward(self, inputs: PixelInputs) -> torch.Tensor:
@@ -419,7 +485,9 @@ class NearIDModel(nn.Module):
             self.chunk_size = previous
 
     def extra_repr(self) -> str:
-        return f"backbone_type={self.backbone_type!r}, embed_dim={self.embed_dim}, backbone_ref={self.backbone_ref!r}"
+        pooling = "" if self.pooling == "head" else f", pooling={self.pooling!r}"
+        return (f"backbone_type={self.backbone_type!r}, embed_dim={self.embed_dim}, "
+                f"backbone_ref={self.backbone_ref!r}{pooling}")
 
 
 

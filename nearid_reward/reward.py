@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import parse_dtype, with_overrides
 from .images import ImageInput, check_value_range
-from .model import NearIDModel, as_nearid_model, check_chunk_size
+from .model import NearIDModel, Pooling, as_nearid_model, check_chunk_size, check_pooling
 from .references import ReferenceSet, embed_images
 from .similarity import Aggregate
 
@@ -98,6 +98,10 @@ class RewardConfig:
             sync per call; shapes are always checked).
         reference_chunk_size: images per encoder call when embedding references and negatives.
         reference_value_range: ``(low, high)`` of reference/negative *tensors* (PIL images and files are 8-bit).
+        pooling: ``"head"`` scores with the model's head (NearID, or a plain SigLIP folder's own head: the frozen
+            baseline); ``"mean"`` with the L2-normalised mean of the backbone's tokens (the CLIP-I / DINO-style
+            baseline, :func:`~nearid_reward.model.mean_pool_tokens`); None keeps the model's own pooling. The
+            reward then uses :meth:`NearIDModel.with_pooling`, a view sharing the frozen weights.
 
     ``gradient_checkpointing`` and ``backbone_dtype`` are applied to the :class:`~nearid_reward.NearIDModel` itself,
     so a model object shared with other code is affected too (the reward also freezes it).
@@ -112,8 +116,11 @@ class RewardConfig:
     check_inputs: bool = False
     reference_chunk_size: int = 32
     reference_value_range: tuple[float, float] = (0.0, 1.0)
+    pooling: Pooling | None = None
 
     def __post_init__(self) -> None:
+        if self.pooling is not None:
+            check_pooling(self.pooling, "RewardConfig.pooling")
         if self.aggregate not in ("mean", "max", "centroid"):
             raise ValueError(f"RewardConfig.aggregate must be 'mean', 'max' or 'centroid', got {self.aggregate!r}")
         if self.kind not in ("cosine", "relative"):
@@ -204,6 +211,8 @@ class IdentityReward(nn.Module):
         base = with_overrides(config, RewardConfig, overrides, "IdentityReward")
         self.config = base
         self.model = as_nearid_model(model, torch_dtype=self.config.torch_backbone_dtype)
+        if base.pooling is not None:
+            self.model = self.model.with_pooling(base.pooling)
         if self.config.torch_backbone_dtype is not None and self.model.dtype != self.config.torch_backbone_dtype:
             self.model.backbone.to(self.config.torch_backbone_dtype)
         if any(p.requires_grad for p in self.model.parameters()):
@@ -385,6 +394,7 @@ class IdentityReward(nn.Module):
         return (
             f"references={self.num_references}, negatives={self.num_negatives}, aggregate={c.aggregate!r}, "
             f"kind={c.kind!r}, negative_weight={c.negative_weight}"
+            + ("" if c.pooling is None else f", pooling={c.pooling!r}")
         )
 
 

@@ -14,6 +14,12 @@ Three steps, each with the project's own tools:
 Command that made the shipped encoder (``nearid_world/weights/nearid``)::
 
     python -m nearid_world.encoder --output_dir nearid_world/weights/nearid --seed 0
+
+and the second head, trained on the same backbone without part and secondary-colour distractors (the benchmark's
+"unseen look-alike kinds"; only the head is trained)::
+
+    python -m nearid_world.encoder --output_dir nearid_world/weights/nearid --seed 0 \\
+        --head_name head_leaveout --leave_out part secondary
 """
 
 from __future__ import annotations
@@ -38,7 +44,15 @@ from . import scenes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EncoderConfig", "write_world_dataset", "train_world_encoder", "parse_args", "main"]
+__all__ = [
+    "EncoderConfig",
+    "write_world_dataset",
+    "train_world_encoder",
+    "train_world_head",
+    "train_head_only",
+    "parse_args",
+    "main",
+]
 
 WORLD = "generation"
 
@@ -67,6 +81,8 @@ class EncoderConfig:
         head_steps, batch_size, learning_rate, temperature, alpha: ``nearid-train-head`` settings.
         held_out: benchmark identities left out of the dataset.
         seed: everything derives from it.
+        leave_out: distractor kinds left out of the head's training and validation (the dataset keeps them, so
+            the evaluation reports the head on kinds it never saw).
     """
 
     num_identities: int = field(
@@ -85,6 +101,18 @@ class EncoderConfig:
     alpha: float = field(default=0.0, metadata={"help": "nearid-train-head alpha"})
     held_out: int = field(default=48, metadata={"help": "benchmark identities left out of the dataset"})
     seed: int = field(default=0, metadata={"help": "everything derives from it"})
+    leave_out: list[str] = field(
+        default_factory=list,
+        metadata={"help": "distractor kinds (identity attributes) the head never trains or validates on; the "
+                  "evaluation still covers every kind"},
+    )
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.leave_out if k not in scenes.NEAR_ATTRIBUTES]
+        if unknown:
+            raise ValueError(f"EncoderConfig.leave_out must name kinds of {scenes.NEAR_ATTRIBUTES}, got {unknown}")
+        if len(set(self.leave_out)) >= len(scenes.NEAR_ATTRIBUTES):
+            raise ValueError(f"EncoderConfig.leave_out must keep at least one distractor kind, got {self.leave_out}")
 
 
 def write_world_dataset(output_dir: str | Path, config: EncoderConfig, *, progress: bool = False) -> Path:
@@ -155,9 +183,6 @@ def train_world_encoder(output_dir: str | Path, config: EncoderConfig | None = N
         ``output_dir``; ``NearIDModel.from_pretrained(output_dir / "head")`` loads the trained encoder and
         ``NearIDModel.from_pretrained(output_dir / "backbone")`` the frozen baseline.
     """
-    from nearid_reward import NearIDModel
-    from train_head import eval as nearid_eval
-    from train_head import train as nearid_train
     from train_head.synthetic_backbone import BackbonePretrainConfig, pretrain_synthetic_backbone
 
     config = config or EncoderConfig()
@@ -177,14 +202,40 @@ def train_world_encoder(output_dir: str | Path, config: EncoderConfig | None = N
     ), force=True, progress=progress)  # fmt: skip
     seconds["backbone"] = time.perf_counter() - t
     t = time.perf_counter()
-    run = work / "run"
+    evaluation = train_world_head(data, backbone, out / "head", config, work)
+    seconds["head"] = time.perf_counter() - t
+    write_json_atomic(out / "encoder_config.json", {
+        "config": dataclasses.asdict(config), "held_out_test_identities": evaluation,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "total_seconds": round(time.perf_counter() - started, 1),
+    })  # fmt: skip
+    return out
+
+
+def train_world_head(data: Path, backbone: Path, head_dir: Path, config: EncoderConfig,
+                     work: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Train a NearID head with ``nearid-train-head`` on the world dataset and save it head-only in ``head_dir``.
+
+    The head trains and validates on the distractor kinds not in ``config.leave_out``; the best head by validation
+    SSR is kept. Both it and the frozen ``backbone`` are then evaluated by ``nearid-eval`` on the test identities
+    for *every* kind.
+
+    Returns:
+        ``{"frozen" | "nearid": {kind | "pooled": {"ssr", "pa"}}}`` in percent (one decimal).
+    """
+    from nearid_reward import NearIDModel
+    from train_head import eval as nearid_eval
+    from train_head import train as nearid_train
+
+    run = work / f"run_{head_dir.name}"
     if run.exists():
         shutil.rmtree(run)
-    levels = [str(data / "distractors" / a) for a in scenes.NEAR_ATTRIBUTES]
+    every = [str(data / "distractors" / a) for a in scenes.NEAR_ATTRIBUTES]
+    seen = [str(data / "distractors" / a) for a in scenes.NEAR_ATTRIBUTES if a not in config.leave_out]
     nearid_train.main([
         "--backbone", str(backbone), "--output_dir", str(run), "--train_data", str(data / "positives"),
-        "--distractors", *levels, "--train_indices", str(data / "splits" / "train.json"),
-        "--val_data", str(data / "positives"), "--val_distractors", *levels,
+        "--distractors", *seen, "--train_indices", str(data / "splits" / "train.json"),
+        "--val_data", str(data / "positives"), "--val_distractors", *seen,
         "--val_indices", str(data / "splits" / "val.json"),
         "--train_batch_size", str(config.batch_size), "--max_train_steps", str(config.head_steps),
         "--learning_rate", str(config.learning_rate), "--lr_warmup_steps", "50", "--alpha", str(config.alpha),
@@ -192,22 +243,51 @@ def train_world_encoder(output_dir: str | Path, config: EncoderConfig | None = N
         "--checkpointing_steps", str(config.head_steps), "--logging_steps", "100", "--report_to", "none",
         "--seed", str(config.seed),
     ])  # fmt: skip
-    seconds["head"] = time.perf_counter() - t
     model = NearIDModel.from_pretrained(run / "best")
-    model.save_pretrained(out / "head", backbone=Path("..") / "backbone")
-    evaluation: dict[str, Any] = {}
-    for name, folder in (("frozen", backbone), ("nearid", out / "head")):
-        report = work / "eval" / name
-        nearid_eval.main(["--model", str(folder), "--data", str(data / "positives"), "--distractors", *levels,
+    model.save_pretrained(head_dir, backbone=Path("..") / backbone.name)
+    evaluation: dict[str, dict[str, dict[str, float]]] = {}
+    for name, folder in (("frozen", backbone), ("nearid", head_dir)):
+        report = work / "eval" / f"{head_dir.name}_{name}"
+        nearid_eval.main(["--model", str(folder), "--data", str(data / "positives"), "--distractors", *every,
                           "--indices", str(data / "splits" / "test.json"), "--output_dir", str(report)])
         settings = json.loads((report / "metrics.json").read_text())["settings"]
         evaluation[name] = {k: {"ssr": round(v["ssr"], 1), "pa": round(v["pa"], 1)} for k, v in settings.items()}
-    write_json_atomic(out / "encoder_config.json", {
+    return evaluation
+
+
+def train_head_only(output_dir: str | Path, head_name: str, config: EncoderConfig, *,
+                    work_dir: str | Path | None = None, progress: bool = False) -> Path:
+    """Train one more head on the shipped backbone ``output_dir/backbone`` (the backbone is not retrained).
+
+    Writes ``output_dir/<head_name>/`` (head-only checkpoint referencing ``../backbone``) and
+    ``output_dir/<head_name>_config.json`` (settings, per-kind SSR/PA of the head and the frozen backbone, seconds).
+    The dataset is the one :func:`train_world_encoder` writes for the same ``config`` (the same bytes), so a
+    ``leave_out`` head differs from the shipped head only by the distractor kinds it trains on.
+
+    Returns:
+        ``output_dir / head_name``.
+    """
+    out = Path(output_dir)
+    backbone = out / "backbone"
+    if not (backbone / "config.json").is_file():
+        raise FileNotFoundError(f"--head_name needs a trained backbone in {backbone}, found no config.json")
+    if head_name in ("backbone", "head") or "/" in head_name or not head_name:
+        raise ValueError(f"--head_name must be a new folder name other than 'backbone' and 'head', got {head_name!r}")
+    work = Path(work_dir) if work_dir is not None else out.parent / "encoder_work"
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    data = write_world_dataset(work / "data", config, progress=progress)
+    seconds["dataset"] = time.perf_counter() - t
+    t = time.perf_counter()
+    evaluation = train_world_head(data, backbone, out / head_name, config, work)
+    seconds["head"] = time.perf_counter() - t
+    write_json_atomic(out / f"{head_name}_config.json", {
         "config": dataclasses.asdict(config), "held_out_test_identities": evaluation,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "total_seconds": round(time.perf_counter() - started, 1),
     })  # fmt: skip
-    return out
+    return out / head_name
 
 
 @dataclass
@@ -217,6 +297,11 @@ class EncoderArguments:
     output_dir: str = field(metadata={"help": "where backbone/ and head/ are written"})
     work_dir: str | None = field(
         default=None, metadata={"help": "dataset and trainer run (None: OUTPUT_DIR/../encoder_work)"}
+    )
+    head_name: str | None = field(
+        default=None,
+        metadata={"help": "only train a head named this on the backbone already in OUTPUT_DIR/backbone (None: "
+                  "build the backbone and head/)"},
     )
 
 
@@ -231,6 +316,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EncoderArguments, Enc
 def main(argv: Sequence[str] | None = None) -> int:
     args, config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.head_name is not None:
+        import torch
+
+        torch.set_num_threads(1)  # the head's bytes then do not depend on the machine's core count
+        head = train_head_only(args.output_dir, args.head_name, config, work_dir=args.work_dir, progress=True)
+        print(json.dumps(json.loads((head.parent / f"{head.name}_config.json").read_text()), indent=2))
+        return 0
     out = train_world_encoder(args.output_dir, config, work_dir=args.work_dir, progress=True)
     print(json.dumps(json.loads((out / "encoder_config.json").read_text()), indent=2))
     return 0

@@ -6,12 +6,14 @@ each of the four contexts, and, for every rendered sample:
 
 * ``nearid`` / ``frozen`` / ``meanpool``: mean cosine to the subject's views under the world's trained NearID head,
   the backbone's own (frozen) pooling head, and mean-pooled backbone tokens (the CLIP-I/DINO-style baseline);
+  ``leaveout``: under the second head, trained without part and secondary-colour distractors (where shipped);
 * ``truth``: the oracle's true identity (:func:`nearid_world.oracle.true_identity`);
 * ``prompt_fidelity``: the oracle reads the prompted context;
 * ``copy_rate``: the oracle reads a training view's context other than the prompted one;
 * ``lookalike_rate``: the oracle reads the look-alike's value of the attribute it changes.
 
-Every figure is a mean over the samples, in [0, 1] except the cosines (in [-1, 1]).
+Every figure is a mean over the samples, in [0, 1] except the cosines (in [-1, 1]); ``samples`` holds the
+per-sample values of each (for bootstrapping samples, :mod:`nearid_world.stats`).
 """
 
 from __future__ import annotations
@@ -54,6 +56,19 @@ class WorldAssets:
     @property
     def nearid(self) -> Path:
         return self.root / "nearid" / "head"
+
+    @property
+    def nearid_leaveout(self) -> Path:
+        """The head trained without part and secondary-colour distractors (unseen look-alike kinds)."""
+        return self.root / "nearid" / "head_leaveout"
+
+    @property
+    def leaveout_config(self) -> Path:
+        return self.root / "nearid" / "head_leaveout_config.json"
+
+    @property
+    def encoder_config(self) -> Path:
+        return self.root / "nearid" / "encoder_config.json"
 
     @property
     def backbone(self) -> Path:
@@ -110,19 +125,25 @@ def make_subject(index: int, folder: str | Path, *, seed: int = 0, image_size: i
 
 
 class Scorers:
-    """The three identity scores of a sample against the subject's views: NearID, frozen head, mean pooling."""
+    """The identity scores of a sample against the subject's views: NearID, frozen head, mean pooling, and the
+    leave-out head where it is shipped (``assets.nearid_leaveout``)."""
 
     def __init__(self, assets: WorldAssets, references: Path | Sequence[Any]) -> None:
         self.nearid = NearIDModel.from_pretrained(assets.nearid).eval()
         self.frozen = NearIDModel.from_pretrained(assets.backbone).eval()
+        self.leaveout = (NearIDModel.from_pretrained(assets.nearid_leaveout).eval()
+                         if (assets.nearid_leaveout / "head.safetensors").is_file() else None)
         self.set_references(references)
 
     @torch.no_grad()
     def embed(self, images: Any) -> dict[str, torch.Tensor]:
         """Unit embeddings per kind (``images``: float ``[B, 3, H, W]`` in [0, 1], or paths/PIL)."""
         tokens, mask = self.frozen.encode_tokens(self.frozen.prepare(images))  # one backbone pass for both baselines
-        return {"nearid": self.nearid.embed(images), "frozen": self.frozen.pool(tokens, mask),
-                "meanpool": mean_pool(tokens, mask)}
+        out = {"nearid": self.nearid.embed(images), "frozen": self.frozen.pool(tokens, mask),
+               "meanpool": mean_pool(tokens, mask)}
+        if self.leaveout is not None:
+            out["leaveout"] = self.leaveout.embed(images)
+        return out
 
     def set_references(self, references: Path | Sequence[Any]) -> None:
         self.references = self.embed(references)
@@ -167,11 +188,14 @@ def evaluate_images(images: torch.Tensor, eval_set: EvalSet, subject: Subject, o
     fidelity = [p["context"] == c for p, c in zip(predicted, prompted)]
     copies = [p["context"] != c and p["context"] in subject.contexts for p, c in zip(predicted, prompted)]
     lookalike = [lookalike_hits(p, subject.lookalike, subject.identity) for p in predicted]
-    result = {k: float(v.mean()) for k, v in scores.items()}
+    result: dict[str, Any] = {k: float(v.mean()) for k, v in scores.items()}
     result |= {"truth": float(np.mean(truth)), "prompt_fidelity": float(np.mean(fidelity)),
                "copy_rate": float(np.mean(copies)), "lookalike_rate": float(np.mean(lookalike))}
     for name in scenes.IDENTITY_ATTRIBUTES:
         result[f"match_{name}"] = float(np.mean([p[name] == getattr(subject.identity, name) for p in predicted]))
+    samples = {k: v.tolist() for k, v in scores.items()} | {
+        "truth": truth, "prompt_fidelity": fidelity, "copy_rate": copies, "lookalike_rate": lookalike}
+    result["samples"] = {k: [round(float(x), 5) for x in v] for k, v in samples.items()}  # [N] each
     return result
 
 

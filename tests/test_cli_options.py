@@ -158,10 +158,11 @@ EXPECTED: dict[str, tuple[list[str], dict[str, Any]]] = {
         "output_dir": "o", "work_dir": None, "num_identities": 2000, "image_size": 32, "patch_size": 4,
         "hidden_size": 128, "num_layers": 2, "backbone_steps": 2000, "backbone_images": 8000, "head_steps": 600,
         "batch_size": 128, "learning_rate": 3e-3, "temperature": 0.1, "alpha": 0.0, "held_out": 48, "seed": 0,
+        "head_name": None, "leave_out": [],
     }),
     "train_lora_identity_reward": (TRAIN_REQUIRED, {
         "pretrained_model_name_or_path": "p", "nearid_model": "m", "reference_dir": "r", "negative_dir": None,
-        "negative_weight": 1.0, "instance_token": "sks", "class_noun": "", "prompts": None,
+        "negative_weight": 1.0, "nearid_pooling": "head", "instance_token": "sks", "class_noun": "", "prompts": None,
         "output_dir": "identity-reward-lora", "mode": "draft", "backprop_num_steps": 1, "backprop_strategy": "tail",
         "refl_range": [0.7, 0.95], "rwr_temperature": 1.0, "num_inference_steps": 20, "guidance_scale": 1.0,
         "resolution": None, "train_batch_size": 2, "max_train_steps": 200, "learning_rate": 1e-4, "rank": 4,

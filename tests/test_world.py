@@ -193,6 +193,39 @@ def test_world_model_script_builds_a_loadable_pipeline(tmp_path: Path) -> None:
     assert info["config"]["unet_steps"] == 2 and "denoiser" in info["seconds"]
 
 
+def test_leave_out_head_trains_on_the_shipped_backbone_without_the_left_out_kinds(tmp_path: Path) -> None:
+    import shutil
+
+    from nearid_world.encoder import main
+
+    out = tmp_path / "nearid"
+    shutil.copytree(ASSETS.backbone, out / "backbone")
+    before = (out / "backbone" / "model.safetensors").read_bytes()
+    assert main(["--output_dir", str(out), "--work_dir", str(tmp_path / "work"), "--head_name", "head_lo",
+                 "--leave_out", "part", "secondary", "--num_identities", "40", "--head_steps", "2",
+                 "--batch_size", "8"]) == 0
+    trained = json.loads((tmp_path / "work" / "run_head_lo" / "train_config.json").read_text())
+    assert [Path(d).name for d in trained["distractors"]] == ["shape", "primary", "pattern"]
+    assert [Path(d).name for d in trained["val_distractors"]] == ["shape", "primary", "pattern"]
+    info = json.loads((out / "head_lo_config.json").read_text())
+    assert info["config"]["leave_out"] == ["part", "secondary"]
+    for head in ("frozen", "nearid"):  # evaluated on every kind, the unseen ones included
+        assert set(info["held_out_test_identities"][head]) == {*scenes.NEAR_ATTRIBUTES, "pooled"}
+    assert json.loads((out / "head_lo" / "nearid_config.json").read_text())["backbone"] == "../backbone"
+    assert (out / "backbone" / "model.safetensors").read_bytes() == before  # the backbone is not retrained
+
+
+def test_encoder_rejects_bad_leave_out_and_head_names(tmp_path: Path) -> None:
+    from nearid_world.encoder import EncoderConfig, train_head_only
+
+    with pytest.raises(ValueError, match="leave_out must name kinds of .*got \\['colour'\\]"):
+        EncoderConfig(leave_out=["colour"])
+    with pytest.raises(ValueError, match="keep at least one distractor kind"):
+        EncoderConfig(leave_out=list(scenes.NEAR_ATTRIBUTES))
+    with pytest.raises(FileNotFoundError, match="needs a trained backbone"):
+        train_head_only(tmp_path, "head_lo", EncoderConfig())
+
+
 def test_backbone_pretraining_rejects_an_unknown_world() -> None:
     from train_head.synthetic_backbone import BackbonePretrainConfig
 
@@ -203,12 +236,13 @@ def test_backbone_pretraining_rejects_an_unknown_world() -> None:
 # ---------------------------------------------------------------------------------------------- benchmark
 def test_benchmark_quick_path_end_to_end(tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_personalisation import main
+    from bench_personalisation import PAIRED, main
 
     out = tmp_path / "json" / "bench.json"
     report = main(["--quick", "--out", str(tmp_path / "work"), "--json", str(out), "--steps", "20",
                    "--checkpointing_steps", "10", "--per_context", "1", "--inference_steps", "6",
-                   "--reward_steps", "2"])
+                   "--reward_steps", "2", "--curve_steps", "4", "--curve_every", "2", "--no_prior_run",
+                   "--n_resamples", "50"])
     saved = json.loads(out.read_text())
     assert saved["subjects"] == report["subjects"] == 1
     subject = saved["per_subject"][0]
@@ -219,7 +253,40 @@ def test_benchmark_quick_path_end_to_end(tmp_path: Path) -> None:
                 "penalty_lookalike_rate_before", "penalty_lookalike_rate_after"):
         assert 0.0 <= saved[key] <= 1.0
     assert saved["best_truth"] == max(r["truth"] for r in subject["checkpoints"])
+    # the selectors score other renders than the truth's: same prompts, other seeds, 4 samples each
+    row = subject["checkpoints"][0]
+    assert len(row["samples"]["truth"]) == len(row["selection"]["samples"]["nearid"]) == 4
+    assert row["samples"]["nearid"] != row["selection"]["samples"]["nearid"]
+    picked = max(subject["checkpoints"], key=lambda r: r["selection"]["nearid"])
+    assert subject["picked_step"]["nearid"] == picked["step"]
     # the reward run starts from the checkpoint NearID ranks first
     assert subject["reward_finetune"]["init_step"] == subject["picked_step"]["nearid"]
     # the launcher scored every checkpoint with NearID during training
     assert {r["step"] for r in subject["launcher_history"] if r.get("source") == "checkpoint"} >= {10, 20}
+    # every averaged figure has an interval around it
+    intervals = saved["intervals"]
+    wanted = {"spearman_nearid_vs_truth", "selection_regret_nearid", "base_truth", "reward_nearid_gain"}
+    assert wanted <= set(intervals)
+    for key, (low, high) in intervals.items():
+        if not math.isnan(saved[key]) and key.startswith(("base_", "best_", "reward_", "selection_")):
+            assert low <= saved[key] + 1e-9 and saved[key] <= high + 1e-9, key
+    assert set(saved["paired"]) == set(PAIRED)
+    for value in saved["paired"].values():
+        assert set(value) == {"mean", "low", "high"}
+    unseen = saved["unseen_kinds"]
+    assert unseen["left_out"] == ["part", "secondary"]
+    assert 0 <= unseen["leaveout"]["ssr_unseen"] <= 100 and 0 <= unseen["frozen"]["ssr_seen"] <= 100
+    for head in ("leaveout", "frozen"):
+        assert {"ssr_seen", "ssr_unseen", "spearman_seen", "spearman_unseen"} <= set(unseen[head])
+    baselines = saved["reward_baselines"]
+    assert set(baselines) == {"nearid", "frozen", "meanpool"}
+    for kind, figures in baselines.items():
+        assert len(figures) == 8 and all(0.0 <= v <= 1.0 for v in figures.values()), kind
+        assert figures["truth_before"] == baselines["nearid"]["truth_before"]  # the same starting checkpoint
+    curves = saved["overoptimisation"]
+    assert set(curves) == {"nearid_prior", "frozen_prior", "meanpool_prior"}
+    for curve in curves.values():
+        assert curve["steps"] == [0, 2, 4]
+        assert len(curve["proxy"]) == len(curve["truth"]) == len(curve["steps"])
+    # the curve's step 2 is the reward baseline's "after"
+    assert curves["nearid_prior"]["truth"][1] == pytest.approx(baselines["nearid"]["truth_after"])
