@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launcher_runs import run_dreambooth
 
 from integrations import dreambooth
 from integrations.host_pipelines import TextComponents, host_conditioning
@@ -34,14 +35,6 @@ SCRIPTS = {
     "offload": FIXTURES / "dreambooth_offload_minimal.py",  # Flux2-klein / Z-Image shaped, over tiny Flux
 }
 FAMILY = {"qwen_image": "qwen_image", "sd3": "sd3", "sana": "sana", "lumina2": "lumina2", "offload": "flux"}
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +71,7 @@ def _launch(assets: dict[str, Path], base: Path, script: Path, out: Path, *ours:
         "--output_dir", str(out), "--max_train_steps", "5", "--checkpointing_steps", "2",
         "--checkpoints_total_limit", "1", "--seed", "0", "--resolution", "32", "--learning_rate", "1e-3",
     ]  # fmt: skip
-    _reset_accelerate()
-    try:
-        assert dreambooth.main(argv) == 0
-    finally:
-        _reset_accelerate()
+    run_dreambooth(argv)
 
 
 def _loaded_lora_tensors(family: str, folder: Path) -> tuple[int, list[str]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launcher_runs import run_dreambooth
 from safetensors.torch import load_file
 
 from integrations import dreambooth
@@ -20,14 +21,6 @@ from nearid_reward.testing.pipelines import save_tiny_sd_pipeline
 FIXTURE = Path(__file__).resolve().parents[1] / "examples" / "dreambooth_lora_minimal.py"
 # ... and one shaped like the full (non-LoRA) train_dreambooth.py, whose log_validation takes the live components.
 FULL_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "dreambooth_full_minimal.py"
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -60,21 +53,13 @@ def _argv(assets: dict[str, Path], out: Path, *extra_ours: str, steps: int = 4) 
     ]  # fmt: skip
 
 
-def _run(argv: list[str]) -> None:
-    _reset_accelerate()
-    try:
-        assert dreambooth.main(argv) == 0
-    finally:
-        _reset_accelerate()
-
-
 @pytest.fixture(scope="module")
 def run(assets: dict[str, Path]) -> Path:
     (assets["root"] / "prompts.json").write_text(json.dumps(
         {"instance": ["a photo of {token} {class}", "a photo of {token} {class} on the beach"],
          "class": ["a photo of a {class}"]}))  # fmt: skip
     out = assets["root"] / "run"
-    _run(_argv(assets, out))
+    run_dreambooth(_argv(assets, out))
     return out
 
 
@@ -148,7 +133,7 @@ def test_full_dreambooth_script_with_a_real_accelerator_scores_its_own_images(
         "--checkpointing_steps", "2", "--validation_steps", "2", "--seed", "0", "--report_to", "tensorboard",
     ]  # fmt: skip
     with caplog.at_level(logging.ERROR):
-        _run(argv)
+        run_dreambooth(argv)
     assert "training continues" not in caplog.text  # no scoring failure was swallowed
     records = read_jsonl(out / dreambooth.HISTORY_NAME)
     assert [(r["step"], r["source"]) for r in records] == [
@@ -172,17 +157,17 @@ def test_scoring_errors_never_kill_the_run(assets: dict[str, Path], tmp_path: Pa
     argv = _argv(assets, tmp_path / "out", steps=2)
     argv[argv.index("--nearid_reference_dir") + 1] = str(bad_refs)
     with caplog.at_level(logging.ERROR):
-        _run(argv)
+        run_dreambooth(argv)
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()  # training finished
     assert "training continues" in caplog.text and "broken.png" in caplog.text
     with pytest.raises(SystemExit, match="nearid-dreambooth: .*broken.png"):
-        _run(["--nearid_strict", *argv])
+        run_dreambooth(["--nearid_strict", *argv])
 
 
 def test_identity_loss_changes_the_trained_lora(assets: dict[str, Path], run: Path, tmp_path: Path) -> None:
     out = tmp_path / "with_loss"
-    _run(_argv(assets, out, "--nearid_loss_weight", "5.0", "--nearid_loss_max_timestep", "1000",
-               "--nearid_no_score_checkpoints"))
+    run_dreambooth(_argv(assets, out, "--nearid_loss_weight", "5.0", "--nearid_loss_max_timestep", "1000",
+                         "--nearid_no_score_checkpoints"))
     plain = load_file(str(run / "pytorch_lora_weights.safetensors"))
     with_loss = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert plain.keys() == with_loss.keys()

@@ -197,12 +197,10 @@ def build_tiny_sd_pipeline(
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
     )  # fmt: skip
     vae = _tiny_vae(image_size)
-    pipe = StableDiffusionPipeline(
+    return _quiet(StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_sd_scheduler(scheduler),
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    ))  # fmt: skip
 
 
 def save_tiny_sd_pipeline(
@@ -236,12 +234,10 @@ def build_tiny_sdxl_pipeline(seed: int = 0, *, image_size: int = 64) -> StableDi
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading"
     )
-    pipe = StableDiffusionXLPipeline(
+    return _quiet(StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    ))  # fmt: skip
 
 
 def save_tiny_sdxl_pipeline(folder: str | os.PathLike[str], seed: int = 0, *, image_size: int = 64) -> Path:
@@ -266,14 +262,18 @@ def _byte_level_bpe(words: Iterable[str], space: str) -> tuple[dict[str, int], l
     vocab = {token: i for i, token in enumerate(alphabet)}
     merges: list[tuple[str, str]] = []
     for word in words:
-        pieces = [space, *word] if space else list(word)
-        while len(pieces) > 1:
-            merge = (pieces[0], pieces[1])
-            if merge not in merges:
-                merges.append(merge)
-            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
-            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+        _merge_into_one_token([space, *word] if space else list(word), vocab, merges)
     return vocab, merges
+
+
+def _merge_into_one_token(pieces: list[str], vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """Add to ``vocab`` and ``merges`` (in place) the left-to-right merges that make ``pieces`` one token."""
+    while len(pieces) > 1:
+        merge = (pieces[0], pieces[1])
+        if merge not in merges:
+            merges.append(merge)
+        vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+        pieces = [pieces[0] + pieces[1], *pieces[2:]]
 
 
 def build_t5_tokenizer(words: Iterable[str] = DEFAULT_WORDS, *, model_max_length: int = 512) -> Any:
@@ -310,13 +310,7 @@ def _sentencepiece_bpe(words: Iterable[str], specials: Sequence[str]) -> tuple[d
         vocab.setdefault(char, len(vocab))
     merges: list[tuple[str, str]] = []
     for word in dict.fromkeys(words):
-        pieces = ["\u2581", *word]
-        while len(pieces) > 1:
-            merge = (pieces[0], pieces[1])
-            if merge not in merges:
-                merges.append(merge)
-            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
-            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+        _merge_into_one_token(["\u2581", *word], vocab, merges)
     return vocab, merges
 
 
@@ -339,6 +333,12 @@ def build_llama_tokenizer(words: Iterable[str] = DEFAULT_WORDS) -> Any:
     tokenizer = LlamaTokenizer(vocab=vocab, merges=merges)
     tokenizer.pad_token = "</s>"
     return tokenizer
+
+
+def _quiet(pipe: Any) -> Any:
+    """``pipe`` with its progress bar turned off, as every tiny builder returns it."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _t5_encoder(tokenizer: Any, d_model: int) -> Any:
@@ -379,15 +379,13 @@ def build_tiny_flux_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
     )  # fmt: skip
-    pipe = FluxPipeline(
+    return _quiet(FluxPipeline(
         transformer=transformer, text_encoder=CLIPTextModel(_text_config(tokenizer)), tokenizer=tokenizer,
         text_encoder_2=_t5_encoder(tokenizer_2, 32), tokenizer_2=tokenizer_2,
         vae=_flow_vae(image_size, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
                       scaling_factor=1.5035),
         scheduler=FlowMatchEulerDiscreteScheduler(),
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    ))  # fmt: skip
 
 
 def build_tiny_sd3_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
@@ -401,16 +399,14 @@ def build_tiny_sd3_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
         out_channels=4,
     )  # fmt: skip
-    pipe = StableDiffusion3Pipeline(
+    return _quiet(StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=_flow_vae(image_size, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
                       scaling_factor=1.5035),
         text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer, hidden_act="gelu")), tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden_act="gelu")),
         tokenizer_2=tokenizer_2, text_encoder_3=_t5_encoder(tokenizer_3, 32), tokenizer_3=tokenizer_3,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    ))  # fmt: skip
 
 
 def build_tiny_sana_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
@@ -432,12 +428,10 @@ def build_tiny_sana_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
         upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
         scaling_factor=0.41407,
     )  # fmt: skip
-    pipe = SanaPipeline(
+    return _quiet(SanaPipeline(
         tokenizer=tokenizer, text_encoder=_gemma2_encoder(tokenizer, 8), vae=vae, transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    ))  # fmt: skip
 
 
 def build_tiny_qwen_image_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
@@ -473,12 +467,10 @@ def build_tiny_qwen_image_pipeline(seed: int = 0, *, image_size: int = 32) -> An
         vision_end_token_id=ids("<|vision_end|>"), vision_token_id=ids("<|video_pad|>"),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
     )  # fmt: skip
-    pipe = QwenImagePipeline(
+    return _quiet(QwenImagePipeline(
         transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
         text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer=tokenizer,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    ))  # fmt: skip
 
 
 def build_tiny_lumina2_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
@@ -492,7 +484,7 @@ def build_tiny_lumina2_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
         num_kv_heads=1, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, scaling_factor=1.0,
         axes_dim_rope=[4, 2, 2], cap_feat_dim=8,
     )  # fmt: skip
-    pipe = Lumina2Pipeline(
+    return _quiet(Lumina2Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=AutoencoderKL(  # the pipeline assumes an 8x downsampling VAE
             sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=(8, 8, 8, 8),
@@ -500,9 +492,7 @@ def build_tiny_lumina2_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
             up_block_types=("UpDecoderBlock2D",) * 4, shift_factor=0.0609, scaling_factor=1.5035,
         ),
         text_encoder=_gemma2_encoder(tokenizer, 8), tokenizer=tokenizer,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    ))  # fmt: skip
 
 
 def build_tiny_hidream_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
@@ -526,16 +516,14 @@ def build_tiny_hidream_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
         num_key_value_heads=2, bos_token_id=tokenizer_4.bos_token_id, eos_token_id=tokenizer_4.eos_token_id,
         pad_token_id=tokenizer_4.pad_token_id, max_position_embeddings=256,
     ))  # fmt: skip
-    pipe = HiDreamImagePipeline(
+    return _quiet(HiDreamImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=_flow_vae(image_size, scaling_factor=0.3611, shift_factor=0.1159),
         text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer, hidden_act="gelu")), tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden_act="gelu")),
         tokenizer_2=tokenizer_2, text_encoder_3=_t5_encoder(tokenizer_3, 32), tokenizer_3=tokenizer_3,
         text_encoder_4=llama.eval(), tokenizer_4=tokenizer_4, transformer=transformer.eval(),
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    ))  # fmt: skip
 
 
 _TRANSFORMER_BUILDERS = {

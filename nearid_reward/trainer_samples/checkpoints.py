@@ -136,22 +136,22 @@ def _kohya(folder: Path, cache: dict[tuple[str, int, int], dict[str, str] | None
     return found
 
 
-def _files(folder: Path, suffix: str | None = None) -> list[Path]:
+def _entries(folder: Path) -> list[Path]:
+    """What ``folder`` holds, sorted by name; nothing where it is missing or not a folder."""
     try:
-        entries = sorted(folder.iterdir())
+        return sorted(folder.iterdir())
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return [p for p in entries
+
+
+def _files(folder: Path, suffix: str | None = None) -> list[Path]:
+    return [p for p in _entries(folder)
             if p.is_file() and not p.name.startswith(".") and (suffix is None or p.suffix == suffix)]
 
 
 def _ai_toolkit(folder: Path) -> list[TrainerCheckpoint]:
     found: list[TrainerCheckpoint] = []
-    try:
-        entries = sorted(folder.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    for entry in entries:
+    for entry in _entries(folder):
         if entry.name.startswith(".") or entry.name == "samples":
             continue
         m = _AITK_STEP.match(entry.name)
@@ -164,11 +164,7 @@ def _ai_toolkit(folder: Path) -> list[TrainerCheckpoint]:
 
 def _diffusers_runs(folder: Path) -> list[TrainerCheckpoint]:
     found: list[TrainerCheckpoint] = []
-    try:
-        entries = sorted(folder.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    for entry in entries:
+    for entry in _entries(folder):
         m = CHECKPOINT_PATTERN.match(entry.name)
         if m is not None and entry.is_dir():
             found.append(TrainerCheckpoint(entry, int(m.group(1))))
@@ -181,11 +177,7 @@ def _diffusers_runs(folder: Path) -> list[TrainerCheckpoint]:
 def _onetrainer(folder: Path) -> list[TrainerCheckpoint]:
     found: list[TrainerCheckpoint] = []
     for sub, is_backup in (("save", False), ("backup", True)):
-        try:
-            entries = sorted((folder / sub).iterdir())
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for entry in entries:
+        for entry in _entries(folder / sub):
             m = _OT_SAVE.match(entry.name)
             if m is None or entry.name.startswith(".") or (m["what"] == "backup") != is_backup:
                 continue
