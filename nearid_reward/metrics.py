@@ -120,7 +120,7 @@ def identity_metrics(
     reward_kind: RewardKind = "cosine",
     identity: torch.Tensor | None = None,
     contexts: torch.Tensor | None = None,
-    context_margin: float = 0.0,
+    context_margin: float = 0.2,
 ) -> dict[str, float]:
     """Identity metrics of generated images against a reference set (flat ``dict[str, float]``, no prefix).
 
@@ -141,7 +141,8 @@ def identity_metrics(
         contexts: ``[B, D]`` context features of the images (:func:`~nearid_reward.references.context_features`):
             adds ``context_copy_fraction`` and ``context_copy_excess`` (see :func:`context_copy_scores`); the
             reference set must hold its references' context features and >= 2 references.
-        context_margin: an image counts as a copy when its excess exceeds ``-context_margin``.
+        context_margin: an image counts as a copy when its excess exceeds ``-context_margin`` (generations never
+            reach the band of real photos; 0.2 was chosen in the generation world, see docs/world.md).
 
     Example:
         >>> refs = ReferenceSet(torch.tensor([[0.6, 0.8, 0.0], [0.6, 0.0, 0.8]]))  # cosine 0.36 to each other

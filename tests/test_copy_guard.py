@@ -45,6 +45,18 @@ def test_metrics_flag_copies_of_the_references_and_not_varied_samples():
     half = torch.cat([copies[:2], varied[:2]])
     assert identity_metrics(emb, references, contexts=half)["context_copy_fraction"] == 0.5
     assert "context_copy_fraction" not in identity_metrics(emb, references)  # only when asked for
+    # the margin: a scene 0.1 below the band is a copy with the default margin 0.2, not with 0.05
+    band = float(min((refs[i] @ torch.cat([refs[:i], refs[i + 1:]]).T).mean() for i in range(3)))
+    near = F.normalize(refs.mean(0, keepdim=True), dim=-1)  # mean cosine to the references m
+    m = float((near @ refs.T).mean())
+    assert m - band > 0  # the mean of one place is inside its band; move it 0.1 below by mixing in another axis
+    t = torch.linspace(0, 1, 2001)[:, None]
+    mixes = F.normalize((1 - t) * near + t * torch.tensor([[0.0, 0.0, 0.0, 1.0]]), dim=-1)
+    excess = context_copy_scores(mixes, refs)
+    below = mixes[int((excess - (-0.1)).abs().argmin())][None]
+    assert float(context_copy_scores(below, refs)) == pytest.approx(-0.1, abs=1e-3)
+    assert identity_metrics(emb[:1], references, contexts=below)["context_copy_fraction"] == 1.0
+    assert identity_metrics(emb[:1], references, contexts=below, context_margin=0.05)["context_copy_fraction"] == 0.0
     with pytest.raises(ValueError, match="context features"):
         identity_metrics(emb, ReferenceSet(identity), contexts=copies)
     assert "context_copy_fraction" in metric_names() and "context_copy_fraction" not in metric_names(contexts=False)
