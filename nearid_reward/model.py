@@ -7,7 +7,7 @@ import numbers
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NearIDModel", "as_nearid_model", "check_chunk_size"]
+__all__ = ["NearIDModel", "as_nearid_model", "check_chunk_size", "context_features"]
 
 SaveFormat = Literal["head", "release"]
 
@@ -76,6 +76,27 @@ def _build_backbone(
         return model_cls._from_config(config, **kwargs)
     with no_init_weights():
         return model_cls._from_config(config, **kwargs)
+
+
+def context_features(tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean-pooled backbone tokens, L2-normalised: the *context features* of images.
+
+    The backbone's tokens cover the whole picture, background included, so their plain mean describes the scene
+    (place, light, colours) more than the identity; the NearID head pools the same tokens into the identity
+    embedding. The copy signal (:func:`~nearid_reward.metrics.context_copy_scores`) compares these features.
+
+    Args:
+        tokens: ``[B, N, D]`` final backbone tokens (:meth:`NearIDModel.encode_tokens`).
+        token_mask: ``[B, N]`` 1 for real tokens (SigLIP2's padded patches), or None.
+
+    Returns:
+        ``[B, D]`` float32, unit norm.
+    """
+    x = tokens.float()  # [B, N, D]
+    if token_mask is None:
+        return F.normalize(x.mean(1), dim=-1)
+    weights = token_mask.to(x.dtype).unsqueeze(-1)  # [B, N, 1]
+    return F.normalize((x * weights).sum(1) / weights.sum(1).clamp(min=1), dim=-1)
 
 
 class NearIDModel(nn.Module):
@@ -385,6 +406,18 @@ class NearIDModel(nn.Module):
         parts = [self.pool(*self.encode_tokens(inputs.slice(i, i + chunk))) for i in range(0, len(inputs), chunk)]
         return torch.cat(parts)
 
+    @overload
+    def embed(
+        self, images: ImageInput, *, value_range: tuple[float, float] = ..., chunk_size: int | None = ...,
+        check_inputs: bool = ..., return_context: Literal[False] = ...,
+    ) -> torch.Tensor: ...
+
+    @overload
+    def embed(
+        self, images: ImageInput, *, value_range: tuple[float, float] = ..., chunk_size: int | None = ...,
+        check_inputs: bool = ..., return_context: Literal[True],
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
     def embed(
         self,
         images: ImageInput,
@@ -392,7 +425,8 @@ class NearIDModel(nn.Module):
         value_range: tuple[float, float] = (0.0, 1.0),
         chunk_size: int | None = None,
         check_inputs: bool = True,
-    ) -> torch.Tensor:
+        return_context: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised identity embeddings.
 
         Args:
@@ -404,12 +438,23 @@ class NearIDModel(nn.Module):
             chunk_size: run the backbone on at most this many images at a time, an int >= 1 (default: the model's
                 ``chunk_size`` attribute, None = whole batch).
             check_inputs: check tensors for NaN/Inf and for values contradicting ``value_range`` (one device sync).
+            return_context: also return the images' context features from the same backbone pass
+                (:func:`context_features`: mean-pooled tokens, what the copy signal compares).
 
         Returns:
-            ``[B, E]`` float32 embeddings with unit L2 norm; cosine similarity is their dot product.
+            ``[B, E]`` float32 embeddings with unit L2 norm; cosine similarity is their dot product. With
+            ``return_context``, the pair ``(embeddings [B, E], context features [B, D])``, both float32, unit norm.
         """
         chunk_size = check_chunk_size(chunk_size, "chunk_size")
         inputs = self.prepare(images, value_range=value_range, check_inputs=check_inputs)
+        if return_context:
+            chunk = chunk_size or self.chunk_size or len(inputs)
+            embeddings, contexts = [], []
+            for start in range(0, len(inputs), chunk):
+                tokens, mask = self.encode_tokens(inputs.slice(start, start + chunk))  # [b, N, D], [b, N] or None
+                embeddings.append(self.pool(tokens, mask))
+                contexts.append(context_features(tokens, mask))
+            return torch.cat(embeddings), torch.cat(contexts)
         if chunk_size is None:
             return self(inputs)
         previous, self.chunk_size = self.chunk_size, chunk_size

@@ -9,11 +9,10 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .images import ImageInput
-from .model import NearIDModel
+from .model import NearIDModel, context_features
 from .similarity import Aggregate, leave_one_out_oracle, reference_scores
 
 __all__ = ["ReferenceSet", "embed_images", "embed_images_with_context", "context_features"]
@@ -43,27 +42,6 @@ def embed_images(
             raise type(exc)(f"invalid `{name}`: {exc}") from exc
 
 
-def context_features(tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean-pooled backbone tokens, L2-normalised: the *context features* of images.
-
-    The backbone's tokens cover the whole picture, background included, so their plain mean describes the scene
-    (place, light, colours) more than the identity; the NearID head pools the same tokens into the identity
-    embedding. The copy signal (:func:`~nearid_reward.metrics.context_copy_scores`) compares these features.
-
-    Args:
-        tokens: ``[B, N, D]`` final backbone tokens (:meth:`NearIDModel.encode_tokens`).
-        token_mask: ``[B, N]`` 1 for real tokens (SigLIP2's padded patches), or None.
-
-    Returns:
-        ``[B, D]`` float32, unit norm.
-    """
-    x = tokens.float()  # [B, N, D]
-    if token_mask is None:
-        return F.normalize(x.mean(1), dim=-1)
-    weights = token_mask.to(x.dtype).unsqueeze(-1)  # [B, N, 1]
-    return F.normalize((x * weights).sum(1) / weights.sum(1).clamp(min=1), dim=-1)
-
-
 def embed_images_with_context(
     model: NearIDModel,
     images: ImageInput,
@@ -81,16 +59,11 @@ def embed_images_with_context(
     _check_not_empty(images, name)
     with torch.no_grad():
         try:
-            inputs = model.prepare(images, value_range=value_range, check_inputs=check_inputs)
+            emb, contexts = model.embed(images, value_range=value_range, chunk_size=chunk_size,
+                                        check_inputs=check_inputs, return_context=True)
+            return emb.float(), contexts.float()  # [N, E], [N, D]
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"invalid `{name}`: {exc}") from exc
-        chunk = chunk_size or model.chunk_size or len(inputs)
-        embeddings, contexts = [], []
-        for start in range(0, len(inputs), chunk):
-            tokens, mask = model.encode_tokens(inputs.slice(start, start + chunk))  # [b, N, D], [b, N] or None
-            embeddings.append(model.pool(tokens, mask).float())
-            contexts.append(context_features(tokens, mask))
-        return torch.cat(embeddings), torch.cat(contexts)
 
 
 class ReferenceSet(nn.Module):
