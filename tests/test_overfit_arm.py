@@ -69,10 +69,11 @@ def test_summarise_overfit_hand_worked():
     assert summary["useful_identity_best"] == pytest.approx(0.65)
     assert summary["useful_identity_last"] == pytest.approx(0.4)
     assert summary["overfit_drop"] == pytest.approx(0.25)
-    # copy rate > 0.5: A's checkpoints 2 and 3, both with context_copy_fraction > 0.5 -> recall 1.0;
-    # of the five others, B's last has 0.5 (not above the guard): no false alarm
+    # copy rate > 0.5: A's checkpoints 2 and 3, both with context_copy_fraction above the guard 0.4 -> recall 1.0;
+    # of the five others only B's last (0.5) is above it: one false alarm in five; none with a guard of 0.5
     assert summary["copying_checkpoints"] == 2
-    assert summary["copy_signal_recall"] == 1.0 and summary["copy_signal_false_alarms"] == 0.0
+    assert summary["copy_signal_recall"] == 1.0 and summary["copy_signal_false_alarms"] == pytest.approx(0.2)
+    assert summarise_overfit([_result(A, 40), _result(B, 41)], guard=0.5)["copy_signal_false_alarms"] == 0.0
     assert summary["copy_fraction_recall"] == 0.5  # today's NearID-space signal flags only checkpoint 2
     low, high = summary["intervals"]["regret_meanpool"]
     assert 0.0 <= low <= 0.25 <= high <= 0.5  # the mean of two subjects' 0.5 and 0.0, resampled
