@@ -202,11 +202,14 @@ def _selection_figures(images: torch.Tensor, scorers: Scorers, validator: Identi
 
 
 def run_overfit_subject(args: PersonaliseConfig, assets: WorldAssets, pipe: Any, oracle: AttributeOracle,
-                        index: int, config: RenderConfig) -> dict[str, Any]:
+                        index: int, config: RenderConfig, *, steps: int = STEPS,
+                        checkpointing_steps: int = CHECKPOINTING_STEPS,
+                        learning_rate: float = LEARNING_RATE) -> dict[str, Any]:
     """Run and measure one subject's overfitting arm (see the module docstring); its figures as a dict.
 
     ``args`` gives the work folder (``out/overfit/subjectNN``), ``per_context``, ``rank`` and ``seed``; the
-    DreamBooth length and rate are the arm's own (:data:`STEPS`, :data:`LEARNING_RATE`).
+    DreamBooth length and rate are the arm's own (:data:`STEPS`, :data:`LEARNING_RATE`), not ``args``'s; a quick
+    path may shorten them with the keywords (a finished run in the folder is reused whatever they say).
     """
     folder = Path(args.out) / "overfit" / f"subject{index:02d}"
     subject = make_subject(index, folder, seed=args.seed, single_context=True)
@@ -214,7 +217,8 @@ def run_overfit_subject(args: PersonaliseConfig, assets: WorldAssets, pipe: Any,
     truth_set = _Set([c for c in scenes.CONTEXTS if c != trained], args.per_context, TRUTH_SEED_OFFSET)
     selection_set = _Set(list(scenes.CONTEXTS), args.per_context, SELECTION_SEED_OFFSET)
     started = time.perf_counter()
-    run_dir = overfit_dreambooth(args, assets, subject, folder)
+    run_dir = overfit_dreambooth(args, assets, subject, folder, steps=steps, checkpointing_steps=checkpointing_steps,
+                                 learning_rate=learning_rate)
     db_seconds = time.perf_counter() - started
     started = time.perf_counter()
     scorers = Scorers(assets, subject.instance_dir)
