@@ -128,6 +128,11 @@ class DreamBoothOptions:
     nearid_threshold: float = field(
         default=0.9, metadata={"help": "fraction of the reference oracle an image must reach to count as on-identity"}
     )
+    nearid_copy_guard: float | None = field(
+        default=None,
+        metadata={"help": "copy guard: a validation or checkpoint whose share of renders copying the references' "
+                  "place (context_copy_fraction) exceeds this never counts as the best, in [0, 1] (None: off)"},
+    )
     nearid_select_after: bool = field(
         default=False,
         metadata={"help": "after training, rank every remaining checkpoint by --nearid_monitor/--nearid_mode (as "
@@ -148,6 +153,9 @@ class DreamBoothOptions:
     def __post_init__(self) -> None:
         if self.nearid_loss_weight < 0:
             raise ValueError(f"--nearid_loss_weight must be >= 0, got {self.nearid_loss_weight}")
+        if self.nearid_copy_guard is not None and not 0.0 <= self.nearid_copy_guard <= 1.0:
+            raise ValueError(f"--nearid_copy_guard must be in [0, 1] (a share of renders), got "
+                             f"{self.nearid_copy_guard}")
         if self.nearid_mode not in ("max", "min"):
             raise ValueError(f"--nearid_mode must be 'max' or 'min', got {self.nearid_mode!r}")
         parse_dtype(self.nearid_dtype, name="--nearid_dtype")
@@ -289,7 +297,7 @@ class DreamBoothSession:
             validator = IdentityValidator(
                 self.nearid_model(), self.reference_set(), history_path=self.output_dir / HISTORY_NAME,
                 accelerator=self.accelerator, monitor=o.nearid_monitor, mode=o.nearid_mode, patience=o.nearid_patience,
-                threshold=o.nearid_threshold,
+                threshold=o.nearid_threshold, copy_guard=o.nearid_copy_guard,
             )  # fmt: skip
             try:
                 conditioning, guidance = host_conditioning(self.args, self.args.pretrained_model_name_or_path)
@@ -431,7 +439,7 @@ class DreamBoothSession:
         """Rank every remaining checkpoint with the session's validator, prompts and render settings."""
         callback = self.callback()
         config = SelectionConfig(monitor=self.options.nearid_monitor, mode=self.options.nearid_mode,
-                                 render=callback.config.render)
+                                 render=callback.config.render, copy_guard=self.options.nearid_copy_guard)
         pipeline = load_pipeline(self.args.pretrained_model_name_or_path, torch_dtype=torch.float32,
                                  device=self.device)
         selector = CheckpointSelector(pipeline, callback.validator, callback.prompts, config=config,

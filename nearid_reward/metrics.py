@@ -16,11 +16,11 @@ import torch
 
 from .references import ReferenceSet
 from .reward import RewardKind, penalised_reward
-from .similarity import cosine_matrix
+from .similarity import cosine_matrix, leave_one_out_oracle
 
-__all__ = ["MetricSpec", "METRICS", "metric_names", "identity_metrics"]
+__all__ = ["MetricSpec", "METRICS", "metric_names", "identity_metrics", "context_copy_scores"]
 
-Requirement = Literal["oracle", "threshold", "negatives", "class_images", "base_images", "paired_base"]
+Requirement = Literal["oracle", "threshold", "negatives", "class_images", "base_images", "paired_base", "contexts"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class MetricSpec:
             (counts, the oracle) that should not rank anything.
         requires: what the metric needs besides generated images: ``"oracle"`` (>= 2 references),
             ``"threshold"``, ``"negatives"``, ``"class_images"``, ``"base_images"``, ``"paired_base"`` (base images
-            rendered with the same prompts and seeds, one per image).
+            rendered with the same prompts and seeds, one per image), ``"contexts"`` (the references' context
+            features, >= 2 references, and the copy signal asked for).
         description: one line for tables and help texts.
     """
 
@@ -55,6 +56,11 @@ _SPECS = (
     MetricSpec("copy_fraction", False, ("oracle",),
                "share of images closer to one reference than it is to its nearest other reference (+ copy_margin)"),
     MetricSpec("copy_max_excess", False, ("oracle",), "largest such excess over the references' own spread"),
+    MetricSpec("context_copy_fraction", False, ("contexts",),
+               "share of images whose scene (mean-pooled backbone features) is as close to the references' as "
+               "theirs are to each other: the training place copied"),
+    MetricSpec("context_copy_excess", None, ("contexts",),
+               "mean of each image's scene similarity to the references minus the references' own lowest"),
     MetricSpec("negative_max_mean", False, ("negatives",), "mean of each image's highest similarity to a negative"),
     MetricSpec("reward_mean", True, ("negatives",), "mean reward: identity minus the weighted negative penalty"),
     MetricSpec("class_leakage_mean", False, ("class_images",), "identity score of class-prompt images"),
@@ -77,6 +83,7 @@ def metric_names(
     class_images: bool = True,
     base_images: bool = True,
     paired_base: bool = True,
+    contexts: bool = True,
 ) -> dict[str, MetricSpec]:
     """The metrics :func:`identity_metrics` returns for a configuration, by name (all of them by default).
 
@@ -87,6 +94,7 @@ def metric_names(
         class_images: class-prompt images are scored.
         base_images: base-model images are scored.
         paired_base: the base images pair one to one with the images.
+        contexts: the copy signal is computed (context features of >= 2 references and of the images).
 
     Example:
         >>> names = metric_names(negatives=False, class_images=False, base_images=False)
@@ -96,7 +104,7 @@ def metric_names(
         False
     """
     have = {"oracle": oracle, "threshold": threshold, "negatives": negatives, "class_images": class_images,
-            "base_images": base_images, "paired_base": paired_base}  # fmt: skip
+            "base_images": base_images, "paired_base": paired_base, "contexts": contexts}  # fmt: skip
     return {name: spec for name, spec in METRICS.items() if all(have[r] for r in spec.requires)}
 
 
@@ -111,6 +119,8 @@ def identity_metrics(
     negative_weight: float = 1.0,
     reward_kind: RewardKind = "cosine",
     identity: torch.Tensor | None = None,
+    contexts: torch.Tensor | None = None,
+    context_margin: float = 0.2,
 ) -> dict[str, float]:
     """Identity metrics of generated images against a reference set (flat ``dict[str, float]``, no prefix).
 
@@ -128,6 +138,11 @@ def identity_metrics(
             ``identity_gain``; ``base_similarity`` when ``B' == B``, pairs in order).
         negative_weight, reward_kind: how ``reward_mean`` is formed, as in :class:`~nearid_reward.RewardConfig`.
         identity: ``[B]`` ``references.scores(embeddings)`` when the caller already has it (scored once).
+        contexts: ``[B, D]`` context features of the images (:func:`~nearid_reward.model.mean_pool_tokens`):
+            adds ``context_copy_fraction`` and ``context_copy_excess`` (see :func:`context_copy_scores`); the
+            reference set must hold its references' context features and >= 2 references.
+        context_margin: an image counts as a copy when its excess exceeds ``-context_margin`` (generations never
+            reach the band of real photos; 0.2 was chosen in the generation world, see docs/world.md).
 
     Example:
         >>> refs = ReferenceSet(torch.tensor([[0.6, 0.8, 0.0], [0.6, 0.0, 0.8]]))  # cosine 0.36 to each other
@@ -166,6 +181,16 @@ def identity_metrics(
         excess = (cosine_matrix(embeddings, refs) - nearest_other[None, :]).max(dim=1).values  # [B]
         metrics["copy_fraction"] = float((excess > copy_margin).float().mean())
         metrics["copy_max_excess"] = float(excess.max())
+    if contexts is not None:
+        if not references.has_contexts:
+            raise ValueError("the copy signal needs the references' context features: build the ReferenceSet with "
+                             "ReferenceSet.from_images (or pass contexts=)")
+        if contexts.ndim != 2 or contexts.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"`contexts` must be [{embeddings.shape[0]}, D] (one per image), got "
+                             f"{tuple(contexts.shape)}")
+        excess_ctx = context_copy_scores(contexts.float(), references.contexts.float())  # [B]
+        metrics["context_copy_fraction"] = float((excess_ctx > -context_margin).float().mean())
+        metrics["context_copy_excess"] = float(excess_ctx.mean())
     negative = references.negative_scores(embeddings)  # [B] or None
     if negative is not None:
         scaled = identity / references.oracle_tensor.float() if reward_kind == "relative" else identity
@@ -183,3 +208,30 @@ def identity_metrics(
         if base_embeddings.shape == embeddings.shape:
             metrics["base_similarity"] = float((embeddings * base_embeddings.float()).sum(-1).mean())
     return metrics
+
+
+def context_copy_scores(contexts: torch.Tensor, reference_contexts: torch.Tensor) -> torch.Tensor:
+    """How far each image's scene is inside the references' own band: ``[B]``, > 0 means "looks like a copy".
+
+    An image's score is its mean cosine to the references' context features minus the lowest leave-one-out mean
+    cosine among the references (how alike the two least alike of the subject's own photos are, place included).
+    Photos taken in one place share it, so a generation that shows the subject in *another* place falls below that
+    band, and one that copies the training place does not. Samples of the subject in a place that some of the
+    references show are within the band too, so the signal is meant for prompts that ask for new places.
+
+    Args:
+        contexts: ``[B, D]`` unit-norm context features of the generations.
+        reference_contexts: ``[R, D]`` those of the references, R >= 2.
+
+    Example:
+        >>> refs = torch.tensor([[1.0, 0.0], [0.8, 0.6]])  # the two photos: cosine 0.8
+        >>> context_copy_scores(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), refs)  # mean cosine 0.9 and 0.3, minus 0.8
+        tensor([ 0.1000, -0.5000])
+    """
+    if reference_contexts.ndim != 2 or reference_contexts.shape[0] < 2:
+        raise ValueError(f"the copy signal needs >= 2 reference context features [R, D], got "
+                         f"{tuple(reference_contexts.shape)}")
+    if contexts.ndim != 2 or contexts.shape[1] != reference_contexts.shape[1]:
+        raise ValueError(f"`contexts` must be [B, {reference_contexts.shape[1]}], got {tuple(contexts.shape)}")
+    band = leave_one_out_oracle(reference_contexts, "mean").min()  # the two least alike references' level
+    return cosine_matrix(contexts, reference_contexts).mean(dim=1) - band  # [B]

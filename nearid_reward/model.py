@@ -7,7 +7,7 @@ import numbers
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -451,6 +451,18 @@ class NearIDModel(nn.Module):
         parts = [self.pool(*self.encode_tokens(inputs.slice(i, i + chunk))) for i in range(0, len(inputs), chunk)]
         return torch.cat(parts)
 
+    @overload
+    def embed(
+        self, images: ImageInput, *, value_range: tuple[float, float] = ..., chunk_size: int | None = ...,
+        check_inputs: bool = ..., return_context: Literal[False] = ...,
+    ) -> torch.Tensor: ...
+
+    @overload
+    def embed(
+        self, images: ImageInput, *, value_range: tuple[float, float] = ..., chunk_size: int | None = ...,
+        check_inputs: bool = ..., return_context: Literal[True],
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
     def embed(
         self,
         images: ImageInput,
@@ -458,7 +470,8 @@ class NearIDModel(nn.Module):
         value_range: tuple[float, float] = (0.0, 1.0),
         chunk_size: int | None = None,
         check_inputs: bool = True,
-    ) -> torch.Tensor:
+        return_context: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised identity embeddings.
 
         Args:
@@ -470,12 +483,23 @@ class NearIDModel(nn.Module):
             chunk_size: run the backbone on at most this many images at a time, an int >= 1 (default: the model's
                 ``chunk_size`` attribute, None = whole batch).
             check_inputs: check tensors for NaN/Inf and for values contradicting ``value_range`` (one device sync).
+            return_context: also return the images' context features from the same backbone pass
+                (:func:`mean_pool_tokens`: mean-pooled tokens, what the copy signal compares).
 
         Returns:
-            ``[B, E]`` float32 embeddings with unit L2 norm; cosine similarity is their dot product.
+            ``[B, E]`` float32 embeddings with unit L2 norm; cosine similarity is their dot product. With
+            ``return_context``, the pair ``(embeddings [B, E], context features [B, D])``, both float32, unit norm.
         """
         chunk_size = check_chunk_size(chunk_size, "chunk_size")
         inputs = self.prepare(images, value_range=value_range, check_inputs=check_inputs)
+        if return_context:
+            chunk = chunk_size or self.chunk_size or len(inputs)
+            embeddings, contexts = [], []
+            for start in range(0, len(inputs), chunk):
+                tokens, mask = self.encode_tokens(inputs.slice(start, start + chunk))  # [b, N, D], [b, N] or None
+                embeddings.append(self.pool(tokens, mask))
+                contexts.append(mean_pool_tokens(tokens, mask))
+            return torch.cat(embeddings), torch.cat(contexts)
         if chunk_size is None:
             return self(inputs)
         previous, self.chunk_size = self.chunk_size, chunk_size

@@ -15,7 +15,7 @@ from .images import ImageInput
 from .model import NearIDModel
 from .similarity import Aggregate, leave_one_out_oracle, reference_scores
 
-__all__ = ["ReferenceSet", "embed_images"]
+__all__ = ["ReferenceSet", "embed_images", "embed_images_with_context"]
 
 _AGGREGATES = ("mean", "max", "centroid")
 
@@ -42,6 +42,30 @@ def embed_images(
             raise type(exc)(f"invalid `{name}`: {exc}") from exc
 
 
+def embed_images_with_context(
+    model: NearIDModel,
+    images: ImageInput,
+    *,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    name: str = "images",
+    chunk_size: int | None = None,
+    check_inputs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Identity embeddings ``[N, E]`` and context features ``[N, D]`` from one backbone pass, without gradients.
+
+    The embeddings equal :func:`embed_images`'s; the context features are
+    :func:`~nearid_reward.model.mean_pool_tokens` of the same tokens. Both float32 with unit norm.
+    """
+    _check_not_empty(images, name)
+    with torch.no_grad():
+        try:
+            emb, contexts = model.embed(images, value_range=value_range, chunk_size=chunk_size,
+                                        check_inputs=check_inputs, return_context=True)
+            return emb.float(), contexts.float()  # [N, E], [N, D]
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"invalid `{name}`: {exc}") from exc
+
+
 class ReferenceSet(nn.Module):
     """A subject's reference embeddings, optional near-identity negatives, their aggregation and the oracle.
 
@@ -54,12 +78,15 @@ class ReferenceSet(nn.Module):
         negatives: ``[K, E]`` embeddings of near-identity distractors, or None.
         aggregate: how an image's similarities to the R references combine: ``"mean"``, ``"max"`` or
             ``"centroid"`` (see :func:`~nearid_reward.similarity.reference_scores`).
+        contexts: ``[R, D]`` context features of the references (:func:`~nearid_reward.model.mean_pool_tokens`;
+            what the copy signal compares generations with), or None. :meth:`from_images` fills them from the same backbone pass.
 
     Attributes:
         references: ``[R, E]`` float32.
         negatives: ``[K, E]``, K = 0 without negatives.
         leave_one_out: ``[R]`` score of each reference against the others (empty when R < 2).
         oracle: their mean, the score of "another real photo of the subject" (NaN when R < 2).
+        contexts: ``[R, D]`` context features, ``[0, 0]`` when not given (see :attr:`has_contexts`).
 
     Example:
         >>> refs = ReferenceSet(torch.eye(3)[:2], aggregate="mean")
@@ -72,9 +99,15 @@ class ReferenceSet(nn.Module):
     references: torch.Tensor
     negatives: torch.Tensor
     leave_one_out: torch.Tensor
+    contexts: torch.Tensor
 
     def __init__(
-        self, references: torch.Tensor, negatives: torch.Tensor | None = None, *, aggregate: Aggregate = "mean"
+        self,
+        references: torch.Tensor,
+        negatives: torch.Tensor | None = None,
+        *,
+        aggregate: Aggregate = "mean",
+        contexts: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if aggregate not in _AGGREGATES:
@@ -84,8 +117,9 @@ class ReferenceSet(nn.Module):
         self.register_buffer("references", torch.zeros(0, refs.shape[1]), persistent=False)
         self.register_buffer("negatives", torch.zeros(0, refs.shape[1]), persistent=False)
         self.register_buffer("leave_one_out", torch.zeros(0), persistent=False)
+        self.register_buffer("contexts", torch.zeros(0, 0), persistent=False)
         self.to(refs.device)
-        self.set_references(refs)
+        self.set_references(refs, contexts=contexts)
         self.set_negatives(negatives)
 
     @classmethod
@@ -109,11 +143,12 @@ class ReferenceSet(nn.Module):
             aggregate, value_range: see the class; ``value_range`` applies to tensors only.
             chunk_size: images per encoder call.
         """
-        refs = embed_images(model, references, value_range=value_range, name="references", chunk_size=chunk_size)
+        refs, contexts = embed_images_with_context(model, references, value_range=value_range, name="references",
+                                                   chunk_size=chunk_size)
         negs = None
         if not _is_empty(negatives):
             negs = embed_images(model, negatives, value_range=value_range, name="negatives", chunk_size=chunk_size)
-        return cls(refs, negs, aggregate=aggregate)
+        return cls(refs, negs, aggregate=aggregate, contexts=contexts)
 
     # ------------------------------------------------------------------ contents
     @property
@@ -146,13 +181,29 @@ class ReferenceSet(nn.Module):
         loo = self.leave_one_out
         return float(loo.std(unbiased=False)) if loo.numel() else math.nan
 
-    def set_references(self, embeddings: torch.Tensor) -> None:
-        """Replace the reference embeddings ``[R, E]`` (same E) and recompute the oracle."""
+    @property
+    def has_contexts(self) -> bool:
+        """Whether the set holds the references' context features (needed by the copy signal)."""
+        return self.contexts.numel() > 0
+
+    def set_references(self, embeddings: torch.Tensor, *, contexts: torch.Tensor | None = None) -> None:
+        """Replace the reference embeddings ``[R, E]`` (same E) and recompute the oracle.
+
+        ``contexts`` (``[R, D]``) replaces the context features too; without it they are dropped, since they
+        described the old references.
+        """
         emb = _check_embeddings(embeddings, self.embed_dim, "reference embeddings").detach()
         dtype, device = self.references.dtype, self.references.device
+        if contexts is not None:
+            contexts = _check_embeddings(contexts, None, "reference context features").detach()
+            if contexts.shape[0] != emb.shape[0]:
+                raise ValueError(f"reference context features must be [{emb.shape[0]}, D] (one per reference), got "
+                                 f"{tuple(contexts.shape)}")
         self.references = emb.to(device=device, dtype=dtype)
         loo = leave_one_out_oracle(emb.float(), self.aggregate) if emb.shape[0] >= 2 else torch.zeros(0)
         self.leave_one_out = loo.to(device=device, dtype=dtype)
+        new_contexts = torch.zeros(0, 0) if contexts is None else contexts
+        self.contexts = new_contexts.to(device=device, dtype=dtype)
 
     def set_negatives(self, embeddings: torch.Tensor | None) -> None:
         """Replace the negative embeddings ``[K, E]``; None or ``K = 0`` removes them."""

@@ -58,6 +58,7 @@ __all__ = [
     "load_pipeline",
     "format_table",
     "SELECTION_JSON",
+    "copy_guarded_order",
 ]
 
 SELECTION_JSON = "identity_selection.json"
@@ -84,6 +85,9 @@ class SelectionConfig:
         plot: write ``identity_selection.png``.
         winner: ``"copy"`` or ``"symlink"`` the winner's weights to ``winner_dir`` (None: leave them).
         winner_dir: where the winner goes (default ``output_dir/best_identity``).
+        copy_guard: the copy guard (None: off): checkpoints whose ``context_copy_fraction`` exceeds it rank after
+            every other checkpoint (see :func:`copy_guarded_order`); needs a validator with ``copy_guard`` set,
+            which computes the signal. Meant for references taken in one place and prompts that ask for others.
     """
 
     monitor: str = "identity_mean"
@@ -97,12 +101,15 @@ class SelectionConfig:
     plot: bool = True
     winner: Literal["copy", "symlink"] | None = None
     winner_dir: str | None = None
+    copy_guard: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("max", "min"):
             raise ValueError(f"SelectionConfig.mode must be 'max' or 'min', got {self.mode!r}")
         if self.winner not in (None, "copy", "symlink"):
             raise ValueError(f"SelectionConfig.winner must be 'copy', 'symlink' or None, got {self.winner!r}")
+        if self.copy_guard is not None and not 0.0 <= self.copy_guard <= 1.0:
+            raise ValueError(f"SelectionConfig.copy_guard must be in [0, 1] or None, got {self.copy_guard}")
         if not isinstance(self.render, RenderConfig):
             raise TypeError(f"SelectionConfig.render must be a RenderConfig, got {type(self.render).__name__}")
 
@@ -157,6 +164,7 @@ class CheckpointSelector:
             "reward_kind": self.validator.reward_config.kind,
             "threshold": self.validator.threshold,
             "copy_margin": vcfg.copy_margin,
+            "copy_signal": None if vcfg.copy_guard is None else {"context_margin": vcfg.context_margin},
             "prompts": self.prompts.to_dict(),
             "render": render.to_dict(),
             "base_model": str(getattr(self.pipeline, "name_or_path", "") or type(self.pipeline).__name__),
@@ -194,6 +202,11 @@ class CheckpointSelector:
             logger.warning("monitor %r is %s-is-better but mode=%r: the winner will have its %s", monitor,
                            "higher" if spec.higher_is_better else "lower", mode,
                            "maximum" if mode == "max" else "minimum")  # fmt: skip
+        if self.config.copy_guard is not None and "context_copy_fraction" not in names:
+            raise ValueError(
+                "SelectionConfig.copy_guard needs the copy signal context_copy_fraction: give the validator "
+                "copy_guard= (IdentityValidator(..., copy_guard=0.5)) so that it computes it"
+            )
         if self.config.monitor not in names:
             raise ValueError(
                 f"monitor {self.config.monitor!r} is not available with these settings (identity_gain needs the base "
@@ -343,8 +356,14 @@ class CheckpointSelector:
         if missing:
             known = sorted(k for k, v in ckpts[0].items() if isinstance(v, float)) if ckpts else []
             raise ValueError(f"monitor {monitor!r} is not available for {missing}; available metrics: {known}")
-        sign = -1.0 if self.config.mode == "max" else 1.0
-        ckpts.sort(key=lambda r: (sign * float(r[monitor]), int(r["step"])))
+        if self.config.copy_guard is None:
+            sign = -1.0 if self.config.mode == "max" else 1.0
+            ckpts.sort(key=lambda r: (sign * float(r[monitor]), int(r["step"])))
+        else:
+            ckpts = [ckpts[i] for i in copy_guarded_order(ckpts, monitor=monitor, mode=self.config.mode,
+                                                          threshold=self.config.copy_guard)]
+            for row in ckpts:
+                row["copy_flagged"] = float(row["context_copy_fraction"]) > self.config.copy_guard
         for rank, row in enumerate(ckpts, start=1):
             row["rank"] = rank
         oracle = oracle_std = None
@@ -403,6 +422,48 @@ class CheckpointSelector:
             write_json_atomic(tmp / "identity_scores.json", summary)
 
         return replace_directory(dest, build)
+
+
+# ---------------------------------------------------------------------------------------------- copy guard
+def copy_guarded_order(
+    rows: Sequence[dict[str, Any]],
+    *,
+    monitor: str = "identity_mean",
+    mode: Literal["max", "min"] = "max",
+    threshold: float = 0.5,
+    signal: str = "context_copy_fraction",
+) -> list[int]:
+    """Rank checkpoints with the copy guard: indices into ``rows``, best first.
+
+    Checkpoints whose ``signal`` is at most ``threshold`` come first, by ``monitor`` (then by step, earlier first);
+    the flagged ones follow, least copying first (then by ``monitor``). The winner is therefore the best-scoring
+    checkpoint that does not copy, or, when every checkpoint copies, the one that copies least.
+
+    Args:
+        rows: one dict of metrics per checkpoint, each with ``monitor`` and ``signal`` (and optionally ``step``).
+        monitor, mode: what ranks checkpoints, higher (``"max"``) or lower is better.
+        threshold: a checkpoint whose ``signal`` exceeds it is flagged.
+        signal: the copy signal's key.
+
+    Example:
+        >>> rows = [{"identity_mean": 0.6, "context_copy_fraction": 0.0},
+        ...         {"identity_mean": 0.9, "context_copy_fraction": 0.75},   # the best score, but it copies
+        ...         {"identity_mean": 0.7, "context_copy_fraction": 0.25}]
+        >>> copy_guarded_order(rows, threshold=0.5)
+        [2, 0, 1]
+    """
+    sign = -1.0 if mode == "max" else 1.0
+    missing = [i for i, r in enumerate(rows) if not isinstance(r.get(monitor), (int, float))
+               or not isinstance(r.get(signal), (int, float))]  # fmt: skip
+    if missing:
+        raise ValueError(f"copy_guarded_order: rows {missing} lack a number for {monitor!r} or {signal!r}")
+
+    def key(i: int) -> tuple[bool, float, float, int]:
+        row = rows[i]
+        flagged = float(row[signal]) > threshold
+        return (flagged, float(row[signal]) if flagged else 0.0, sign * float(row[monitor]), int(row.get("step", i)))
+
+    return sorted(range(len(rows)), key=key)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

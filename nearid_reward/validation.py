@@ -23,7 +23,7 @@ from .images import ImageInput, check_value_range
 from .metrics import METRICS, MetricSpec, metric_names
 from .metrics import identity_metrics as _identity_metrics
 from .model import NearIDModel, as_nearid_model
-from .references import ReferenceSet, embed_images
+from .references import ReferenceSet, embed_images, embed_images_with_context
 from .results import image_grid, log_scored_images
 from .reward import IdentityReward, RewardConfig
 from .similarity import Aggregate
@@ -45,6 +45,17 @@ class ValidationConfig:
             ``"cosine"`` (the bar is the cosine ``threshold`` itself).
         copy_margin: a generation counts as a suspected copy of reference ``r`` when its similarity to ``r``
             exceeds ``r``'s similarity to its nearest other reference by more than this margin.
+        copy_guard: the copy guard (None: off). When set, :meth:`IdentityValidator.compute` also returns
+            ``context_copy_fraction``, the share of generations whose scene (mean-pooled backbone tokens, from the
+            same forward pass) is as close to the references' as theirs are to each other (the training place
+            copied; :func:`~nearid_reward.metrics.context_copy_scores`), and a validation whose
+            ``context_copy_fraction`` exceeds ``copy_guard`` never becomes the best step. In [0, 1]; 1.0 logs the
+            signal without guarding. Meant for references taken in one place and prompts that ask for others.
+        context_margin: a generation counts as a copy when its scene similarity is above the references' band
+            minus this margin. Generated images never reach the band of real photos of one place (the generator's
+            own texture sets them apart), so the margin is needed; 0.2 was chosen in the generation world
+            (docs/world.md), where a copying sample sits about 0.1-0.15 below the band and a sample of another
+            place 0.3-0.5 below it.
         monitor: the metric (without prefix) that decides the best step, e.g. ``"identity_mean"``,
             ``"relative_mean"`` or ``"identity_gain"``.
         mode: ``"max"`` (higher monitor is better) or ``"min"``.
@@ -60,6 +71,8 @@ class ValidationConfig:
     threshold: float = 0.9
     threshold_kind: Literal["relative", "cosine"] = "relative"
     copy_margin: float = 0.0
+    copy_guard: float | None = None
+    context_margin: float = 0.2
     monitor: str = "identity_mean"
     mode: Literal["max", "min"] = "max"
     min_delta: float = 0.0
@@ -85,6 +98,10 @@ class ValidationConfig:
             raise ValueError(f"ValidationConfig.patience must be >= 1 or None, got {self.patience}")
         if int(self.max_logged_images) < 1:
             raise ValueError(f"ValidationConfig.max_logged_images must be >= 1, got {self.max_logged_images}")
+        if not self.context_margin >= 0:
+            raise ValueError(f"ValidationConfig.context_margin must be >= 0, got {self.context_margin}")
+        if self.copy_guard is not None and not 0.0 <= self.copy_guard <= 1.0:
+            raise ValueError(f"ValidationConfig.copy_guard must be in [0, 1] or None, got {self.copy_guard}")
         if not isinstance(self.monitor, str) or not self.monitor:
             raise ValueError(f"ValidationConfig.monitor must be a metric name, got {self.monitor!r}")
 
@@ -221,6 +238,12 @@ class IdentityValidator:
             logger.warning("monitor %r is %s-is-better but mode=%r: the best step will be its %s", base.monitor,
                            "higher" if spec.higher_is_better else "lower", base.mode,
                            "maximum" if base.mode == "max" else "minimum")  # fmt: skip
+        if base.copy_guard is not None and (not self.references.has_contexts or self.references.num_references < 2):
+            raise ValueError(
+                "copy_guard needs the context features of >= 2 references: give the reference photos (or a "
+                f"ReferenceSet built with ReferenceSet.from_images); got {self.references.num_references} "
+                f"reference(s), context features {'present' if self.references.has_contexts else 'absent'}"
+            )
         if base.threshold_kind == "relative" and not math.isfinite(self.references.oracle):
             logger.warning(
                 "threshold_kind='relative' needs at least 2 references for the oracle; frac_above_threshold is skipped"
@@ -289,6 +312,7 @@ class IdentityValidator:
             oracle=self.references.num_references >= 2 and math.isfinite(self.references.oracle),
             threshold=self.threshold is not None, negatives=self.references.num_negatives > 0,
             class_images=class_images, base_images=base_images, paired_base=paired_base,
+            contexts=self.config.copy_guard is not None,
         )  # fmt: skip
 
     def last_validation(self, at_or_before: int | None = None) -> dict[str, Any] | None:
@@ -319,7 +343,12 @@ class IdentityValidator:
         Every image is embedded and scored once; the per-image identity scores are kept in :attr:`last_scores`.
         """
         value_range = check_value_range(value_range)
-        emb = self.embed(images, value_range=value_range, name="images")
+        contexts = None
+        if self.config.copy_guard is None:
+            emb = self.embed(images, value_range=value_range, name="images")
+        else:  # the scene features come from the same backbone pass as the identity embeddings
+            emb, contexts = embed_images_with_context(self.model, images, value_range=value_range, name="images",
+                                                      chunk_size=self.reward_config.reference_chunk_size)
         class_emb = base_emb = None
         if class_images is not None:
             class_emb = self.embed(class_images, value_range=value_range, name="class_images")
@@ -331,6 +360,7 @@ class IdentityValidator:
                 emb, self.references, threshold=self.threshold, copy_margin=self.config.copy_margin,
                 class_embeddings=class_emb, base_embeddings=base_emb, identity=identity,
                 negative_weight=self.reward_config.negative_weight, reward_kind=self.reward_config.kind,
+                contexts=contexts, context_margin=self.config.context_margin,
             )  # fmt: skip
         self.last_scores = identity.detach().float().cpu()
         return _Metrics(metrics, self.config.prefix)
@@ -442,6 +472,12 @@ class IdentityValidator:
         value = record.get(self.monitor_key)
         if value is None:
             value = record.get(self.config.monitor)
+        guard = self.config.copy_guard
+        if guard is not None:  # a copying validation is never the best, whatever its identity score
+            signal = record.get(self.config.prefix + "context_copy_fraction", record.get("context_copy_fraction"))
+            if isinstance(signal, (int, float)) and float(signal) > guard:  # counts as a validation without gain
+                finite = isinstance(value, (int, float)) and math.isfinite(float(value))
+                return False, float(value) if finite else None
         if value is None or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
             if not self._warned_monitor:
                 logger.warning("monitor %r is not among the metrics of step %s; best tracking skips it",

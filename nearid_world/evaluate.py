@@ -102,13 +102,21 @@ class Subject:
                 "changed": self.changed, "contexts": self.contexts}
 
 
-def make_subject(index: int, folder: str | Path, *, seed: int = 0, image_size: int = 32) -> Subject:
-    """Held-out subject ``index``: write its three views and its look-alike's (same backgrounds) under ``folder``."""
+def make_subject(index: int, folder: str | Path, *, seed: int = 0, image_size: int = 32,
+                 single_context: bool = False) -> Subject:
+    """Held-out subject ``index``: write its three views and its look-alike's (same backgrounds) under ``folder``.
+
+    The views are drawn in three different contexts; with ``single_context`` all three are drawn in the first of
+    them (as photos taken in one room: each view keeps its own placement, lighting and background blotches), and
+    ``Subject.contexts`` lists that one context three times. Everything else is drawn as without it.
+    """
     ident = scenes.held_out_identities(index + 1)[index]
     rng = np.random.default_rng([seed, 7100, index])
     changed = scenes.NEAR_ATTRIBUTES[index % len(scenes.NEAR_ATTRIBUTES)]
     lookalike = scenes.near_identity(ident, changed, rng)
     contexts = [str(c) for c in rng.permutation(list(scenes.CONTEXTS))[:3]]
+    if single_context:
+        contexts = [contexts[0]] * 3
     root = Path(folder)
     inst, neg = root / "instance", root / "lookalike"
     inst.mkdir(parents=True, exist_ok=True)

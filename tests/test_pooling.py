@@ -39,14 +39,14 @@ def test_mean_pooling_is_the_normalised_token_mean(model: NearIDModel) -> None:
     assert mean.backbone is model.backbone and model.pooling == "head" and model.with_pooling("head") is model
 
 
-def test_mean_pool_tokens_matches_the_head_trainers_mean_pool() -> None:
+def test_mean_pool_tokens_averages_only_the_real_tokens() -> None:
     from nearid_reward.model import mean_pool_tokens
-    from train_head.batching import mean_pool
 
     tokens = torch.randn(4, 7, 5)
     mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] * 5 + [0] * 2, [1] + [0] * 6])
-    torch.testing.assert_close(mean_pool_tokens(tokens, mask), mean_pool(tokens, mask))
-    torch.testing.assert_close(mean_pool_tokens(tokens, mask)[1], F.normalize(tokens[1, :3].mean(0), dim=0))
+    expected = torch.stack([F.normalize(tokens[i, : int(mask[i].sum())].mean(0), dim=0) for i in range(4)])
+    torch.testing.assert_close(mean_pool_tokens(tokens, mask), expected)
+    torch.testing.assert_close(mean_pool_tokens(tokens), F.normalize(tokens.mean(1), dim=-1))
 
 
 def test_mean_pool_reward_scores_cosine_to_mean_pooled_references(model: NearIDModel) -> None:

@@ -267,11 +267,7 @@ def scatter_embeddings(embeddings: torch.Tensor, slot_index: torch.Tensor, total
 
 def mean_pool(tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Masked mean of tokens ``[n, N, D]`` -> unit-norm float32 ``[n, D]`` (the "mean pooling" baseline)."""
-    x = tokens.float()
-    if mask is None:
-        return F.normalize(x.mean(1), dim=-1)
-    w = mask.to(x.dtype).unsqueeze(-1)
-    return F.normalize((x * w).sum(1) / w.sum(1).clamp(min=1), dim=-1)
+    return mean_pool_tokens(tokens, mask)
 
 
 def embed_references(

@@ -75,6 +75,11 @@ class SelectArguments:
     aggregate: Aggregate = field(default="mean", metadata={"help": "how a score combines the references"})
     monitor: str = field(default=_SELECTION.monitor, metadata={"help": "metric that ranks checkpoints"})
     mode: Literal["max", "min"] = field(default=_SELECTION.mode, metadata={"help": "higher or lower is better"})
+    copy_guard: float | None = field(
+        default=_SELECTION.copy_guard,
+        metadata={"help": "skip checkpoints whose copy signal context_copy_fraction (share of renders that copy the "
+                  "references' place) exceeds this, in [0, 1]; for photos taken in one place (None: off)"},
+    )
     hotswap: bool = field(
         default=_SELECTION.hotswap, metadata={"help": "swap LoRA weights in place instead of delete + load"}
     )
@@ -97,6 +102,8 @@ class SelectArguments:
     verbose: bool = field(default=False, metadata={"help": "log progress"})
 
     def __post_init__(self) -> None:
+        if self.copy_guard is not None and not 0.0 <= self.copy_guard <= 1.0:
+            raise ValueError(f"--copy_guard must be in [0, 1] (a share of renders), got {self.copy_guard}")
         if self.copy_winner and self.link_winner:
             raise ValueError("--copy_winner and --link_winner are exclusive: give one of them")
         if self.device is not None:
@@ -126,6 +133,7 @@ class SelectArguments:
             monitor=self.monitor, mode=self.mode, render=self.render_config(), hotswap=self.hotswap,
             use_cache=not self.no_cache, skip_invalid=self.skip_invalid, plot=not self.no_plot,
             winner="copy" if self.copy_winner else "symlink" if self.link_winner else None, winner_dir=self.winner_dir,
+            copy_guard=self.copy_guard,
         )  # fmt: skip
 
 
@@ -156,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.nearid_model, torch_dtype=parse_dtype(args.nearid_dtype), head_dtype=torch.float32
     ).to(device)
     scorer = IdentityReward(model, list(args.nearid_reference_dir), aggregate=args.aggregate)
-    validator = IdentityValidator(scorer, prefix="")
+    validator = IdentityValidator(scorer, prefix="", copy_guard=args.copy_guard)
     pipeline = load_pipeline(args.pretrained_model_name_or_path, torch_dtype=parse_dtype(args.dtype), device=device)
     result = CheckpointSelector(pipeline, validator, prompts, config=config, state=state).run(
         args.output_dir, checkpoints=args.checkpoints
