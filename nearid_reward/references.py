@@ -79,7 +79,8 @@ class ReferenceSet(nn.Module):
         aggregate: how an image's similarities to the R references combine: ``"mean"``, ``"max"`` or
             ``"centroid"`` (see :func:`~nearid_reward.similarity.reference_scores`).
         contexts: ``[R, D]`` context features of the references (:func:`~nearid_reward.model.mean_pool_tokens`;
-            what the copy signal compares generations with), or None. :meth:`from_images` fills them from the same backbone pass.
+            what the copy signal compares generations with), or None. :meth:`from_images` fills them from the same
+            backbone pass.
 
     Attributes:
         references: ``[R, E]`` float32.

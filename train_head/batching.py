@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from nearid_reward.config import PreprocessConfig
 from nearid_reward.images import to_rgb
+from nearid_reward.model import mean_pool_tokens
 from nearid_reward.preprocess import PixelInputs, preprocess_pil
 
 from .data import ImageRef, TableRegistry, decode_image, describe_ref
