@@ -22,7 +22,11 @@ model and the world's NearID heads never saw):
    reward's own cosine on the evaluation renders), truth, and the example's validator (early stopping);
 6. unseen look-alike kinds: the leave-out head (``nearid_world/weights/nearid/head_leaveout``, trained without part
    and secondary-colour distractors) scores every sample; subjects whose look-alike changes a left-out kind
-   (``index % 5`` in {2, 4}: secondary, part) are the "unseen" subjects.
+   (``index % 5`` in {2, 4}: secondary, part) are the "unseen" subjects;
+7. the overfitting arm (:mod:`nearid_world.overfit`, its own settings and their reasons in its docstring) on the
+   first ``--overfit_subjects`` subjects of a run: three training views in one place, DreamBooth well past its
+   best, prompts for the other places; useful identity per checkpoint and each selector's regret on it, the copy
+   guard included (JSON ``overfit_arm``).
 
 Every averaged figure gets a 95 % two-level percentile bootstrap interval (:mod:`nearid_world.stats`): subjects are
 resampled, then within each drawn subject the rendered samples (the same sample indices for every checkpoint and
@@ -47,7 +51,10 @@ docs/world.md): DreamBooth 400 steps about 55 s; one render set measured (16 sam
 DRaFT-K 1.55 s per step plus 6.5 s start-up. A subject: 55 + 21 x 4.4 + 3 x (6.5 + 40 x 1.55 + 4.4) = about 370 s
 (6.2 min); a curve subject adds 6 runs x 160 steps with 8 measured checkpoints each, about 1470 s (24.5 min). Two
 processes of 12 subjects with one curve subject each: about 99 min each, plus about a minute of bootstrap for the
-merge: inside the two hours. ``--quick``: 142 CPU s in all (2.4 min).
+merge: inside the two hours before the overfitting arm. The arm's subject (1200 DreamBooth steps, about 165 s from
+the 400-step figure, and 13 checkpoints with two render sets each, about 105 s) adds about 4.5 min, so three arm
+subjects per process bring each process to about 112 min (an estimate from CPU seconds, not a timed run).
+``--quick``: 142 CPU s in all (2.4 min) before the arm's quick path (40 steps, 2 checkpoints) was added.
 
 Commands (the full study: two processes side by side, then a merge that recomputes every interval)::
 
@@ -62,7 +69,7 @@ Commands (the full study: two processes side by side, then a merge that recomput
 The JSON holds per-subject results (with per-sample values), the averaged figures (``spearman_*_vs_truth``,
 ``selection_regret_*``, ``base_truth``, ``best_truth``, ``reward_finetune_*``, ``reward_<kind>_*``, ...),
 ``intervals`` (every averaged figure -> ``[low, high]``), ``paired``, ``unseen_kinds``, ``reward_baselines``,
-``overoptimisation`` and ``seconds``.
+``overoptimisation``, ``overfit_arm`` (when the arm ran) and ``seconds``.
 """
 
 from __future__ import annotations
@@ -86,6 +93,9 @@ if str(ROOT) not in sys.path:
 from nearid_world import scenes  # noqa: E402
 from nearid_world.evaluate import WorldAssets, load_world_pipeline  # noqa: E402
 from nearid_world.oracle import AttributeOracle  # noqa: E402
+from nearid_world.overfit import CHECKPOINTING_STEPS as OVERFIT_CHECKPOINTING_STEPS  # noqa: E402
+from nearid_world.overfit import STEPS as OVERFIT_STEPS  # noqa: E402
+from nearid_world.overfit import run_overfit_subject, summarise_overfit  # noqa: E402
 from nearid_world.personalise import (  # noqa: E402
     REWARD_KINDS,
     SCORE_KINDS,
@@ -133,13 +143,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Perso
     p.add_argument("--curve_every", type=int, default=20, help="curve checkpoints every this many steps")
     p.add_argument("--no_prior_run", action="store_true", help="curves only with the prior term")
     p.add_argument("--n_resamples", type=int, default=2000, help="bootstrap draws")
+    p.add_argument("--overfit_subjects", type=int, default=3,
+                   help="run the overfitting arm (nearid_world.overfit) on the first this many subjects of the run")
+    p.add_argument("--overfit_steps", type=int, default=OVERFIT_STEPS, help="DreamBooth steps of the overfitting arm")
+    p.add_argument("--overfit_checkpointing_steps", type=int, default=OVERFIT_CHECKPOINTING_STEPS,
+                   help="checkpoint spacing of the overfitting arm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="only combine the per-subject results of earlier runs (e.g. subjects split over processes); "
                    "every interval is recomputed from the merged subjects")
     if "--quick" in (sys.argv[1:] if argv is None else argv):  # smaller defaults; explicit flags still win
         p.set_defaults(subjects=1, steps=60, checkpointing_steps=20, per_context=2, reward_steps=4,
-                       inference_steps=10, curve_steps=8, curve_every=4, n_resamples=200)
+                       inference_steps=10, curve_steps=8, curve_every=4, n_resamples=200,
+                       overfit_subjects=1, overfit_steps=40, overfit_checkpointing_steps=20)
     args = p.parse_args(argv)
     args.reward_kinds = tuple(args.reward_kinds)
     fields = {f.name for f in dataclasses.fields(PersonaliseConfig)}
@@ -340,6 +356,9 @@ def summarise(subjects: list[dict[str, Any]], seconds: float, *, n_resamples: in
                 entry[f"{name}_{when}"] = intervals.get(f"reward_{kind}_{name}_{when}", nan).mean
         out["reward_baselines"][kind] = entry
     out["overoptimisation"] = _curves(subjects)
+    arm = [s["overfit"] for s in subjects if "overfit" in s]
+    if arm:
+        out["overfit_arm"] = summarise_overfit(arm, seed=seed)
     out["seconds"] = round(seconds, 1)
     return out
 
@@ -427,6 +446,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t = time.perf_counter()
         result = personalise_subject(run_config, assets, pipe, oracle, index, classes, config,
                                      curve=n < args.curve_subjects)
+        if n < args.overfit_subjects:
+            result["overfit"] = run_overfit_subject(run_config, assets, pipe, oracle, index, config,
+                                                    steps=args.overfit_steps,
+                                                    checkpointing_steps=args.overfit_checkpointing_steps)
+            print(f"subject {index} overfitting arm: useful identity best "
+                  f"{result['overfit']['useful_identity_best']:.2f}, last "
+                  f"{result['overfit']['useful_identity_last']:.2f}, regret copy guard "
+                  f"{result['overfit']['regret']['copy_guard']:.2f}", flush=True)
         result["seconds"] = round(time.perf_counter() - t, 1)
         subjects.append(result)
         sp, rg = result["spearman"], result["regret"]

@@ -242,7 +242,7 @@ def test_benchmark_quick_path_end_to_end(tmp_path: Path) -> None:
     report = main(["--quick", "--out", str(tmp_path / "work"), "--json", str(out), "--steps", "20",
                    "--checkpointing_steps", "10", "--per_context", "1", "--inference_steps", "6",
                    "--reward_steps", "2", "--curve_steps", "4", "--curve_every", "2", "--no_prior_run",
-                   "--n_resamples", "50"])
+                   "--n_resamples", "50", "--overfit_steps", "20", "--overfit_checkpointing_steps", "10"])
     saved = json.loads(out.read_text())
     assert saved["subjects"] == report["subjects"] == 1
     subject = saved["per_subject"][0]
@@ -290,3 +290,11 @@ def test_benchmark_quick_path_end_to_end(tmp_path: Path) -> None:
         assert len(curve["proxy"]) == len(curve["truth"]) == len(curve["steps"])
     # the curve's step 2 is the reward baseline's "after"
     assert curves["nearid_prior"]["truth"][1] == pytest.approx(baselines["nearid"]["truth_after"])
+    # the overfitting arm: checkpoints 10 and 20 of a one-place run, every selector's regret on useful identity
+    arm, arm_subject = saved["overfit_arm"], subject["overfit"]
+    assert [r["step"] for r in arm_subject["checkpoints"]] == [10, 20]
+    assert set(arm["regret"]) == {"nearid", "frozen", "meanpool", "last", "copy_guard"}
+    useful = [r["useful_identity"] for r in arm_subject["checkpoints"]]
+    assert arm["useful_identity_best"] == max(useful) and arm["useful_identity_last"] == useful[-1]
+    for selector, regret in arm["regret"].items():
+        assert 0.0 <= regret <= arm["useful_identity_best"], selector
