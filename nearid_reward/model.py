@@ -374,8 +374,10 @@ class NearIDModel(nn.Module):
         return out.last_hidden_state, inputs.pixel_attention_mask
 
     def pool(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Head + L2 normalisation: tokens ``[B, N, D]`` -> float32 embeddings ``[B, E]`` with unit norm."""
-        return F.normalize(self.head(tokens, token_mask).float(), dim=-1)
+        """Head + L2 normalisation: tokens ``[B, N, D]`` -> embeddings ``[B, E]`` with unit norm, float32 (float64 for
+        a float64 head)."""
+        pooled = self.head(tokens, token_mask)  # [B, E]
+        return F.normalize(pooled.to(torch.promote_types(pooled.dtype, torch.float32)), dim=-1)
 
     def forward(self, inputs: PixelInputs) -> torch.Tensor:
         """Embeddings ``[B, E]`` (float32, unit norm) of already preprocessed inputs."""
