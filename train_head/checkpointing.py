@@ -6,7 +6,7 @@ Nothing in a checkpoint is a pickle, and resuming unpickles nothing: the head is
 optimizer's tensors ``optimizer.safetensors`` with the rest of its state in ``optimizer.json``, the learning-rate
 schedule ``scheduler.json``, the gradient scaler (fp16) ``scaler.json`` and each process's random generators
 ``rng_state_<rank>.json`` (Python, NumPy, torch CPU and CUDA). accelerate's ``save_state``/``load_state`` are not used:
-they pickle the optimizer and RNG states, and the schedule with ``weights_only=False``.
+they pickle the optimizer and RNG states, and read a registered schedule back with ``weights_only=False``.
 
 Folder names are parsed by :func:`nearid_reward.run_checkpoints.checkpoint_step` and folders are swapped into place
 by :func:`nearid_reward.files.swap_directory` / :func:`~nearid_reward.files.replace_directory`, the same helpers the
