@@ -53,6 +53,20 @@ def test_every_test_named_in_the_reliability_table_exists() -> None:
             assert test in defined, f"{file}::{test}"
 
 
+def test_no_code_of_the_project_unpickles() -> None:
+    """Every ``torch.load`` of the project passes ``weights_only=True``, and nothing registers objects with
+    accelerate for checkpointing (accelerate reads those back with ``weights_only=False``)."""
+    import re
+
+    for package in ("nearid_reward", "train_head", "integrations", "examples", "nearid_world", "benchmarks"):
+        for file in sorted((ROOT / package).rglob("*.py")):
+            text = file.read_text(encoding="utf-8")
+            assert "register_for_checkpointing(" not in text, file
+            for match in re.finditer(r"torch\.load\((?P<args>[^)]*)\)", text):
+                assert "weights_only=True" in match["args"], f"{file}: torch.load({match['args']})"
+            assert not re.search(r"\bpickle\.loads?\(", text), file
+
+
 def test_plots_have_their_own_extra() -> None:
     import tomllib
 
