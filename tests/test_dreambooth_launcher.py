@@ -143,6 +143,7 @@ def test_checkpoint_sidecars_and_best_identity_survive_pruning(
         assert weights and all(k.startswith("unet.") for k in weights)
         records = read_jsonl(folder / dreambooth.HISTORY_NAME)
         assert scores["best_value"] == pytest.approx(pick(r["nearid/identity_mean"] for r in records))
+        assert scores["best_step"] == scores["step"]  # the kept weights are the best step's
         best_steps[pick.__name__] = scores["step"]
         if scores["step"] == 4:  # the last step: the final LoRA's weights
             assert _same_tensors(weights, final)
@@ -219,12 +220,18 @@ def test_scoring_errors_never_kill_the_run(assets: dict[str, Path], tmp_path: Pa
         _run(["--nearid_strict", *argv])
 
 
-def test_identity_loss_changes_the_trained_lora(assets: dict[str, Path], run: Path, tmp_path: Path) -> None:
+def test_identity_loss_weight_zero_is_the_plain_run_and_a_positive_weight_changes_the_lora(
+    assets: dict[str, Path], run: Path, min_run: tuple[Path, dict[str, dict[str, torch.Tensor]]], tmp_path: Path
+) -> None:
+    # --nearid_loss_weight 0 (min_run; its other difference, --nearid_mode min, only chooses the kept step): the
+    # plain run's LoRA, byte for byte
+    lora = "pytorch_lora_weights.safetensors"
+    assert (min_run[0] / lora).read_bytes() == (run / lora).read_bytes()
     out = tmp_path / "with_loss"
     _run(_argv(assets, out, "--nearid_loss_weight", "5.0", "--nearid_loss_max_timestep", "1000",
                "--nearid_no_score_checkpoints"))
-    plain = load_file(str(run / "pytorch_lora_weights.safetensors"))
-    with_loss = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    plain = load_file(str(run / lora))
+    with_loss = load_file(str(out / lora))
     assert plain.keys() == with_loss.keys()
     assert any(not torch.allclose(plain[k], with_loss[k]) for k in plain)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -235,7 +242,7 @@ def test_identity_loss_changes_the_trained_lora(assets: dict[str, Path], run: Pa
         acc.Reload()
         if "nearid/train_identity_loss" in acc.Tags()["scalars"]:
             values += [e.value for e in acc.Scalars("nearid/train_identity_loss")]
-    assert values and all(0.0 <= v <= 2.0 for v in values)
+    assert len(values) == 4 and all(0.0 <= v <= 2.0 for v in values)  # applied at every step (all t < 1000)
 
 
 def test_argv_split_and_token_derivation() -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from nearid_reward.files import temporary_path
 from nearid_reward.testing import write_random_images
@@ -93,3 +94,15 @@ def test_a_save_that_fails_midway_leaves_no_checkpoint_and_resume_takes_the_last
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".checkpoint-6")) == []
     assert _files(out / "checkpoint-4") == before
 
+
+
+def test_checkpoint_listings_skip_folders_still_being_written(tmp_path: Path) -> None:
+    from nearid_reward.files import save_safetensors_atomic
+    from nearid_reward.run_checkpoints import LORA_WEIGHT_NAME, checkpoint_step, find_checkpoints
+
+    writing = temporary_path(tmp_path / "checkpoint-4")
+    for folder in (tmp_path / "checkpoint-2", writing):  # the second has its weights but is not renamed into place
+        save_safetensors_atomic({"unet.lora.down.weight": torch.zeros(2, 2)}, folder / LORA_WEIGHT_NAME)
+    assert [c.name for c in find_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert checkpoint_step(writing) is None and checkpoint_step(writing, being_written=True) == 4
+    assert checkpoint_step(tmp_path / ".checkpoint-4.old-0a1b2c3d-1-deadbeef", being_written=True) is None
