@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from nearid_reward import IdentityReward, IdentityValidator, NearIDValidationCallback
 from nearid_reward.cli.arguments import parse_arguments
 from nearid_reward.diffusion import decode_latents, predict_x0
+from nearid_reward.files import replace_directory
 from nearid_reward.images import to_pil_list, to_rgb
 from nearid_reward.pipelines import load_pipeline
 from nearid_reward.rendering import PromptSet, RenderConfig
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> NearIDValidationCallback | None:
         accelerator.log({"loss": loss.item()}, step=step)
         if callback is not None and step % args.validation_steps == 0:
             callback.on_validation(pipe, step)  # renders the identity prompt set (+ base model), scores, keeps best
-            accelerator.save_state(str(out / f"checkpoint-{step}"))
+            # written whole into a temporary folder and renamed: a kill mid-save leaves no half checkpoint-N
+            replace_directory(out / f"checkpoint-{step}", lambda tmp: accelerator.save_state(str(tmp)))
             callback.on_checkpoint(out, step)  # writes checkpoint-N/identity_scores.json
     accelerator.end_training()
     return callback

@@ -56,7 +56,7 @@ from nearid_reward.diffusion import (
     reward_weights,
     sample_images,
 )
-from nearid_reward.files import append_jsonl
+from nearid_reward.files import append_jsonl, replace_directory
 from nearid_reward.images import to_pil_list, to_rgb
 from nearid_reward.pipelines import load_pipeline
 from nearid_reward.rendering import PromptSet, RenderConfig, adapters_disabled
@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 callback.on_validation(pipeline, step)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                accelerator.save_state(str(out / f"checkpoint-{step}"))
+                # written whole into a temporary folder and renamed: a kill mid-save leaves no half checkpoint-N
+                replace_directory(out / f"checkpoint-{step}", lambda tmp: accelerator.save_state(str(tmp)))
                 if callback is not None:
                     callback.on_checkpoint(out, step)
     accelerator.wait_for_everyone()

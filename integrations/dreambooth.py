@@ -51,6 +51,7 @@ from nearid_reward.cli.entry_points import entry_point
 from nearid_reward.files import read_jsonl, write_text_atomic
 from nearid_reward.rendering import PromptSet, RenderConfig
 from nearid_reward.results import SelectionResult, format_table, plot_identity_history, summary_markdown
+from nearid_reward.run_checkpoints import checkpoint_step
 from nearid_reward.selection import CheckpointSelector, SelectionConfig, load_pipeline
 
 from .host_pipelines import TextComponents, host_conditioning
@@ -450,13 +451,8 @@ class DreamBoothSession:
 
 
 def _checkpoint_step(output_dir: str, fallback: int) -> int:
-    name = Path(output_dir).name
-    if name.startswith("checkpoint-"):
-        try:
-            return int(name.split("-", 1)[1])
-        except ValueError:
-            pass
-    return fallback
+    step = checkpoint_step(output_dir, being_written=True)
+    return fallback if step is None else step
 
 
 def write_summary(output_dir: Path, validator: Any) -> tuple[Path, Path | None]:

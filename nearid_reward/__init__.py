@@ -6,6 +6,7 @@ Importing this package never imports ``train_head``, ``integrations``, diffusers
 
 from __future__ import annotations
 
+from . import _renamed
 from ._version import __version__
 from .callback import CallbackConfig, NearIDValidationCallback
 from .config import HeadConfig, NearIDConfig, PreprocessConfig
@@ -41,3 +42,5 @@ __all__ = [
     "identity_metrics",
     "metric_names",
 ]
+
+_renamed.install()  # ``import nearid_reward.io`` (renamed to files) warns and still works

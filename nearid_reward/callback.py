@@ -21,7 +21,7 @@ from .config import with_overrides
 from .files import remove_stale_temporaries, replace_directory, write_json_atomic
 from .images import ImageInput
 from .rendering import PromptSet, RenderConfig, RenderedSet, render_validation_set
-from .run_checkpoints import CHECKPOINT_PATTERN, copy_checkpoint_weights, inspect_checkpoint
+from .run_checkpoints import checkpoint_step, copy_checkpoint_weights, inspect_checkpoint
 from .validation import IdentityValidator
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,8 @@ class NearIDValidationCallback:
 
         Args:
             output_dir: the run's output folder (the checkpoint is ``output_dir/checkpoint-{step}``), or the
-                ``checkpoint-{step}`` folder itself (what accelerate's save-state hooks receive).
+                ``checkpoint-{step}`` folder itself (what accelerate's save-state hooks receive), or the temporary
+                folder it is being written to before it is renamed into place.
             step: the global step of the checkpoint.
 
         Returns:
@@ -180,8 +181,7 @@ class NearIDValidationCallback:
         """
         try:
             folder = Path(output_dir)
-            match = CHECKPOINT_PATTERN.match(folder.name)
-            if match is not None and int(match.group(1)) == int(step):
+            if checkpoint_step(folder, being_written=True) == int(step):  # the checkpoint, maybe under its temporary
                 checkpoint, run_dir = folder, folder.parent
             else:
                 checkpoint, run_dir = folder / f"checkpoint-{step}", folder
@@ -204,7 +204,7 @@ class NearIDValidationCallback:
         if run_dir in self._cleaned or not self.validator.is_main_process or not run_dir.is_dir():
             return
         self._cleaned.add(run_dir)
-        for folder in [run_dir, *sorted(p for p in run_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name))]:
+        for folder in [run_dir, *sorted(p for p in run_dir.iterdir() if checkpoint_step(p) is not None)]:
             remove_stale_temporaries(folder)
 
     def _should_save(self, step: int) -> bool:

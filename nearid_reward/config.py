@@ -49,6 +49,26 @@ def _known_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]
     return {k: v for k, v in data.items() if k in names}
 
 
+def _check_type(owner: str, name: str, value: Any, kinds: tuple[type, ...], expected: str) -> None:
+    """Raise ``TypeError`` naming ``owner.name`` unless ``value`` is one of ``kinds`` (a bool is not a number)."""
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise TypeError(f"{owner}.{name} must be {expected}, got {value!r}")
+
+
+def _processor_value(data: dict[str, Any], key: str, default: Any, cast: type) -> Any:
+    """``cast(data[key])`` (``default`` if absent) of a ``preprocessor_config.json``; ``ValueError`` names the key."""
+    value = data.get(key, default)
+    expected = "an integer" if cast is int else "a number"
+    wrong = isinstance(value, (list, dict, bool))
+    wrong = wrong or (cast is int and isinstance(value, float) and not value.is_integer())
+    try:
+        if not wrong:
+            return cast(value)
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"preprocessor config field {key!r} must be {expected}, got {value!r}")
+
+
 def with_overrides(config: Any, config_cls: type, overrides: dict[str, Any], owner: str) -> Any:
     """``config`` (or a default ``config_cls()``) with keyword ``overrides`` applied, validated.
 
@@ -95,6 +115,11 @@ class PreprocessConfig:
     do_convert_rgb: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("height", "width", "patch_size", "max_num_patches", "resample"):
+            _check_type("PreprocessConfig", name, getattr(self, name), (int,), "an integer")
+        for name in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+            _check_type("PreprocessConfig", name, getattr(self, name), (bool,), "true or false")
+        _check_type("PreprocessConfig", "rescale_factor", self.rescale_factor, (int, float), "a number")
         if self.mode not in ("fixed", "naflex"):
             raise ValueError(f"PreprocessConfig.mode must be 'fixed' or 'naflex', got {self.mode!r}")
         self.image_mean = _triple(self.image_mean, "image_mean")
@@ -113,28 +138,32 @@ class PreprocessConfig:
     def from_processor_dict(cls, data: dict[str, Any], *, image_size: int | None = None) -> PreprocessConfig:
         """Read an HF ``preprocessor_config.json`` dict (SiglipImageProcessor or Siglip2ImageProcessor)."""
         kind = str(data.get("image_processor_type", ""))
+        where = "preprocessor config field"
         common: dict[str, Any] = {
-            "resample": int(data.get("resample", 2 if "Siglip2" in kind else 3)),
+            "resample": _processor_value(data, "resample", 2 if "Siglip2" in kind else 3, int),
             "do_resize": bool(data.get("do_resize", True)),
             "do_rescale": bool(data.get("do_rescale", True)),
-            "rescale_factor": float(data.get("rescale_factor", 1.0 / 255.0)),
+            "rescale_factor": _processor_value(data, "rescale_factor", 1.0 / 255.0, float),
             "do_normalize": bool(data.get("do_normalize", True)),
-            "image_mean": tuple(_as_list(data.get("image_mean", (0.5, 0.5, 0.5)))),
-            "image_std": tuple(_as_list(data.get("image_std", (0.5, 0.5, 0.5)))),
+            "image_mean": tuple(_as_list(data.get("image_mean", (0.5, 0.5, 0.5)), f"{where} 'image_mean'")),
+            "image_std": tuple(_as_list(data.get("image_std", (0.5, 0.5, 0.5)), f"{where} 'image_std'")),
             "do_convert_rgb": data.get("do_convert_rgb") is not False,
         }
         if "max_num_patches" in data or "Siglip2" in kind:
             return cls(
                 mode="naflex",
-                patch_size=int(data.get("patch_size", 16)),
-                max_num_patches=int(data.get("max_num_patches", 256)),
+                patch_size=_processor_value(data, "patch_size", 16, int),
+                max_num_patches=_processor_value(data, "max_num_patches", 256, int),
                 **common,
             )
         size = data.get("size") or {}
+        if not isinstance(size, dict):
+            raise ValueError(f"preprocessor config field 'size' must be an object like {{'height': 384, "
+                             f"'width': 384}}, got {size!r}")
         if "height" in size and "width" in size:
-            height, width = int(size["height"]), int(size["width"])
+            height, width = _processor_value(size, "height", None, int), _processor_value(size, "width", None, int)
         elif "shortest_edge" in size:
-            height = width = int(size["shortest_edge"])
+            height = width = _processor_value(size, "shortest_edge", None, int)
         elif image_size is not None:
             height = width = int(image_size)
         else:
@@ -192,6 +221,14 @@ class HeadConfig:
     out_dim: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_attention_heads", "intermediate_size"):
+            _check_type("HeadConfig", name, getattr(self, name), (int,), "an integer")
+        _check_type("HeadConfig", "layer_norm_eps", self.layer_norm_eps, (int, float), "a number")
+        _check_type("HeadConfig", "hidden_act", self.hidden_act, (str,), "a string")
+        _check_type("HeadConfig", "out_dim", self.out_dim, (int, type(None)), "an integer or null")
+        for name in ("hidden_size", "num_attention_heads", "intermediate_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"HeadConfig.{name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"HeadConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -249,6 +286,9 @@ class NearIDConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_type("NearIDConfig", "backbone", self.backbone, (str,), "a string (a folder or a hub id)")
+        _check_type("NearIDConfig", "backbone_absolute", self.backbone_absolute, (str, type(None)), "a string or null")
+        _check_type("NearIDConfig", "extra", self.extra, (dict,), "an object")
         if self.backbone_type not in ("siglip", "siglip2"):
             raise ValueError(f"NearIDConfig.backbone_type must be 'siglip' or 'siglip2', got {self.backbone_type!r}")
         if self.format != HEAD_FORMAT:
@@ -271,6 +311,8 @@ class NearIDConfig:
         for required in ("backbone", "backbone_type", "head", "preprocess"):
             if required not in data:
                 raise ValueError(f"{HEAD_CONFIG_NAME} is missing the required key {required!r}")
+        for name in ("head", "preprocess"):
+            _check_type("NearIDConfig", name, data[name], (dict,), "an object")
         data["head"] = HeadConfig.from_dict(data["head"])
         data["preprocess"] = PreprocessConfig.from_dict(data["preprocess"])
         return cls(**data)
@@ -286,14 +328,18 @@ class NearIDConfig:
         return cls.from_dict(data)
 
 
-def _as_list(value: Any) -> list[float]:
-    if isinstance(value, (int, float)):
+def _as_list(value: Any, what: str) -> list[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return [float(value)] * 3
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        raise ValueError(f"{what} must be a number or a list of 3 numbers (one per RGB channel), got {value!r}")
     return [float(v) for v in value]
 
 
 def _triple(value: Any, name: str) -> tuple[float, float, float]:
-    values = _as_list(value)
+    values = _as_list(value, f"PreprocessConfig.{name}")
     if len(values) == 1:
         values = values * 3
     if len(values) != 3:

@@ -42,6 +42,7 @@ __all__ = [
     "save_safetensors_atomic",
     "load_safetensors",
     "temporary_path",
+    "temporary_target",
     "swap_directory",
     "replace_directory",
     "remove_stale_temporaries",
@@ -93,6 +94,17 @@ _LEGACY_WITH_PID = re.compile(
 _LEGACY_WITHOUT_PID = re.compile(r"^\.(?:checkpoint-\d+\.tmp|.+\.[a-z0-9_]{8}\.tmp)$")
 LEGACY_STALE_AFTER_S = 3600.0
 """A temporary whose name carries no pid (earlier versions) is stale once unmodified for this many seconds."""
+
+
+def temporary_target(path: str | os.PathLike[str]) -> str | None:
+    """The name that a content temporary of this project (:func:`temporary_path`, ``role="tmp"``) is written for.
+
+    Example:
+        >>> temporary_target("run/.checkpoint-4.tmp-0a1b2c3d-812-deadbeef"), temporary_target("run/checkpoint-4")
+        ('checkpoint-4', None)
+    """
+    match = _TEMP_NAME.match(Path(path).name)
+    return match["name"] if match is not None and match["role"] == "tmp" else None
 
 
 def _pid_alive(pid: int) -> bool:

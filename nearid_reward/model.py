@@ -50,7 +50,7 @@ def mean_pool_tokens(tokens: torch.Tensor, token_mask: torch.Tensor | None = Non
         token_mask: ``[B, N]`` (1 = real token, 0 = padding), or None when every token is real.
 
     Returns:
-        ``[B, D]`` float32 embeddings with unit norm.
+        ``[B, D]`` embeddings with unit norm, float32 (float64 for float64 tokens).
 
     Example:
         >>> emb = mean_pool_tokens(torch.tensor([[[3.0, 0.0], [1.0, 0.0]], [[0.0, 2.0], [0.0, 9.0]]]),
@@ -58,7 +58,7 @@ def mean_pool_tokens(tokens: torch.Tensor, token_mask: torch.Tensor | None = Non
         >>> emb.tolist()
         [[1.0, 0.0], [0.0, 1.0]]
     """
-    x = tokens.float()  # [B, N, D]
+    x = tokens.to(torch.promote_types(tokens.dtype, torch.float32))  # [B, N, D]
     if token_mask is None:
         return F.normalize(x.mean(1), dim=-1)
     w = token_mask.to(x.dtype).unsqueeze(-1)  # [B, N, 1]
@@ -437,11 +437,12 @@ class NearIDModel(nn.Module):
         return out.last_hidden_state, inputs.pixel_attention_mask
 
     def pool(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Head (or, with ``pooling="mean"``, the token mean) + L2 normalisation: tokens ``[B, N, D]`` -> float32
-        embeddings ``[B, E]`` with unit norm."""
+        """Head (or, with ``pooling="mean"``, the token mean) + L2 normalisation: tokens ``[B, N, D]`` -> embeddings
+        ``[B, E]`` with unit norm, float32 (float64 for a float64 head or float64 tokens)."""
         if self.pooling == "mean":
             return mean_pool_tokens(tokens, token_mask)
-        return F.normalize(self.head(tokens, token_mask).float(), dim=-1)
+        pooled = self.head(tokens, token_mask)  # [B, E]
+        return F.normalize(pooled.to(torch.promote_types(pooled.dtype, torch.float32)), dim=-1)
 
     def forward(self, inputs: PixelInputs) -> torch.Tensor:
         """Embeddings ``[B, E]`` (float32, unit norm) of already preprocessed inputs."""

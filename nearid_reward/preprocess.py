@@ -123,14 +123,16 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, rows * cols, patch_size * patch_size * c)
 
 
-def _affine(config: PreprocessConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine(
+    config: PreprocessConfig, device: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``scale, shift`` so that ``x01 * scale + shift`` equals rescale-then-normalise of 0..255 pixels."""
     pixel_scale = 255.0 * (config.rescale_factor if config.do_rescale else 1.0)
-    scale = torch.full((3,), pixel_scale, dtype=torch.float32, device=device)
-    shift = torch.zeros(3, dtype=torch.float32, device=device)
+    scale = torch.full((3,), pixel_scale, dtype=dtype, device=device)
+    shift = torch.zeros(3, dtype=dtype, device=device)
     if config.do_normalize:
-        mean = torch.tensor(config.image_mean, dtype=torch.float32, device=device)
-        std = torch.tensor(config.image_std, dtype=torch.float32, device=device)
+        mean = torch.tensor(config.image_mean, dtype=dtype, device=device)
+        std = torch.tensor(config.image_std, dtype=dtype, device=device)
         scale, shift = scale / std, -mean / std
     return scale.view(1, 3, 1, 1), shift.view(1, 3, 1, 1)
 
@@ -176,10 +178,12 @@ def preprocess_tensor(
         value_range: ``(low, high)`` of the pixel values, e.g. ``(0, 1)``, ``(-1, 1)`` or ``(0, 255)``.
 
     Returns:
-        :class:`PixelInputs` in float32 (gradients flow back to ``images``).
+        :class:`PixelInputs` in float32 (float64 for float64 images; gradients flow back to ``images``).
     """
     lo, hi = check_value_range(value_range)
-    x = images.float().contiguous()  # channels-last inputs (e.g. from numpy HWC) resize several times slower
+    # at least float32; float64 stays float64 (finite-difference checks of the gradient need it)
+    # channels-last inputs (e.g. from numpy HWC) resize several times slower: made contiguous
+    x = images.to(torch.promote_types(images.dtype, torch.float32)).contiguous()
     if (lo, hi) != (0.0, 1.0):
         x = (x - lo) / (hi - lo)  # [B, 3, H, W] in [0, 1]
     height, width = int(x.shape[-2]), int(x.shape[-1])
@@ -192,7 +196,7 @@ def preprocess_tensor(
         resized = _resize(x, target, config.resample)  # clipped to [0, 1] like PIL's 8-bit output
     # Without a resize, clip out-of-range input the same way (8-bit images cannot leave [0, 1]).
     x = resized if resized is not x else x.clamp(0.0, 1.0)
-    scale, shift = _affine(config, x.device)
+    scale, shift = _affine(config, x.device, x.dtype)
     x = torch.addcmul(shift, x, scale)  # [B, 3, h, w] normalised: x * scale + shift in one pass
     if config.mode == "fixed":
         return PixelInputs(x)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .files import CheckpointError, replace_directory
+from .files import CheckpointError, replace_directory, temporary_target
 
 __all__ = [
     "CHECKPOINT_PATTERN",
@@ -67,14 +67,28 @@ class RunCheckpoint:
         return self.path if self.kind == "lora" else self.path / self.kind
 
 
-def checkpoint_step(path: str | os.PathLike[str]) -> int | None:
+def checkpoint_step(path: str | os.PathLike[str], *, being_written: bool = False) -> int | None:
     """``N`` when the last component of ``path`` is named ``checkpoint-N``, else None (the name alone is read).
+
+    This is the project's one parser of checkpoint folder names.
+
+    Args:
+        path: a folder path or name.
+        being_written: also accept the temporary folder a ``checkpoint-N`` is written to before it is renamed into
+            place (``.checkpoint-N.tmp-<host>-<pid>-<random>``, see :func:`nearid_reward.files.temporary_path`), as
+            accelerate's save-state hooks see it. Never use it to list finished checkpoints.
 
     Example:
         >>> checkpoint_step("run/checkpoint-500"), checkpoint_step("run/checkpoint-last")
         (500, None)
+        >>> tmp = "run/.checkpoint-500.tmp-0a1b2c3d-812-deadbeef"
+        >>> checkpoint_step(tmp), checkpoint_step(tmp, being_written=True)
+        (None, 500)
     """
-    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    name = Path(path).name
+    if being_written:
+        name = temporary_target(name) or name
+    match = CHECKPOINT_PATTERN.match(name)
     return None if match is None else int(match.group(1))
 
 
@@ -163,7 +177,7 @@ def find_checkpoints(
         if missing:
             raise CheckpointError(f"checkpoint folders not found: {missing}")
     else:
-        folders = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
+        folders = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
         if not folders:
             raise CheckpointError(f"{root} contains no checkpoint-* folders (is it the training run's --output_dir?)")
     found: list[RunCheckpoint] = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,13 @@ from transformers import PreTrainedConfig, Siglip2VisionConfig, SiglipVisionConf
 
 from .config import HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME, HeadConfig, NearIDConfig, PreprocessConfig
 from .files import CheckpointError, load_safetensors
+
+try:  # the strict config dataclasses of transformers 5 raise these on a mistyped field
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # pragma: no cover - older huggingface_hub: configs raise TypeError/ValueError if anything
+
+    class StrictDataclassError(Exception):  # type: ignore[no-redef]
+        """Placeholder: never raised."""
 
 logger = logging.getLogger(__name__)
 
@@ -166,29 +174,49 @@ def _weights_file(folder: Path) -> Path:
     raise CheckpointError(f"no weights in {folder}: expected model.safetensors (or model.safetensors.index.json)")
 
 
+def _field_error(file: Path, exc: Exception) -> CheckpointError:
+    """One line naming ``file`` and the field, from a config class's validation error (huggingface_hub's strict
+    dataclasses raise a multi-line ``StrictDataclassFieldValidationError``; ours a ``TypeError``/``ValueError``)."""
+    message = " ".join(str(exc).split())
+    match = re.match(r"Validation error for field '(?P<field>[^']+)': (?:\w+Error: )?(?P<why>.*)$", message)
+    if match is not None:
+        why = match["why"].removeprefix(f"Field '{match['field']}' ")
+        return CheckpointError(f"{file}: field {match['field']!r} is invalid: {why}")
+    return CheckpointError(f"{file}: {message}")
+
+
 def _vision_config(folder: Path) -> tuple[BackboneType, PreTrainedConfig]:
-    data = _read_json(folder / "config.json")
+    file = folder / "config.json"
+    data = _read_json(file)
     model_type = data.get("model_type")
-    if model_type == "nearid":
-        vision = dict(data["vision_config"])
-        vision.setdefault("vision_use_head", True)
-        return "siglip", SiglipVisionConfig(**vision)
-    kind = _SIGLIP_TYPES[str(model_type)]
-    if model_type in ("siglip", "siglip2"):  # full vision+text checkpoint
-        if "vision_config" not in data:
-            raise CheckpointError(f"{folder / 'config.json'} (model_type {model_type!r}) has no 'vision_config'")
+    if model_type == "nearid" or model_type in ("siglip", "siglip2"):  # the vision tower is one part of the config
+        if not isinstance(data.get("vision_config"), dict):
+            raise CheckpointError(
+                f"{file} (model_type {model_type!r}) needs a 'vision_config' object, got {data.get('vision_config')!r}"
+            )
         vision = dict(data["vision_config"])
     else:
         vision = {k: v for k, v in data.items() if k not in ("model_type", "architectures", "transformers_version")}
+    if model_type == "nearid":
+        vision.setdefault("vision_use_head", True)
+        kind: BackboneType = "siglip"
+    else:
+        kind = _SIGLIP_TYPES[str(model_type)]
     config_cls = SiglipVisionConfig if kind == "siglip" else Siglip2VisionConfig
-    return kind, config_cls(**vision)
+    try:
+        return kind, config_cls(**vision)
+    except (StrictDataclassError, TypeError, ValueError) as exc:
+        raise _field_error(file, exc) from exc
 
 
 def _preprocess(folder: Path, kind: BackboneType, vision: PreTrainedConfig) -> PreprocessConfig:
     file = folder / "preprocessor_config.json"
     if file.is_file():
         data = _read_json(file)
-        return PreprocessConfig.from_processor_dict(data, image_size=getattr(vision, "image_size", None))
+        try:
+            return PreprocessConfig.from_processor_dict(data, image_size=getattr(vision, "image_size", None))
+        except (TypeError, ValueError) as exc:
+            raise _field_error(file, exc) from exc
     logger.warning("%s has no preprocessor_config.json; using SigLIP defaults for a %s backbone", folder, kind)
     if kind == "siglip2":
         return PreprocessConfig(mode="naflex", patch_size=int(vision.patch_size),
@@ -289,7 +317,12 @@ def read_checkpoint(
         if not _is_local(str(path)):
             loaded.backbone_ref = str(path)  # keep the hub id rather than a cache folder
         return loaded
-    config = NearIDConfig.from_json_file(folder / HEAD_CONFIG_NAME)
+    try:
+        config = NearIDConfig.from_json_file(folder / HEAD_CONFIG_NAME)
+    except (TypeError, ValueError) as exc:
+        message = " ".join(str(exc).split())
+        file = folder / HEAD_CONFIG_NAME
+        raise CheckpointError(message if str(folder) in message else f"{file}: {message}") from exc
     base_folder, base_ref = _resolve_backbone_ref(config, folder, backbone)
     base_format = detect_format(base_folder)
     if base_format == "head":

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -146,3 +147,51 @@ def test_ctrl_c_ends_a_command_with_one_line_and_status_130(capsys):
     assert capsys.readouterr().err.strip() == "nearid-demo: interrupted"
     with pytest.raises(KeyboardInterrupt):  # --debug keeps the traceback
         main(["--debug"])
+
+
+def _mistype(file: Path, *path: str, value: object = "thirty-two") -> None:
+    data = json.loads(file.read_text())
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    file.write_text(json.dumps(data))
+
+
+# (format, kind, with_text, file relative to the folder written, field path): a mistyped field in every config a
+# loader reads; the folder passed to from_pretrained is what save_tiny_nearid returns
+MISTYPED_CONFIGS = {
+    "siglip": ("siglip", "siglip", False, "config.json", ("hidden_size",)),
+    "siglip2": ("siglip", "siglip2", False, "config.json", ("hidden_size",)),
+    "siglip-with-text": ("siglip", "siglip", True, "config.json", ("vision_config", "hidden_size")),
+    "release": ("release", "siglip", False, "config.json", ("vision_config", "hidden_size")),
+    "head": ("head", "siglip", False, "head/nearid_config.json", ("head", "hidden_size")),
+    "head-backbone": ("head", "siglip", False, "backbone/config.json", ("hidden_size",)),
+    "head-preprocess": ("head", "siglip", False, "head/nearid_config.json", ("preprocess", "height")),
+    "preprocessor": ("siglip", "siglip", False, "preprocessor_config.json", ("resample",)),
+    "preprocessor-mean": ("siglip", "siglip", False, "preprocessor_config.json", ("image_mean",)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISTYPED_CONFIGS))
+def test_a_mistyped_config_field_is_a_one_line_checkpoint_error(
+    case: str, tmp_path: Path, images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nearid_reward.testing import save_tiny_nearid, save_tiny_siglip
+
+    fmt, kind, with_text, relative, field = MISTYPED_CONFIGS[case]
+    root = tmp_path / "model"
+    folder = (save_tiny_siglip(root, with_text=True) if with_text
+              else save_tiny_nearid(root, format=fmt, kind=kind))  # type: ignore[arg-type]
+    bad_file = root / relative
+    _mistype(bad_file, *field)
+    with pytest.raises(CheckpointError) as raised:
+        NearIDModel.from_pretrained(folder)
+    message = str(raised.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert bad_file.name in message and field[-1] in message and "thirty-two" in message, message
+    assert Path(message.split(": ", 1)[0]).resolve() == bad_file.resolve()  # the message starts with the file
+    with pytest.raises(SystemExit) as exited:
+        score.main(["--model", str(folder), "--references", str(images), "--images", str(images)])
+    assert str(exited.value.code).startswith(f"nearid-score: {message}")
+    assert "Traceback" not in capsys.readouterr().err

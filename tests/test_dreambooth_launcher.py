@@ -79,22 +79,63 @@ def test_history_lines_and_their_true_global_steps(run: Path) -> None:
     assert records[0]["nearid/identity_mean"] == records[1]["nearid/identity_mean"]
 
 
-def test_checkpoint_sidecars_and_best_identity_survive_pruning(run: Path) -> None:
+@pytest.fixture(scope="module")
+def min_run(assets: dict[str, Path], run: Path) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
+    """The same run with ``--nearid_mode min`` and ``--nearid_loss_weight 0``, and the LoRA weights of every
+    checkpoint as they were just before pruning removed it."""
+    import shutil
+
+    pruned: dict[str, dict[str, torch.Tensor]] = {}
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):  # what the script's pruning deletes, seen on its way out
+        lora = Path(path) / "pytorch_lora_weights.safetensors"
+        if Path(path).name.startswith("checkpoint-") and lora.is_file():
+            pruned[Path(path).name] = load_file(str(lora))
+        return real_rmtree(path, *args, **kwargs)
+
+    out = assets["root"] / "min_run"
+    shutil.rmtree = rmtree
+    try:
+        run_dreambooth(_argv(assets, out, "--nearid_mode", "min", "--nearid_loss_weight", "0"))
+    finally:
+        shutil.rmtree = real_rmtree
+    return out, pruned
+
+
+def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_sidecars_and_best_identity_survive_pruning(
+    run: Path, min_run: tuple[Path, dict[str, dict[str, torch.Tensor]]]
+) -> None:
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4"]  # checkpoint-2 was pruned
     sidecar = json.loads((run / "checkpoint-4" / "identity_scores.json").read_text())
     assert sidecar["step"] == 4 and sidecar["validation_step"] == 4
     assert sidecar["metrics"]["nearid/identity_mean"] == pytest.approx(
         read_jsonl(run / dreambooth.HISTORY_NAME)[2]["nearid/identity_mean"])
-    best = run / "best_identity"
-    scores = json.loads((best / "identity_scores.json").read_text())
-    weights = load_file(str(best / "pytorch_lora_weights.safetensors"))
-    assert weights and all(k.startswith("unet.") for k in weights)
-    records = read_jsonl(run / dreambooth.HISTORY_NAME)
-    best_value = max(r["nearid/identity_mean"] for r in records)
-    assert scores["best_value"] == pytest.approx(best_value)
-    if scores["step"] == 4:  # the best adapter is the step-4 one: same weights as the final LoRA
-        final = load_file(str(run / "pytorch_lora_weights.safetensors"))
-        assert all(torch.equal(final[k], weights[k]) for k in final)
+    other, pruned = min_run
+    assert sorted(pruned) == ["checkpoint-2"]
+    assert sorted(p.name for p in other.glob("checkpoint-*")) == ["checkpoint-4"]
+    final = load_file(str(run / "pytorch_lora_weights.safetensors"))
+    assert _same_tensors(final, load_file(str(other / "pytorch_lora_weights.safetensors")))  # the same training
+    best_steps = {}
+    for folder, pick in ((run, max), (other, min)):  # the best step is 2 in one of the two modes, 4 in the other
+        best = folder / "best_identity"
+        scores = json.loads((best / "identity_scores.json").read_text())
+        weights = load_file(str(best / "pytorch_lora_weights.safetensors"))
+        assert weights and all(k.startswith("unet.") for k in weights)
+        records = read_jsonl(folder / dreambooth.HISTORY_NAME)
+        assert scores["best_value"] == pytest.approx(pick(r["nearid/identity_mean"] for r in records))
+        assert scores["best_step"] == scores["step"]  # the kept weights are the best step's
+        best_steps[pick.__name__] = scores["step"]
+        if scores["step"] == 4:  # the last step: the final LoRA's weights
+            assert _same_tensors(weights, final)
+        else:  # an early step whose checkpoint was pruned: still its weights, bit for bit
+            assert scores["step"] == 2 and _same_tensors(weights, pruned["checkpoint-2"])
+            assert not _same_tensors(weights, final)
+    assert sorted(best_steps.values()) == [2, 4], best_steps
 
 
 def test_scalars_reach_the_scripts_tracker_at_the_global_step(run: Path) -> None:
@@ -164,12 +205,18 @@ def test_scoring_errors_never_kill_the_run(assets: dict[str, Path], tmp_path: Pa
         run_dreambooth(["--nearid_strict", *argv])
 
 
-def test_identity_loss_changes_the_trained_lora(assets: dict[str, Path], run: Path, tmp_path: Path) -> None:
+def test_identity_loss_weight_zero_is_the_plain_run_and_a_positive_weight_changes_the_lora(
+    assets: dict[str, Path], run: Path, min_run: tuple[Path, dict[str, dict[str, torch.Tensor]]], tmp_path: Path
+) -> None:
+    # --nearid_loss_weight 0 (min_run; its other difference, --nearid_mode min, only chooses the kept step): the
+    # plain run's LoRA, byte for byte
+    lora = "pytorch_lora_weights.safetensors"
+    assert (min_run[0] / lora).read_bytes() == (run / lora).read_bytes()
     out = tmp_path / "with_loss"
     run_dreambooth(_argv(assets, out, "--nearid_loss_weight", "5.0", "--nearid_loss_max_timestep", "1000",
                          "--nearid_no_score_checkpoints"))
-    plain = load_file(str(run / "pytorch_lora_weights.safetensors"))
-    with_loss = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    plain = load_file(str(run / lora))
+    with_loss = load_file(str(out / lora))
     assert plain.keys() == with_loss.keys()
     assert any(not torch.allclose(plain[k], with_loss[k]) for k in plain)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -180,7 +227,7 @@ def test_identity_loss_changes_the_trained_lora(assets: dict[str, Path], run: Pa
         acc.Reload()
         if "nearid/train_identity_loss" in acc.Tags()["scalars"]:
             values += [e.value for e in acc.Scalars("nearid/train_identity_loss")]
-    assert values and all(0.0 <= v <= 2.0 for v in values)
+    assert len(values) == 4 and all(0.0 <= v <= 2.0 for v in values)  # applied at every step (all t < 1000)
 
 
 def test_argv_split_and_token_derivation() -> None:

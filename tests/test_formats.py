@@ -258,3 +258,23 @@ def test_siglip_without_pooling_head(tmp_path: Path) -> None:
     folder = save_tiny_siglip(tmp_path / "nohead", vision_use_head=False)
     with pytest.raises(CheckpointError, match="no MAP pooling head"):
         NearIDModel.from_pretrained(folder)
+
+
+def test_a_release_that_is_there_but_broken_fails_the_real_weight_tests_instead_of_skipping(tmp_path: Path) -> None:
+    """tests/test_real_weights.py skips only for absent weights: a release that does not load is a failure."""
+    import os
+    import subprocess
+    import sys
+
+    release = save_tiny_nearid(tmp_path / "release", format="release")
+    weights = release / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # truncated
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "NEARID_RELEASE_PATH": str(release), "NEARID_SIGLIP2_PATH": str(tmp_path / "absent"),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "slow", "-q", "-p", "no:cacheprovider",
+                           str(root / "tests" / "test_real_weights.py")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    summary = done.stdout.strip().splitlines()[-1]
+    assert "1 failed" in summary and "1 skipped" in summary, done.stdout[-2000:]
+    assert "truncated or corrupt" in done.stdout

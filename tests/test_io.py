@@ -104,6 +104,96 @@ def test_a_failed_append_leaves_no_torn_line(tmp_path: Path, monkeypatch: pytest
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1}, {"step": 3}]
 
 
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("failure", ["body", "fsync", "replace", "safetensors"])
+def test_a_write_that_fails_partway_keeps_the_old_file_and_leaves_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    path = tmp_path / "state.json"
+    write_json_atomic(path, {"step": 1, "weights": list(range(100))})
+    before = path.read_bytes()
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    if failure == "body":  # the writer dies after writing part of the new content
+        with pytest.raises(RuntimeError, match="killed mid-write"):
+            with atomic_write(path, "w") as handle:
+                handle.write('{"step": 2, "weights": [0, 1')
+                handle.flush()
+                raise RuntimeError("killed mid-write")
+    elif failure == "safetensors":  # the serialised tensors never all reach the file
+        path = tmp_path / "w.safetensors"
+        save_safetensors_atomic({"w": torch.arange(64.0)}, path)
+        before = path.read_bytes()
+        real_fdopen = os.fdopen
+
+        class Full:
+            def __init__(self, handle: object) -> None:
+                self.handle = handle
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(self.handle, name)
+
+            def __enter__(self) -> Full:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                self.handle.close()
+
+            def write(self, data: bytes) -> int:
+                self.handle.write(data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "fdopen", lambda *a, **k: Full(real_fdopen(*a, **k)))
+        with pytest.raises(OSError, match="No space left"):
+            save_safetensors_atomic({"w": torch.ones(64)}, path)
+    else:  # the data is written but cannot be made durable, or cannot be renamed into place
+        monkeypatch.setattr(os, "fsync" if failure == "fsync" else "replace", fail)
+        with pytest.raises(OSError, match="Input/output error"):
+            write_json_atomic(path, {"step": 2, "weights": []})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"state.json", path.name})  # no temporary left
+
+
+@pytest.mark.parametrize("failure", ["build", "swap"])
+def test_a_folder_replacement_that_fails_keeps_the_old_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    dest = tmp_path / "best"
+
+    def old(tmp: Path) -> None:
+        (tmp / "head.safetensors").write_bytes(b"old weights")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "config.json").write_text('{"step": 1}')
+
+    replace_directory(dest, old)
+    before = _folder_bytes(dest)
+
+    def new(tmp: Path) -> None:
+        (tmp / "head.safetensors").write_bytes(b"new weights, half writ")
+        if failure == "build":
+            raise RuntimeError("killed while building")
+
+    real_replace = os.replace
+
+    def replace(src: object, dst: object) -> None:
+        if Path(str(src)).name.startswith(".best.tmp-"):  # the new folder cannot be moved into place
+            raise OSError(errno.EIO, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises((RuntimeError, OSError)):
+        replace_directory(dest, new)
+    monkeypatch.undo()
+    assert _folder_bytes(dest) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # neither the new folder nor the old one aside
+
+
 def test_append_after_a_killed_writer_starts_a_fresh_line(tmp_path: Path) -> None:
     path = tmp_path / "history.jsonl"
     append_jsonl(path, {"step": 1})

@@ -53,6 +53,20 @@ def test_every_test_named_in_the_reliability_table_exists() -> None:
             assert test in defined, f"{file}::{test}"
 
 
+def test_no_code_of_the_project_unpickles() -> None:
+    """Every ``torch.load`` of the project passes ``weights_only=True``, and nothing registers objects with
+    accelerate for checkpointing (accelerate reads those back with ``weights_only=False``)."""
+    import re
+
+    for package in ("nearid_reward", "train_head", "integrations", "examples", "nearid_world", "benchmarks"):
+        for file in sorted((ROOT / package).rglob("*.py")):
+            text = file.read_text(encoding="utf-8")
+            assert "register_for_checkpointing(" not in text, file
+            for match in re.finditer(r"torch\.load\((?P<args>[^)]*)\)", text):
+                assert "weights_only=True" in match["args"], f"{file}: torch.load({match['args']})"
+            assert not re.search(r"\bpickle\.loads?\(", text), file
+
+
 def test_plots_have_their_own_extra() -> None:
     import tomllib
 
@@ -75,15 +89,22 @@ def test_docstring_examples_run_with_the_tests() -> None:
 def test_renamed_modules_keep_a_deprecated_alias() -> None:
     import importlib
 
+    import nearid_reward.files as files
     import nearid_reward.rendering as rendering
     import nearid_reward.testing.pipelines as pipelines
     import nearid_reward.weight_formats as weight_formats
 
-    for old, new in [("nearid_reward.checkpoint", weight_formats), ("nearid_reward.testing_diffusers", pipelines)]:
+    for old, new in [("nearid_reward.checkpoint", weight_formats), ("nearid_reward.testing_diffusers", pipelines),
+                     ("nearid_reward.io", files)]:
         sys.modules.pop(old, None)
         with pytest.warns(DeprecationWarning, match=new.__name__):
             alias = importlib.import_module(old)
         assert all(getattr(alias, name) is getattr(new, name) for name in new.__all__)
+    sys.modules.pop("nearid_reward.io")
+    with pytest.warns(DeprecationWarning, match="nearid_reward.files"):
+        from nearid_reward.io import atomic_write  # the spelling of code written against the old name
+    assert atomic_write is files.atomic_write
+    assert sorted(alias.__all__) == sorted(files.__all__)
     with pytest.warns(DeprecationWarning, match="quiet_eval_mode"):
         assert rendering.inference_mode is rendering.quiet_eval_mode
     assert not (ROOT / "nearid_reward" / "io.py").exists()  # no module named like the standard library's

@@ -101,6 +101,34 @@ def test_gradcheck_of_scoring_maths_float64(model, refs):
     assert torch.autograd.gradcheck(lambda e: centroid.score_embeddings(e).reward, (emb,))
 
 
+@pytest.mark.parametrize("kind,aggregate,value_range", [
+    ("cosine", "mean", (0.0, 255.0)), ("relative", "max", (-1.0, 1.0)), ("cosine", "centroid", (0.0, 1.0)),
+])
+def test_pixel_gradient_of_the_whole_reward_matches_finite_differences(model, refs, kind, aggregate, value_range):
+    """Autograd through value-range scaling, the antialiased resize (45 -> 32), normalisation, the SigLIP encoder, the
+    head, the aggregation, the oracle division and the negative penalty, against central differences in float64."""
+    reward = IdentityReward(model, refs, negatives=random_images(2, 40, seed=8), kind=kind,
+                            aggregate=aggregate).double()
+    assert reward.model.preprocess.height == 32
+    lo, hi = value_range
+    unit = 0.1 + 0.8 * random_images(2, 45, seed=3).double()  # away from 0 and 1, where the resize clamps
+    images = (lo + (hi - lo) * unit).requires_grad_()
+    out = reward(images, value_range=value_range)
+    assert out.dtype == torch.float64
+    (grad,) = torch.autograd.grad(out.sum(), images)
+    generator = torch.Generator().manual_seed(0)
+    eps = 1e-5 * (hi - lo)  # a step of 1e-5 of the range: truncation and rounding errors both below 1e-8
+    for _ in range(3):
+        direction = torch.randn(images.shape, generator=generator, dtype=torch.float64)
+        with torch.no_grad():
+            plus = reward(images + eps * direction, value_range=value_range).sum()
+            minus = reward(images - eps * direction, value_range=value_range).sum()
+        numeric = (plus - minus) / (2 * eps)
+        analytic = (grad * direction).sum()
+        assert abs(numeric) > 1e-5 / (hi - lo)  # a direction that moves the reward
+        assert analytic.item() == pytest.approx(numeric.item(), rel=1e-5), (analytic.item(), numeric.item())
+
+
 def test_gradients_reach_pixels_never_weights_and_encoder_stays_eval(model, refs):
     model.head.requires_grad_(True)  # as a head trainer would leave it
     reward = IdentityReward(model, refs)

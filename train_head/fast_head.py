@@ -1,8 +1,8 @@
 """The module the trainer hands to ``accelerator.prepare``: the NearID head under a stable parameter prefix.
 
 The MAP head's forward is itself the factorised single-query attention (see :class:`~nearid_reward.head.MAPHead`),
-so this wrapper adds no computation. It exists so that the trainer's accelerate checkpoints keep their ``head.*``
-parameter names (``checkpoint-N/model.safetensors``) and ``--resume_from_checkpoint`` reads older runs.
+so this wrapper adds no computation. It keeps the head's parameters under a stable ``head.*`` prefix in the prepared
+(DDP-wrapped) module.
 """
 
 from __future__ import annotations

@@ -30,7 +30,13 @@ from .batching import (
     embed_references,
     scatter_embeddings,
 )
-from .checkpointing import find_latest_checkpoint, read_trainer_state, save_checkpoint, save_head
+from .checkpointing import (
+    find_latest_checkpoint,
+    load_training_state,
+    read_trainer_state,
+    save_checkpoint,
+    save_head,
+)
 from .config import TrainConfig
 from .data import (
     BadDataReport,
@@ -116,7 +122,7 @@ def _resume(state: TrainState) -> None:
             f"{path} was written with {saved.get('steps_per_epoch')} steps per epoch, this run has "
             f"{state.steps_per_epoch}: resume with the same data, batch size and number of processes"
         )
-    state.accelerator.load_state(str(path))
+    load_training_state(state.accelerator, state.model, state.optimizer, state.scheduler, Path(path))
     state.global_step = int(saved["global_step"])
     state.best_val_ssr = float(saved.get("best_val_ssr", float("-inf")))
     state.first_epoch = state.global_step // state.steps_per_epoch
@@ -225,8 +231,8 @@ def log_train(state: TrainState, terms: LossTerms, grad_norm: Any) -> dict[str, 
 
 def checkpoint(state: TrainState) -> None:
     """Save ``checkpoint-<global_step>`` (all processes)."""
-    save_checkpoint(state.accelerator, state.model, state.output_dir, state.global_step, state.trainer_state(),
-                    total_limit=state.config.checkpoints_total_limit)
+    save_checkpoint(state.accelerator, state.model, state.optimizer, state.scheduler, state.output_dir,
+                    state.global_step, state.trainer_state(), total_limit=state.config.checkpoints_total_limit)
 
 
 def run_epochs(state: TrainState) -> None:
@@ -312,7 +318,8 @@ def setup(config: TrainConfig) -> TrainState:
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                               num_training_steps=max_steps)
-    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, saved with the state
+    # stepped once per optimizer step; saved as JSON by train_head.checkpointing (never registered with accelerate,
+    # whose custom-state files are pickles it loads with weights_only=False)
 
     state = TrainState(config=config, output_dir=out, accelerator=accelerator, model=model, head=head_ddp,
                        optimizer=optimizer, scheduler=scheduler, loader=loader, dataset=dataset, report=report,

@@ -6,7 +6,7 @@ feature cache the frozen backbone encodes every image once and later steps train
 
 Output folder::
 
-    checkpoint-<step>/      accelerate state (head, optimizer, scheduler, RNG) + head/ + trainer_state.json
+    checkpoint-<step>/      head/ + optimizer (safetensors + JSON), schedule, RNG (JSON) + trainer_state.json
     best/                   head with the best validation SSR so far (head-only format)
     final/                  head after the last step (head-only format)
     splits/                 the identity splits used ({"indices": [...]})

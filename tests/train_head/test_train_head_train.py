@@ -96,6 +96,12 @@ def test_training_lowers_the_loss_and_writes_loadable_heads(tmp_path, distractor
     assert "| **pooled** |" in (report_dir / "metrics.md").read_text()
 
 
+def _cut_history(run: Path, step: int) -> None:
+    """Leave ``run/history.jsonl`` as a run killed right after step ``step`` left it."""
+    kept = [r for r in read_jsonl(run / "history.jsonl") if r["step"] <= step and r["kind"] != "epoch"]
+    (run / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
 def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path, train_argv):
     common = ("--val_fraction", "0.25", "--train_batch_size", "4", "--max_train_steps", "5",
               "--learning_rate", "2e-3", "--checkpointing_steps", "2", "--validation_steps", "100")
@@ -103,18 +109,75 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path, train_argv)
     train_cli.main(train_argv(full, *common))
     state = json.loads((full / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["steps_per_epoch"] == 3 and state["global_step"] == 2  # step 2 is in the middle of epoch 0
-    part = tmp_path / "part"
+    part = tmp_path / "part"  # the run as it was when killed after step 2
     shutil.copytree(full, part, ignore=shutil.ignore_patterns("checkpoint-4", "final", "best"))
+    _cut_history(part, 2)
     train_cli.main(train_argv(part, *common, "--resume_from_checkpoint", "latest"))
     assert _max_diff(_head(full / "final"), _head(part / "final")) == 0.0
     assert _max_diff(_head(full / "checkpoint-4" / "head"), _head(part / "checkpoint-4" / "head")) == 0.0
-    full_losses = [r["train/loss"] for r in read_jsonl(full / "history.jsonl") if r["kind"] == "train"]
-    part_losses = [r["train/loss"] for r in read_jsonl(part / "history.jsonl") if r["kind"] == "train"]
-    assert part_losses[-3:] == full_losses[-3:]  # steps 3, 4, 5 again, identically
+    full_train = [r for r in read_jsonl(full / "history.jsonl") if r["kind"] == "train"]
+    part_train = [r for r in read_jsonl(part / "history.jsonl") if r["kind"] == "train"]
+    # the resumed process ran steps 3, 4, 5 only (a restart from step 0 would log 1 and 2 again), identically
+    assert [r["step"] for r in part_train] == [1, 2, 3, 4, 5]
+    assert part_train == full_train
+    assert [r["step"] for r in read_jsonl(part / "history.jsonl") if r["kind"] == "validation"] == [0, 5]
     # without the feature cache the same run gives the same head up to the cache's fp16 rounding
     pixels = tmp_path / "pixels"
     train_cli.main(train_argv(pixels, *common, "--no_feature_cache"))
     assert 0.0 < _max_diff(_head(full / "final"), _head(pixels / "final")) < 2e-3
+
+
+class _Trap:
+    """Unpickling this runs ``os.mkdir(marker)``: proof that a file was unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.marker),)
+
+
+# every file accelerate's load_state reads (model, optimizer, scheduler, sampler, dataloader, scaler, RNG and custom
+# states) and the pickled names a trainer could look for
+_PICKLE_NAMES = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin",
+                 "scheduler.bin", "sampler.bin", "dl_state_dict.bin", "scaler.pt", "pytorch_model.bin",
+                 "model.bin", "training_args.bin", "rng_state.pth")
+
+
+def test_resume_never_unpickles_what_lies_in_the_checkpoint(tmp_path, train_argv):
+    common = ("--train_batch_size", "4", "--max_train_steps", "3", "--checkpointing_steps", "2",
+              "--validation_steps", "100")
+    out = tmp_path / "run"
+    train_cli.main(train_argv(out, *common))
+    ckpt = out / "checkpoint-2"
+    written = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file())
+    assert written == ["head/head.safetensors", "head/nearid_config.json", "optimizer.json", "optimizer.safetensors",
+                       "rng_state_0.json", "scheduler.json", "trainer_state.json"]
+    assert json.loads((ckpt / "scheduler.json").read_text())["last_epoch"] == 2
+    # the trap works: torch.load(weights_only=False), as accelerate reads custom states, runs it
+    probe = tmp_path / "probe.pkl"
+    torch.save(_Trap(tmp_path / "probe-ran"), probe)
+    torch.load(probe, weights_only=False)
+    assert (tmp_path / "probe-ran").is_dir()
+    marker = tmp_path / "unpickled"
+    for name in _PICKLE_NAMES:
+        torch.save(_Trap(marker), ckpt / name)
+    final_before = _head(out / "final")
+    shutil.rmtree(out / "final")
+    train_cli.main(train_argv(out, *common, "--resume_from_checkpoint", str(ckpt)))
+    assert not marker.exists()
+    assert _max_diff(final_before, _head(out / "final")) == 0.0  # and the resume still reproduces the run
+
+
+def test_a_checkpoint_without_its_json_state_is_refused(tmp_path, train_argv):
+    common = ("--train_batch_size", "4", "--max_train_steps", "2", "--checkpointing_steps", "2")
+    out = tmp_path / "run"
+    train_cli.main(train_argv(out, *common))
+    (out / "checkpoint-2" / "scheduler.json").unlink()
+    with pytest.raises(SystemExit, match=r"checkpoint-2 cannot be resumed: it has no scheduler\.json"):
+        train_cli.main(train_argv(out, *common, "--resume_from_checkpoint", "latest"))
 
 
 def test_start_removes_what_a_killed_run_left_half_written(tmp_path, train_argv):
