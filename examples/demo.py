@@ -284,8 +284,8 @@ def stage_report(out: Path, results: dict[str, Any], timings: dict[str, float]) 
                                        ("after DRaFT-K (look-alike penalty, KL prior)", after))])
         report.paragraph("`examples/train_lora_identity_reward.py --init_lora` continued the selected LoRA with the "
                          "NearID reward (look-alike views as `--negative_dir`) and the KL prior on class images; "
-                         "the benchmark (`benchmarks/bench_personalisation.py`) repeats this over 8 subjects, "
-                         "with and without the prior.")
+                         "the study (`benchmarks/bench_personalisation.py`) repeats this over 24 subjects with three "
+                         "rewards (NearID, frozen head, mean pool), with and without the prior.")
     report.heading("Run time")
     first = {label: results[key]["seconds"] for key, label in STAGE_LABELS.items()}
     report.table(["stage", "built in (s)", "this run (s)"],
