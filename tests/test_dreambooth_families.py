@@ -235,3 +235,26 @@ def test_guidance_of_a_guidance_distilled_transformer_follows_the_script(bases: 
     args = argparse.Namespace(guidance_scale=2.5, max_sequence_length=128)
     assert host_conditioning(args, str(base)) == ({"max_sequence_length": 128}, 2.5)
     assert host_conditioning(args, str(bases["flux"])) == ({"max_sequence_length": 128}, None)  # not distilled
+
+
+def test_nearid_resolution_is_kept_by_hidream_which_rescales_every_request_to_its_default_area(
+    bases: dict[str, Path],
+) -> None:
+    """HiDream's pipeline scales any requested size to the area of its default one (256 px for the tiny model,
+    1024 px for the real one): NearID's renders at ``--nearid_resolution`` come out at that size anyway."""
+    from diffusers import HiDreamImagePipeline
+
+    from nearid_reward.rendering import RenderConfig
+
+    pipe = HiDreamImagePipeline.from_pretrained(str(bases["hidream"]), use_safetensors=True)
+    prompt = ["a photo of sks dog"]
+    asked = pipe(prompt, num_inference_steps=1, height=32, width=32, output_type="pt",
+                 generator=[torch.Generator().manual_seed(0)]).images
+    assert asked.shape[-2:] == (256, 256)  # the pipeline alone ignores the request
+    config = RenderConfig(num_inference_steps=2, height=32, width=24, scheduler=None)
+    ours = render_images(pipe, prompt, seeds=[0], config=config)
+    assert ours.shape == (1, 3, 32, 24) and pipe.default_sample_size == 128  # the default is restored
+    pipe.default_sample_size = 14  # by hand: an area of (14 * 2)^2 px, 32 x 24 after rounding to multiples of 4
+    expected = pipe(prompt, num_inference_steps=2, height=32, width=24, output_type="pt",
+                    generator=[torch.Generator().manual_seed(0)]).images
+    torch.testing.assert_close(ours, expected)
