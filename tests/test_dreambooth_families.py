@@ -43,7 +43,7 @@ SCRIPTS = {
     "offload": FIXTURES / "dreambooth_offload_minimal.py",  # Flux2-klein / Z-Image shaped, over tiny Flux
 }
 FAMILY = {"qwen_image": "qwen_image", "sd3": "sd3", "sana": "sana", "lumina2": "lumina2", "offload": "flux",
-          "sdxl": "sdxl", "flux": "flux_dev", "hidream": "hidream"}
+          "sdxl": "sdxl", "flux": "flux_dev", "hidream": "hidream_hub"}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,13 @@ def bases(assets: dict[str, Path]) -> dict[str, Path]:
             if family == "flux_dev":  # guidance-distilled, as Flux.1-dev that the Flux LoRA script trains
                 build_tiny_flux_pipeline(0, guidance_embeds=True).save_pretrained(str(folder))
                 self[family] = folder
+            elif family == "hidream_hub":  # laid out as the HiDream repositories: the Llama kept elsewhere
+                whole = self["hidream"]
+                shutil.copytree(whole, folder, ignore=shutil.ignore_patterns("*_4"))
+                index = json.loads((whole / "model_index.json").read_text())
+                (folder / "model_index.json").write_text(json.dumps({**index, "tokenizer_4": [None, None],
+                                                                     "text_encoder_4": [None, None]}))
+                self[family] = folder
             else:
                 self[family] = save_tiny_pipeline(folder, family, seed=0)
             return self[family]
@@ -75,6 +82,10 @@ def bases(assets: dict[str, Path]) -> dict[str, Path]:
 
 
 def _launch(assets: dict[str, Path], base: Path, script: Path, out: Path, *ours: str) -> None:
+    theirs = []
+    if script == SCRIPTS["hidream"]:  # its Llama, from where the HiDream script loads it
+        theirs = [f"--pretrained_{name}_name_or_path={base.parent / 'base-hidream' / name}"
+                  for name in ("tokenizer_4", "text_encoder_4")]
     argv = [
         "--script", str(script), "--nearid_model", str(assets["nearid"]),
         "--nearid_reference_dir", str(assets["references"]), "--nearid_num_inference_steps", "2",
@@ -83,7 +94,7 @@ def _launch(assets: dict[str, Path], base: Path, script: Path, out: Path, *ours:
         "--instance_prompt", "a photo of sks dog", "--class_prompt", "a photo of dog",
         "--validation_prompt", "a photo of sks dog", "--num_validation_images", "1", "--validation_epochs", "1",
         "--output_dir", str(out), "--max_train_steps", "5", "--checkpointing_steps", "2",
-        "--checkpoints_total_limit", "1", "--seed", "0", "--resolution", "32", "--learning_rate", "1e-3",
+        "--checkpoints_total_limit", "1", "--seed", "0", "--resolution", "32", "--learning_rate", "1e-3", *theirs,
     ]  # fmt: skip
     run_dreambooth(argv)
 
@@ -94,7 +105,9 @@ def _loaded_lora_tensors(base: Path, folder: Path) -> tuple[int, list[str]]:
 
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(base), use_safetensors=True)
+    index = json.loads((base / "model_index.json").read_text())
+    held_elsewhere = {name: None for name, spec in index.items() if spec == [None, None]}  # HiDream's Llama
+    pipe = DiffusionPipeline.from_pretrained(str(base), use_safetensors=True, **held_elsewhere)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHT_NAME)
@@ -278,3 +291,12 @@ def test_nearid_resolution_is_kept_by_hidream_which_rescales_every_request_to_it
     expected = pipe(prompt, num_inference_steps=2, height=32, width=24, output_type="pt",
                     generator=[torch.Generator().manual_seed(0)]).images
     torch.testing.assert_close(ours, expected)
+
+
+def test_text_components_a_script_loads_from_its_own_flags_are_found() -> None:
+    from integrations.host_pipelines import text_component_sources
+
+    args = argparse.Namespace(pretrained_model_name_or_path="base", pretrained_vae_model_name_or_path="vae",
+                              pretrained_text_encoder_4_name_or_path="llama", pretrained_tokenizer_4_name_or_path=None,
+                              pretrained_tokenizer_name_or_path="tok")
+    assert text_component_sources(args) == {"text_encoder_4": "llama", "tokenizer": "tok"}
