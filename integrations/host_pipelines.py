@@ -7,7 +7,7 @@
   base model (``--pretrained_model_name_or_path``) once, on the pipeline's device and dtype, and puts them into the
   pipeline only while NearID renders (:meth:`TextComponents.filled`); the script's pipeline is left as it was.
   A component the script loads from elsewhere (HiDream's Llama: ``--pretrained_text_encoder_4_name_or_path``,
-  ``--pretrained_tokenizer_4_name_or_path``; the base model does not hold it) comes from there, as for the script
+  ``--pretrained_tokenizer_4_name_or_path``, which need not be in the base model) comes from there, as for the script
   (:func:`text_component_sources`).
 * **Conditioning.** :func:`host_conditioning` reads, from the script's parsed arguments, the conditioning options
   the pipeline's ``__call__`` takes (Sana's ``complex_human_instruction``, Lumina2's ``system_prompt``,
@@ -159,7 +159,7 @@ def text_component_sources(args: Any) -> dict[str, str]:
     """Text components the host script loads from their own flag instead of the base model, by name.
 
     A flag ``--pretrained_<name>_name_or_path`` of the script (HiDream's ``--pretrained_text_encoder_4_name_or_path``
-    and ``--pretrained_tokenizer_4_name_or_path``, for a Llama the HiDream repositories do not hold) names where
+    and ``--pretrained_tokenizer_4_name_or_path``, the Llama that HiDream loads apart from its base model) names where
     component ``<name>`` comes from; unset flags are left out.
     """
     sources = {}

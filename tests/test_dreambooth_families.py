@@ -67,7 +67,7 @@ def bases(assets: dict[str, Path]) -> dict[str, Path]:
             if family == "flux_dev":  # guidance-distilled, as Flux.1-dev that the Flux LoRA script trains
                 build_tiny_flux_pipeline(0, guidance_embeds=True).save_pretrained(str(folder))
                 self[family] = folder
-            elif family == "hidream_hub":  # laid out as the HiDream repositories: the Llama kept elsewhere
+            elif family == "hidream_hub":  # a base without the Llama, which the script loads apart
                 whole = self["hidream"]
                 shutil.copytree(whole, folder, ignore=shutil.ignore_patterns("*_4"))
                 index = json.loads((whole / "model_index.json").read_text())
