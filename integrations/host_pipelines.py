@@ -108,7 +108,8 @@ class TextComponents:
         return [name for name in available if name in components and components[name] is None]
 
     def load(self, name: str, device: torch.device, dtype: torch.dtype) -> Any:
-        """The base model's component ``name`` (loaded on first use), on ``device`` in ``dtype`` for a model."""
+        """Component ``name`` from the base model or its source (loaded on first use), on ``device`` in ``dtype``
+        for a model."""
         if name not in self.loaded:
             where, folder = (self.sources[name], {}) if name in self.sources else (self.base, {"subfolder": name})
             cls = self._component_class(name)
