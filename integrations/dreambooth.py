@@ -54,7 +54,7 @@ from nearid_reward.results import SelectionResult, format_table, plot_identity_h
 from nearid_reward.run_checkpoints import checkpoint_step
 from nearid_reward.selection import CheckpointSelector, SelectionConfig, load_pipeline
 
-from .host_pipelines import TextComponents, host_conditioning
+from .host_pipelines import TextComponents, host_conditioning, text_component_sources
 from .script_hooks import ValidationFamily, install_hooks, load_script, split_argv
 
 logger = logging.getLogger(__name__)
@@ -269,7 +269,8 @@ class DreamBoothSession:
     def text_components(self) -> TextComponents:
         """The base model's text components, for script pipelines built without them (loaded on first need)."""
         if self._text_components is None:
-            self._text_components = TextComponents(self.args.pretrained_model_name_or_path)
+            self._text_components = TextComponents(self.args.pretrained_model_name_or_path,
+                                                   sources=text_component_sources(self.args))
         return self._text_components
 
     def nearid_model(self) -> NearIDModel:

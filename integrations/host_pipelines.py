@@ -6,6 +6,9 @@
   NearID renders text prompts, so :class:`TextComponents` loads the missing tokenizers and text encoders from the
   base model (``--pretrained_model_name_or_path``) once, on the pipeline's device and dtype, and puts them into the
   pipeline only while NearID renders (:meth:`TextComponents.filled`); the script's pipeline is left as it was.
+  A component the script loads from elsewhere (HiDream's Llama: ``--pretrained_text_encoder_4_name_or_path``,
+  ``--pretrained_tokenizer_4_name_or_path``, which need not be in the base model) comes from there, as for the script
+  (:func:`text_component_sources`).
 * **Conditioning.** :func:`host_conditioning` reads, from the script's parsed arguments, the conditioning options
   the pipeline's ``__call__`` takes (Sana's ``complex_human_instruction``, Lumina2's ``system_prompt``,
   ``max_sequence_length``) and the guidance scale of guidance-distilled transformers (Flux's ``--guidance_scale``),
@@ -24,7 +27,7 @@ import importlib
 import inspect
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ __all__ = [
     "TextComponents",
     "base_model_index",
     "host_conditioning",
+    "text_component_sources",
     "offload_without_accelerator",
 ]
 
@@ -77,10 +81,13 @@ class TextComponents:
 
     Args:
         base: the script's ``--pretrained_model_name_or_path``.
+        sources: components the script loads from elsewhere than ``base``, by name (``"text_encoder_4"``) to a local
+            folder or hub id (see :func:`text_component_sources`); these are loaded from there, not from ``base``.
     """
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, sources: Mapping[str, str] | None = None) -> None:
         self.base = base
+        self.sources = dict(sources or {})
         self.loaded: dict[str, Any] = {}
         self._index: dict[str, Any] | None = None
 
@@ -91,29 +98,48 @@ class TextComponents:
         return self._index
 
     def missing(self, pipeline: Any) -> list[str]:
-        """Text components the base model has and ``pipeline`` was built without (``None``), in index order."""
+        """Text components the base model has (or :attr:`sources` names) and ``pipeline`` was built without
+        (``None``): the base model's in index order, then the others."""
         components = getattr(pipeline, "components", {})
-        return [
-            name for name, spec in self.index.items()
-            if _is_text_component(name) and isinstance(spec, list) and spec[0] is not None
-            and name in components and components[name] is None
-        ]  # fmt: skip
+        available = [name for name, spec in self.index.items()
+                     if _is_text_component(name) and ((isinstance(spec, list) and spec[0] is not None)
+                                                       or name in self.sources)]
+        available += [name for name in self.sources if name not in available and _is_text_component(name)]
+        return [name for name in available if name in components and components[name] is None]
 
     def load(self, name: str, device: torch.device, dtype: torch.dtype) -> Any:
-        """The base model's component ``name`` (loaded on first use), on ``device`` in ``dtype`` for a model."""
+        """Component ``name`` from the base model or its source (loaded on first use), on ``device`` in ``dtype``
+        for a model."""
         if name not in self.loaded:
-            library, class_name = self.index[name]
-            cls = getattr(importlib.import_module(library), class_name)
+            where, folder = (self.sources[name], {}) if name in self.sources else (self.base, {"subfolder": name})
+            cls = self._component_class(name)
             if issubclass(cls, torch.nn.Module):
-                module = from_pretrained_safetensors(cls, self.base, subfolder=name, dtype=dtype)
+                module = from_pretrained_safetensors(cls, where, dtype=dtype, **folder)
                 self.loaded[name] = module.requires_grad_(False).eval()
             else:  # a tokenizer: no weights
-                self.loaded[name] = cls.from_pretrained(self.base, subfolder=name)
-            logger.info("NearID renders text prompts: loaded %s (%s) from %s", name, class_name, self.base)
+                self.loaded[name] = cls.from_pretrained(where, **folder)
+            logger.info("NearID renders text prompts: loaded %s (%s) from %s", name, cls.__name__, where)
         component = self.loaded[name]
         if isinstance(component, torch.nn.Module):
             component.to(device=device, dtype=dtype)
         return component
+
+    def _component_class(self, name: str) -> type:
+        """The class of component ``name``: the base model's index says it; for a :attr:`sources` component, the
+        architecture in its ``config.json`` (a text encoder) or ``AutoTokenizer`` (a tokenizer)."""
+        if name not in self.sources:
+            library, class_name = self.index[name]
+            return getattr(importlib.import_module(library), class_name)
+        import transformers
+
+        if name.startswith("tokenizer"):
+            return transformers.AutoTokenizer
+        architectures = transformers.AutoConfig.from_pretrained(self.sources[name]).architectures or []
+        cls = getattr(transformers, architectures[0], None) if architectures else None
+        if cls is None:
+            raise ValueError(f"{name} from {self.sources[name]}: its config.json must name a transformers "
+                             f"architecture, got {architectures!r}")
+        return cls
 
     @contextlib.contextmanager
     def filled(self, pipeline: Any) -> Iterator[list[str]]:
@@ -128,6 +154,21 @@ class TextComponents:
             yield names
         finally:
             pipeline.register_modules(**dict.fromkeys(names))
+
+
+def text_component_sources(args: Any) -> dict[str, str]:
+    """Text components the host script loads from their own flag instead of the base model, by name.
+
+    A flag ``--pretrained_<name>_name_or_path`` of the script (HiDream's ``--pretrained_text_encoder_4_name_or_path``
+    and ``--pretrained_tokenizer_4_name_or_path``, the Llama that HiDream loads apart from its base model) names where
+    component ``<name>`` comes from; unset flags are left out.
+    """
+    sources = {}
+    for flag, value in sorted(vars(args).items()):
+        name = flag.removeprefix("pretrained_").removesuffix("_name_or_path")
+        if flag.startswith("pretrained_") and flag.endswith("_name_or_path") and _is_text_component(name) and value:
+            sources[name] = str(value)
+    return sources
 
 
 def host_conditioning(args: Any, base: str) -> tuple[dict[str, Any], float | None]:

@@ -138,7 +138,8 @@ class RenderConfig:
     Attributes:
         num_inference_steps: sampler steps per image.
         guidance_scale: classifier-free guidance scale (None: the pipeline's default).
-        height, width: image size in pixels (None: the pipeline's default).
+        height, width: image size in pixels (None: the pipeline's default); kept even by pipelines that rescale
+            every request to their default area (HiDream), see :func:`requested_area_kept`.
         images_per_prompt: images rendered per prompt, each with its own seed.
         seed_offset: image ``j`` of prompt ``i`` uses seed ``seed_offset + i * images_per_prompt + j``; the default
             ``10**8`` keeps validation seeds away from training seeds.
@@ -278,6 +279,29 @@ def scheduler_swapped(pipeline: Any, name: str | None) -> Iterator[None]:
         pipeline.scheduler = current
 
 
+# Pipelines whose ``__call__`` rescales every requested size to the area of their default size (aspect ratio kept):
+# asked for 32 px, HiDream renders 1024 px (256 px for a tiny one). The area follows ``default_sample_size``.
+_AREA_RESCALING_PIPELINES = ("HiDreamImagePipeline",)
+
+
+@contextlib.contextmanager
+def requested_area_kept(pipeline: Any, height: int | None, width: int | None) -> Iterator[None]:
+    """Inside the block, a pipeline that rescales requests to its default area renders ``height`` x ``width``.
+
+    Other pipelines, or no size requested: nothing changes. The pipeline's ``default_sample_size`` (latent pixels) is
+    set so that its area is the requested one, and restored afterwards.
+    """
+    if height is None or width is None or type(pipeline).__name__ not in _AREA_RESCALING_PIPELINES:
+        yield
+        return
+    current = pipeline.default_sample_size
+    pipeline.default_sample_size = max(1, round((height * width) ** 0.5 / pipeline.vae_scale_factor))
+    try:
+        yield
+    finally:
+        pipeline.default_sample_size = current
+
+
 def render_images(
     pipeline: Any,
     prompts: Sequence[str],
@@ -304,7 +328,12 @@ def render_images(
     if len(prompts) != len(seeds):
         raise ValueError(f"`prompts` and `seeds` must have the same length, got {len(prompts)} and {len(seeds)}")
     outputs: list[torch.Tensor] = []
-    with quiet_eval_mode(pipeline), torch.no_grad(), scheduler_swapped(pipeline, cfg.scheduler):
+    with (
+        quiet_eval_mode(pipeline),
+        torch.no_grad(),
+        scheduler_swapped(pipeline, cfg.scheduler),
+        requested_area_kept(pipeline, cfg.height, cfg.width),
+    ):
         for start in range(0, len(prompts), cfg.batch_size):
             batch = prompts[start : start + cfg.batch_size]
             kwargs: dict[str, Any] = {

@@ -1,8 +1,9 @@
-"""``nearid-dreambooth`` across the transformer DreamBooth-LoRA families (SD3, Sana, Qwen-Image, Lumina2, and a host
-that offloads inside its ``log_validation``).
+"""``nearid-dreambooth`` across the DreamBooth-LoRA families (SDXL, Flux, SD3, Sana, Qwen-Image, HiDream, Lumina2, and
+a host that offloads inside its ``log_validation``).
 
 Each run hosts a minimal script of ``tests/fixtures`` that reproduces its diffusers script's ``log_validation``
-signature, pipeline construction (Qwen-Image's ``tokenizer=None, text_encoder=None`` included) and LoRA saving, over
+signature, pipeline construction (Qwen-Image's ``tokenizer=None, text_encoder=None`` and HiDream's four text
+encoders left out included) and LoRA saving, over
 a tiny random pipeline of that family. As in a real run, validations (end of each 3-step epoch: steps 3 and 5, then
 the final one) do not fall on checkpoint steps (2 and 4).
 """
@@ -24,17 +25,25 @@ from integrations.host_pipelines import TextComponents, host_conditioning
 from nearid_reward.files import read_jsonl
 from nearid_reward.rendering import render_images
 from nearid_reward.testing import save_tiny_nearid, write_random_images
-from nearid_reward.testing.pipelines import LORA_WEIGHT_NAME, build_tiny_pipeline, save_tiny_pipeline
+from nearid_reward.testing.pipelines import (
+    LORA_WEIGHT_NAME,
+    build_tiny_flux_pipeline,
+    save_tiny_pipeline,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SCRIPTS = {
+    "sdxl": FIXTURES / "dreambooth_sdxl_minimal.py",
+    "flux": FIXTURES / "dreambooth_flux_minimal.py",
+    "hidream": FIXTURES / "dreambooth_hidream_minimal.py",
     "qwen_image": FIXTURES / "dreambooth_qwen_image_minimal.py",
     "sd3": FIXTURES / "dreambooth_sd3_minimal.py",
     "sana": FIXTURES / "dreambooth_sana_minimal.py",
     "lumina2": FIXTURES / "dreambooth_lumina2_minimal.py",
     "offload": FIXTURES / "dreambooth_offload_minimal.py",  # Flux2-klein / Z-Image shaped, over tiny Flux
 }
-FAMILY = {"qwen_image": "qwen_image", "sd3": "sd3", "sana": "sana", "lumina2": "lumina2", "offload": "flux"}
+FAMILY = {"qwen_image": "qwen_image", "sd3": "sd3", "sana": "sana", "lumina2": "lumina2", "offload": "flux",
+          "sdxl": "sdxl", "flux": "flux_dev", "hidream": "hidream_hub"}
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +63,29 @@ def bases(assets: dict[str, Path]) -> dict[str, Path]:
 
     class Bases(dict):
         def __missing__(self, family: str) -> Path:
-            self[family] = save_tiny_pipeline(assets["root"] / f"base-{family}", family, seed=0)
+            folder = assets["root"] / f"base-{family}"
+            if family == "flux_dev":  # guidance-distilled, as Flux.1-dev that the Flux LoRA script trains
+                build_tiny_flux_pipeline(0, guidance_embeds=True).save_pretrained(str(folder))
+                self[family] = folder
+            elif family == "hidream_hub":  # a base without the Llama, which the script loads apart
+                whole = self["hidream"]
+                shutil.copytree(whole, folder, ignore=shutil.ignore_patterns("*_4"))
+                index = json.loads((whole / "model_index.json").read_text())
+                (folder / "model_index.json").write_text(json.dumps({**index, "tokenizer_4": [None, None],
+                                                                     "text_encoder_4": [None, None]}))
+                self[family] = folder
+            else:
+                self[family] = save_tiny_pipeline(folder, family, seed=0)
             return self[family]
 
     return Bases()
 
 
 def _launch(assets: dict[str, Path], base: Path, script: Path, out: Path, *ours: str) -> None:
+    theirs = []
+    if script == SCRIPTS["hidream"]:  # its Llama, from where the HiDream script loads it
+        theirs = [f"--pretrained_{name}_name_or_path={base.parent / 'base-hidream' / name}"
+                  for name in ("tokenizer_4", "text_encoder_4")]
     argv = [
         "--script", str(script), "--nearid_model", str(assets["nearid"]),
         "--nearid_reference_dir", str(assets["references"]), "--nearid_num_inference_steps", "2",
@@ -69,20 +94,25 @@ def _launch(assets: dict[str, Path], base: Path, script: Path, out: Path, *ours:
         "--instance_prompt", "a photo of sks dog", "--class_prompt", "a photo of dog",
         "--validation_prompt", "a photo of sks dog", "--num_validation_images", "1", "--validation_epochs", "1",
         "--output_dir", str(out), "--max_train_steps", "5", "--checkpointing_steps", "2",
-        "--checkpoints_total_limit", "1", "--seed", "0", "--resolution", "32", "--learning_rate", "1e-3",
+        "--checkpoints_total_limit", "1", "--seed", "0", "--resolution", "32", "--learning_rate", "1e-3", *theirs,
     ]  # fmt: skip
     run_dreambooth(argv)
 
 
-def _loaded_lora_tensors(family: str, folder: Path) -> tuple[int, list[str]]:
-    """How many LoRA tensors a fresh pipeline of ``family`` loads from ``folder``, and the warnings it gives."""
+def _loaded_lora_tensors(base: Path, folder: Path) -> tuple[int, list[str]]:
+    """How many LoRA tensors a fresh pipeline of the base model ``base`` loads from ``folder``, and its warnings."""
     import warnings
 
-    pipe = build_tiny_pipeline(family, seed=0)
+    from diffusers import DiffusionPipeline
+
+    index = json.loads((base / "model_index.json").read_text())
+    held_elsewhere = {name: None for name, spec in index.items() if spec == [None, None]}  # HiDream's Llama
+    pipe = DiffusionPipeline.from_pretrained(str(base), use_safetensors=True, **held_elsewhere)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHT_NAME)
-    count = sum(1 for name, _ in pipe.transformer.named_parameters() if ".lora_A." in name or ".lora_B." in name)
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    count = sum(1 for name, _ in denoiser.named_parameters() if ".lora_A." in name or ".lora_B." in name)
     return count, [str(w.message) for w in caught]
 
 
@@ -95,6 +125,9 @@ def _failures(caplog: pytest.LogCaptureFixture) -> list[str]:
     ("sd3", ("--nearid_no_score_checkpoints",), [(3, "validation"), (5, "validation"), (5, "final")]),
     ("sana", ("--nearid_no_score_checkpoints",), [(3, "validation"), (5, "validation"), (5, "final")]),
     ("lumina2", ("--nearid_no_score_checkpoints",), [(3, "validation"), (5, "validation"), (5, "final")]),
+    ("sdxl", ("--nearid_no_score_checkpoints",), [(3, "validation"), (5, "validation"), (5, "final")]),
+    ("flux", ("--nearid_no_score_checkpoints",), [(3, "validation"), (5, "validation"), (5, "final")]),
+    ("hidream", ("--nearid_no_score_checkpoints",), [(3, "validation"), (5, "validation"), (5, "final")]),
 ])  # fmt: skip
 def test_family_is_scored_at_every_validation_and_its_best_adapter_loads_back_whole(
     assets: dict[str, Path], bases: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture,
@@ -115,8 +148,8 @@ def test_family_is_scored_at_every_validation_and_its_best_adapter_loads_back_wh
     best = out / "best_identity"
     scores = json.loads((best / "identity_scores.json").read_text())
     assert scores["step"] in (2, 3, 4, 5)
-    ours_count, our_warnings = _loaded_lora_tensors(FAMILY[host], best)
-    theirs_count, _ = _loaded_lora_tensors(FAMILY[host], out)  # the script's own final file
+    ours_count, our_warnings = _loaded_lora_tensors(bases[FAMILY[host]], best)
+    theirs_count, _ = _loaded_lora_tensors(bases[FAMILY[host]], out)  # the script's own final file
     print(f"{host}: best_identity from {scores['source']} loads {ours_count} LoRA tensors, the script's file "
           f"{theirs_count}")
     assert ours_count == theirs_count > 0 and our_warnings == []
@@ -235,3 +268,35 @@ def test_guidance_of_a_guidance_distilled_transformer_follows_the_script(bases: 
     args = argparse.Namespace(guidance_scale=2.5, max_sequence_length=128)
     assert host_conditioning(args, str(base)) == ({"max_sequence_length": 128}, 2.5)
     assert host_conditioning(args, str(bases["flux"])) == ({"max_sequence_length": 128}, None)  # not distilled
+
+
+def test_nearid_resolution_is_kept_by_hidream_which_rescales_every_request_to_its_default_area(
+    bases: dict[str, Path],
+) -> None:
+    """HiDream's pipeline scales any requested size to the area of its default one (256 px for the tiny model,
+    1024 px for the real one): NearID's renders at ``--nearid_resolution`` come out at that size anyway."""
+    from diffusers import HiDreamImagePipeline
+
+    from nearid_reward.rendering import RenderConfig
+
+    pipe = HiDreamImagePipeline.from_pretrained(str(bases["hidream"]), use_safetensors=True)
+    prompt = ["a photo of sks dog"]
+    asked = pipe(prompt, num_inference_steps=1, height=32, width=32, output_type="pt",
+                 generator=[torch.Generator().manual_seed(0)]).images
+    assert asked.shape[-2:] == (256, 256)  # the pipeline alone ignores the request
+    config = RenderConfig(num_inference_steps=2, height=32, width=24, scheduler=None)
+    ours = render_images(pipe, prompt, seeds=[0], config=config)
+    assert ours.shape == (1, 3, 32, 24) and pipe.default_sample_size == 128  # the default is restored
+    pipe.default_sample_size = 14  # by hand: an area of (14 * 2)^2 px, 32 x 24 after rounding to multiples of 4
+    expected = pipe(prompt, num_inference_steps=2, height=32, width=24, output_type="pt",
+                    generator=[torch.Generator().manual_seed(0)]).images
+    torch.testing.assert_close(ours, expected)
+
+
+def test_text_components_a_script_loads_from_its_own_flags_are_found() -> None:
+    from integrations.host_pipelines import text_component_sources
+
+    args = argparse.Namespace(pretrained_model_name_or_path="base", pretrained_vae_model_name_or_path="vae",
+                              pretrained_text_encoder_4_name_or_path="llama", pretrained_tokenizer_4_name_or_path=None,
+                              pretrained_tokenizer_name_or_path="tok")
+    assert text_component_sources(args) == {"text_encoder_4": "llama", "tokenizer": "tok"}

@@ -369,15 +369,19 @@ def _flow_vae(image_size: int, **config: Any) -> AutoencoderKL:
     )  # fmt: skip
 
 
-def build_tiny_flux_pipeline(seed: int = 0, *, image_size: int = 32) -> Any:
-    """A tiny ``FluxPipeline`` (CLIP + T5 text encoders, one double and one single block, packed 2x2 latents)."""
+def build_tiny_flux_pipeline(seed: int = 0, *, image_size: int = 32, guidance_embeds: bool = False) -> Any:
+    """A tiny ``FluxPipeline`` (CLIP + T5 text encoders, one double and one single block, packed 2x2 latents).
+
+    ``guidance_embeds=True`` makes the transformer guidance-distilled (as Flux.1-dev): it takes the guidance scale as
+    an input instead of classifier-free guidance.
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=guidance_embeds,
     )  # fmt: skip
     return _quiet(FluxPipeline(
         transformer=transformer, text_encoder=CLIPTextModel(_text_config(tokenizer)), tokenizer=tokenizer,
