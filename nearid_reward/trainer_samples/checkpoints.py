@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import CheckpointError, replace_directory, write_json_atomic
-from ..run_checkpoints import CHECKPOINT_PATTERN, LORA_WEIGHT_NAME, copy_checkpoint_weights, inspect_checkpoint
+from ..run_checkpoints import LORA_WEIGHT_NAME, checkpoint_step, copy_checkpoint_weights, inspect_checkpoint
 from .layouts import RoundKey
 
 __all__ = [
@@ -165,9 +165,9 @@ def _ai_toolkit(folder: Path) -> list[TrainerCheckpoint]:
 def _diffusers_runs(folder: Path) -> list[TrainerCheckpoint]:
     found: list[TrainerCheckpoint] = []
     for entry in _entries(folder):
-        m = CHECKPOINT_PATTERN.match(entry.name)
-        if m is not None and entry.is_dir():
-            found.append(TrainerCheckpoint(entry, int(m.group(1))))
+        step = checkpoint_step(entry)
+        if step is not None and entry.is_dir():
+            found.append(TrainerCheckpoint(entry, step))
     final = folder / LORA_WEIGHT_NAME
     if final.is_file():
         found.append(TrainerCheckpoint(final, None, final=True))
@@ -258,7 +258,7 @@ def copy_winner(checkpoint: TrainerCheckpoint, dest: str | os.PathLike[str], sco
         raise CheckpointError(f"checkpoint {source} is missing or still being written")
 
     def build(tmp: Path) -> None:
-        if source.is_dir() and CHECKPOINT_PATTERN.match(source.name):
+        if source.is_dir() and checkpoint_step(source) is not None:
             copy_checkpoint_weights(inspect_checkpoint(source), tmp)
         elif source.is_dir():
             shutil.copytree(source, tmp / source.name)
