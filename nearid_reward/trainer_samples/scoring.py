@@ -42,7 +42,7 @@ from .checkpoints import (
     find_trainer_checkpoints,
     match_checkpoint,
 )
-from .layouts import TRAINERS, RoundKey, SampleFile, scan_samples
+from .layouts import TRAINERS, RoundKey, SampleFile, layout_roots, scan_samples
 
 logger = logging.getLogger(__name__)
 
@@ -226,9 +226,7 @@ class SampleScorer:
               finished: bool) -> list[tuple[SampleFile, Image.Image]] | None:
         """The round's images with their files, or None when one cannot be read yet (the round is retried then;
         the images already read are kept with the round, so every file is read once)."""
-        root = self.config.samples_dir
-        if self.config.trainer == "simpletuner" and root.name == "validation_images":
-            root = root.parent
+        root = layout_roots(self.config.samples_dir, self.config.trainer)
         for sample in files:
             if sample.relpath in item.loaded:
                 continue
