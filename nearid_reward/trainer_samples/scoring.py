@@ -174,7 +174,7 @@ class SampleScorer:
         return {**data["round"], "checkpoint": data.get("source")}
 
     # ------------------------------------------------------------------ scanning
-    def _scan(self, finished: bool) -> bool:
+    def _scan(self) -> None:
         samples, unparsed = scan_samples(self.config.samples_dir, self.config.trainer, known=self.known,
                                          skip=(self.config.output_dir,))
         self.known.update(unparsed)
@@ -207,7 +207,6 @@ class SampleScorer:
             found = match_checkpoint(item.key, by_number.get((item.key.kind, item.key.number), ()))
             if found is not None:  # a pruned checkpoint stays known (its copy may be the winner)
                 item.checkpoint = found
-        return bool(samples)
 
     def _is_class(self, sample: SampleFile) -> bool:
         start = self.config.class_prompt_start
@@ -351,7 +350,7 @@ class SampleScorer:
         Returns:
             The rows of the rounds scored in this pass, in order.
         """
-        self._scan(finished)
+        self._scan()
         keys = sorted(self.rounds, key=lambda k: k.sort_key())  # the base round first: later rounds get its gain
         last_of_kind = {key.kind: position for position, key in enumerate(keys)}
         scored: list[dict[str, Any]] = []
