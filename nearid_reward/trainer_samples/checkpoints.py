@@ -114,7 +114,10 @@ def _int(value: str | None) -> int | None:
         return None
 
 
-def _kohya(folder: Path, cache: dict[tuple[str, int, int], dict[str, str] | None]) -> list[TrainerCheckpoint]:
+_MetadataCache = dict[str, tuple[tuple[int, int], dict[str, str] | None]]  # path: ((size, mtime_ns), header)
+
+
+def _kohya(folder: Path, cache: _MetadataCache) -> list[TrainerCheckpoint]:
     found: list[TrainerCheckpoint] = []
     for entry in _files(folder, ".safetensors"):
         m = _KOHYA_STEP.match(entry.name)
@@ -122,10 +125,11 @@ def _kohya(folder: Path, cache: dict[tuple[str, int, int], dict[str, str] | None
             found.append(TrainerCheckpoint(entry, int(m["step"])))
             continue
         stat = entry.stat()
-        key = (str(entry), stat.st_size, stat.st_mtime_ns)
-        if key not in cache:
-            cache[key] = read_safetensors_metadata(entry)
-        meta = cache[key]
+        version = (stat.st_size, stat.st_mtime_ns)
+        cached = cache.get(str(entry))
+        if cached is None or cached[0] != version:  # one entry per file: a file still growing replaces its own
+            cached = cache[str(entry)] = (version, read_safetensors_metadata(entry))
+        meta = cached[1]
         if meta is None:  # being written: its step is read once it is complete
             continue
         e = _KOHYA_EPOCH.match(entry.name)
@@ -189,7 +193,7 @@ def find_trainer_checkpoints(
     checkpoints_dir: str | os.PathLike[str],
     trainer: str,
     *,
-    metadata_cache: dict[tuple[str, int, int], dict[str, str] | None] | None = None,
+    metadata_cache: _MetadataCache | None = None,
 ) -> list[TrainerCheckpoint]:
     """The saved models of a ``trainer`` run in ``checkpoints_dir`` (a missing folder has none).
 
@@ -197,8 +201,8 @@ def find_trainer_checkpoints(
         checkpoints_dir: sd-scripts' ``--output_dir``, ai-toolkit's ``<training_folder>/<job>``, SimpleTuner's or a
             diffusers script's ``--output_dir``, OneTrainer's workspace.
         trainer: one of :data:`~.layouts.TRAINERS`.
-        metadata_cache: safetensors headers already read, keyed by ``(path, size, mtime_ns)`` (a watcher passes the
-            same dict every poll so each file's header is read once).
+        metadata_cache: safetensors headers already read, by path, with the ``(size, mtime_ns)`` they were read at
+            (a watcher passes the same dict every poll so each file's header is read once per version of it).
     """
     folder = Path(checkpoints_dir)
     if trainer == "kohya":

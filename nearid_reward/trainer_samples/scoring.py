@@ -143,7 +143,7 @@ class SampleScorer:
         self.base_row: dict[str, Any] | None = None
         self.winner: dict[str, Any] | None = None  # the copied round's row
         self.loaded_files = 0  # sample images loaded for scoring (each once)
-        self._metadata_cache: dict[tuple[str, int, int], dict[str, str] | None] = {}
+        self._metadata_cache: dict[str, tuple[tuple[int, int], dict[str, str] | None]] = {}
         self._checkpoints: list[TrainerCheckpoint] = []
         self._resumed: dict[str, dict[str, Any]] = {}
         self._written_at = -math.inf
