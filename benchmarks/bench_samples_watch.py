@@ -73,10 +73,10 @@ def main() -> None:
         real_poll, real_scan = scorer.poll, scorer._scan
         scan_time = [0.0]
 
-        def timed_scan(finished: bool) -> bool:
+        def timed_scan() -> None:
             start = time.perf_counter()
             try:
-                return real_scan(finished)
+                real_scan()
             finally:
                 scan_time[0] = time.perf_counter() - start
 

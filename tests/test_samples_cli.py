@@ -202,6 +202,12 @@ def test_bad_input_is_one_line(tmp_path: Path, tiny_head: Path, capsys: pytest.C
         samples_cli.main(["--samples_dir", str(tmp_path), "--nearid_model", "m", "--nearid_reference_dir", "r",
                           "--until_file", "DONE"])
     assert str(raised.value.code).startswith("nearid-samples: --until_file needs --watch")
+    (tmp_path / "DONE").touch()  # watching a run that finished without a sample: the same one line, no endless wait
+    with pytest.raises(SystemExit) as raised:
+        samples_cli.main(["--samples_dir", str(tmp_path / "photos"), "--nearid_model", str(tiny_head),
+                          "--nearid_reference_dir", str(tmp_path), "--watch", "--poll_interval", "0.01",
+                          "--until_file", str(tmp_path / "DONE")])
+    assert "no sample file in" in str(raised.value.code)
 
 
 def test_a_rerun_keeps_a_copied_winner_whose_checkpoint_was_pruned(

@@ -86,6 +86,15 @@ def test_watch_scores_each_file_once_in_order_and_copies_the_best_when_its_check
     validator = IdentityValidator(NearIDModel.from_pretrained(tiny_head), refs, aggregate="max",
                                   history_path=out / "identity_history.jsonl")
     scorer = SampleScorer(validator, SamplesConfig("kohya", sample, run, out, copy_winner=True, plot=False))
+    listed_without: list[list[str]] = []  # the rounds without a checkpoint after each pass
+    real_poll = scorer.poll
+
+    def recording_poll(**kwargs):  # noqa: ANN003, ANN202
+        rows = real_poll(**kwargs)
+        listed_without.append(scorer.result()["without_checkpoint"])
+        return rows
+
+    monkeypatch.setattr(scorer, "poll", recording_poll)
     done = run / "DONE"
     half = f"dog_000400_01_{TS}_8.png"
     seen: dict[str, object] = {}
@@ -147,6 +156,8 @@ def test_watch_scores_each_file_once_in_order_and_copies_the_best_when_its_check
     assert copied.read_bytes() == (run / "dog-step00000600.safetensors").read_bytes()
     result = json.loads((out / "identity_samples.json").read_text())
     assert result["winner"]["step"] == 600 and result["without_checkpoint"] == []
+    assert ["step 600"] in listed_without  # listed while its checkpoint had not appeared yet
+    assert all(listed in ([], ["step 600"]) for listed in listed_without)
 
 
 def test_ctrl_c_while_watching_exits_130_with_one_line(

@@ -156,10 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             trainer = detect_trainer(args.samples_dir)
         except (FileNotFoundError, ValueError):
-            if not args.watch:
-                raise
+            if not args.watch or (args.until_file is not None and Path(args.until_file).exists()):
+                raise  # not watching, or the run finished without a sample to recognise
             time.sleep(args.poll_interval)  # nothing to recognise yet: the trainer has not sampled
-        logging.getLogger(__name__).info("--trainer auto: %s", trainer)
+        else:
+            logging.getLogger(__name__).info("--trainer auto: %s", trainer)
     config = args.samples_config(trainer)
     model = NearIDModel.from_pretrained(args.nearid_model, torch_dtype=parse_dtype(args.nearid_dtype),
                                         head_dtype=torch.float32).to(parse_device(args.device, name="--device"))

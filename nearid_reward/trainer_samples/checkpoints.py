@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import CheckpointError, replace_directory, write_json_atomic
-from ..run_checkpoints import CHECKPOINT_PATTERN, LORA_WEIGHT_NAME, copy_checkpoint_weights, inspect_checkpoint
+from ..run_checkpoints import LORA_WEIGHT_NAME, checkpoint_step, copy_checkpoint_weights, inspect_checkpoint
 from .layouts import RoundKey
 
 __all__ = [
@@ -114,7 +114,10 @@ def _int(value: str | None) -> int | None:
         return None
 
 
-def _kohya(folder: Path, cache: dict[tuple[str, int, int], dict[str, str] | None]) -> list[TrainerCheckpoint]:
+_MetadataCache = dict[str, tuple[tuple[int, int], dict[str, str] | None]]  # path: ((size, mtime_ns), header)
+
+
+def _kohya(folder: Path, cache: _MetadataCache) -> list[TrainerCheckpoint]:
     found: list[TrainerCheckpoint] = []
     for entry in _files(folder, ".safetensors"):
         m = _KOHYA_STEP.match(entry.name)
@@ -122,10 +125,11 @@ def _kohya(folder: Path, cache: dict[tuple[str, int, int], dict[str, str] | None
             found.append(TrainerCheckpoint(entry, int(m["step"])))
             continue
         stat = entry.stat()
-        key = (str(entry), stat.st_size, stat.st_mtime_ns)
-        if key not in cache:
-            cache[key] = read_safetensors_metadata(entry)
-        meta = cache[key]
+        version = (stat.st_size, stat.st_mtime_ns)
+        cached = cache.get(str(entry))
+        if cached is None or cached[0] != version:  # one entry per file: a file still growing replaces its own
+            cached = cache[str(entry)] = (version, read_safetensors_metadata(entry))
+        meta = cached[1]
         if meta is None:  # being written: its step is read once it is complete
             continue
         e = _KOHYA_EPOCH.match(entry.name)
@@ -165,9 +169,9 @@ def _ai_toolkit(folder: Path) -> list[TrainerCheckpoint]:
 def _diffusers_runs(folder: Path) -> list[TrainerCheckpoint]:
     found: list[TrainerCheckpoint] = []
     for entry in _entries(folder):
-        m = CHECKPOINT_PATTERN.match(entry.name)
-        if m is not None and entry.is_dir():
-            found.append(TrainerCheckpoint(entry, int(m.group(1))))
+        step = checkpoint_step(entry)
+        if step is not None and entry.is_dir():
+            found.append(TrainerCheckpoint(entry, step))
     final = folder / LORA_WEIGHT_NAME
     if final.is_file():
         found.append(TrainerCheckpoint(final, None, final=True))
@@ -189,7 +193,7 @@ def find_trainer_checkpoints(
     checkpoints_dir: str | os.PathLike[str],
     trainer: str,
     *,
-    metadata_cache: dict[tuple[str, int, int], dict[str, str] | None] | None = None,
+    metadata_cache: _MetadataCache | None = None,
 ) -> list[TrainerCheckpoint]:
     """The saved models of a ``trainer`` run in ``checkpoints_dir`` (a missing folder has none).
 
@@ -197,8 +201,8 @@ def find_trainer_checkpoints(
         checkpoints_dir: sd-scripts' ``--output_dir``, ai-toolkit's ``<training_folder>/<job>``, SimpleTuner's or a
             diffusers script's ``--output_dir``, OneTrainer's workspace.
         trainer: one of :data:`~.layouts.TRAINERS`.
-        metadata_cache: safetensors headers already read, keyed by ``(path, size, mtime_ns)`` (a watcher passes the
-            same dict every poll so each file's header is read once).
+        metadata_cache: safetensors headers already read, by path, with the ``(size, mtime_ns)`` they were read at
+            (a watcher passes the same dict every poll so each file's header is read once per version of it).
     """
     folder = Path(checkpoints_dir)
     if trainer == "kohya":
@@ -258,7 +262,7 @@ def copy_winner(checkpoint: TrainerCheckpoint, dest: str | os.PathLike[str], sco
         raise CheckpointError(f"checkpoint {source} is missing or still being written")
 
     def build(tmp: Path) -> None:
-        if source.is_dir() and CHECKPOINT_PATTERN.match(source.name):
+        if source.is_dir() and checkpoint_step(source) is not None:
             copy_checkpoint_weights(inspect_checkpoint(source), tmp)
         elif source.is_dir():
             shutil.copytree(source, tmp / source.name)

@@ -42,7 +42,7 @@ from .checkpoints import (
     find_trainer_checkpoints,
     match_checkpoint,
 )
-from .layouts import TRAINERS, RoundKey, SampleFile, scan_samples
+from .layouts import TRAINERS, RoundKey, SampleFile, layout_roots, scan_samples
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class SampleScorer:
         self.base_row: dict[str, Any] | None = None
         self.winner: dict[str, Any] | None = None  # the copied round's row
         self.loaded_files = 0  # sample images loaded for scoring (each once)
-        self._metadata_cache: dict[tuple[str, int, int], dict[str, str] | None] = {}
+        self._metadata_cache: dict[str, tuple[tuple[int, int], dict[str, str] | None]] = {}
         self._checkpoints: list[TrainerCheckpoint] = []
         self._resumed: dict[str, dict[str, Any]] = {}
         self._written_at = -math.inf
@@ -174,7 +174,7 @@ class SampleScorer:
         return {**data["round"], "checkpoint": data.get("source")}
 
     # ------------------------------------------------------------------ scanning
-    def _scan(self, finished: bool) -> bool:
+    def _scan(self) -> None:
         samples, unparsed = scan_samples(self.config.samples_dir, self.config.trainer, known=self.known,
                                          skip=(self.config.output_dir,))
         self.known.update(unparsed)
@@ -207,7 +207,6 @@ class SampleScorer:
             found = match_checkpoint(item.key, by_number.get((item.key.kind, item.key.number), ()))
             if found is not None:  # a pruned checkpoint stays known (its copy may be the winner)
                 item.checkpoint = found
-        return bool(samples)
 
     def _is_class(self, sample: SampleFile) -> bool:
         start = self.config.class_prompt_start
@@ -226,9 +225,7 @@ class SampleScorer:
               finished: bool) -> list[tuple[SampleFile, Image.Image]] | None:
         """The round's images with their files, or None when one cannot be read yet (the round is retried then;
         the images already read are kept with the round, so every file is read once)."""
-        root = self.config.samples_dir
-        if self.config.trainer == "simpletuner" and root.name == "validation_images":
-            root = root.parent
+        root = layout_roots(self.config.samples_dir, self.config.trainer)
         for sample in files:
             if sample.relpath in item.loaded:
                 continue
@@ -353,7 +350,7 @@ class SampleScorer:
         Returns:
             The rows of the rounds scored in this pass, in order.
         """
-        self._scan(finished)
+        self._scan()
         keys = sorted(self.rounds, key=lambda k: k.sort_key())  # the base round first: later rounds get its gain
         last_of_kind = {key.kind: position for position, key in enumerate(keys)}
         scored: list[dict[str, Any]] = []
