@@ -33,13 +33,9 @@ def embed_images(
 
     Errors name the argument: ``"invalid `references`: ..."``.
     """
-    _check_not_empty(images, name)
-    with torch.no_grad():
-        try:
-            emb = model.embed(images, value_range=value_range, chunk_size=chunk_size, check_inputs=check_inputs)
-            return emb.float()  # [N, E]
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(f"invalid `{name}`: {exc}") from exc
+    emb = _embed_without_grad(model, images, name, value_range=value_range, chunk_size=chunk_size,
+                              check_inputs=check_inputs)
+    return emb.float()  # [N, E]
 
 
 def embed_images_with_context(
@@ -56,12 +52,17 @@ def embed_images_with_context(
     The embeddings equal :func:`embed_images`'s; the context features are
     :func:`~nearid_reward.model.mean_pool_tokens` of the same tokens. Both float32 with unit norm.
     """
+    emb, contexts = _embed_without_grad(model, images, name, value_range=value_range, chunk_size=chunk_size,
+                                        check_inputs=check_inputs, return_context=True)
+    return emb.float(), contexts.float()  # [N, E], [N, D]
+
+
+def _embed_without_grad(model: NearIDModel, images: ImageInput, name: str, **kwargs: Any) -> Any:
+    """``model.embed(images, **kwargs)`` without gradients; an empty input or an input error names the argument."""
     _check_not_empty(images, name)
     with torch.no_grad():
         try:
-            emb, contexts = model.embed(images, value_range=value_range, chunk_size=chunk_size,
-                                        check_inputs=check_inputs, return_context=True)
-            return emb.float(), contexts.float()  # [N, E], [N, D]
+            return model.embed(images, **kwargs)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"invalid `{name}`: {exc}") from exc
 

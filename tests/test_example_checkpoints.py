@@ -10,20 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from launcher_runs import reset_accelerate
 
 from nearid_reward.files import temporary_path
 from nearid_reward.testing import write_random_images
 from nearid_reward.testing.pipelines import save_tiny_sd_pipeline
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dreambooth_lora_minimal.py"
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def _run(root: Path, out: Path, *extra: str) -> None:
@@ -36,11 +29,11 @@ def _run(root: Path, out: Path, *extra: str) -> None:
         "--instance_prompt", "a photo of sks dog", "--output_dir", str(out), "--train_batch_size", "2",
         "--checkpointing_steps", "2", "--seed", "0", "--report_to", "tensorboard", "--resolution", "32", *extra,
     ])  # fmt: skip
-    _reset_accelerate()
+    reset_accelerate()
     try:
         module.main(module.args)
     finally:
-        _reset_accelerate()
+        reset_accelerate()
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +86,6 @@ def test_a_save_that_fails_midway_leaves_no_checkpoint_and_resume_takes_the_last
     assert not (out / "checkpoint-6").exists()  # the failed save left nothing that looks like a checkpoint
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".checkpoint-6")) == []
     assert _files(out / "checkpoint-4") == before
-
 
 
 def test_checkpoint_listings_skip_folders_still_being_written(tmp_path: Path) -> None:

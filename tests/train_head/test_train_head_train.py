@@ -171,6 +171,32 @@ def test_resume_never_unpickles_what_lies_in_the_checkpoint(tmp_path, train_argv
     assert _max_diff(final_before, _head(out / "final")) == 0.0  # and the resume still reproduces the run
 
 
+def test_training_state_round_trip_restores_every_random_generator(tmp_path):
+    import random
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from nearid_reward.testing import tiny_nearid_model
+    from train_head.checkpointing import HEAD_FOLDER, load_training_state, save_training_state
+
+    model = tiny_nearid_model()
+    optimizer = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    accelerator = SimpleNamespace(process_index=0, is_main_process=True, scaler=None)
+    model.save_pretrained(tmp_path / HEAD_FOLDER, format="head")
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    save_training_state(accelerator, optimizer, scheduler, tmp_path)
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    expected = draws()
+    draws()  # the generators move on, as training would move them
+    load_training_state(accelerator, model, optimizer, scheduler, tmp_path)
+    assert draws() == expected  # each generator continues where the checkpoint left it
+
+
 def test_a_checkpoint_without_its_json_state_is_refused(tmp_path, train_argv):
     common = ("--train_batch_size", "4", "--max_train_steps", "2", "--checkpointing_steps", "2")
     out = tmp_path / "run"
