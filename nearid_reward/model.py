@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -446,11 +446,18 @@ class NearIDModel(nn.Module):
 
     def forward(self, inputs: PixelInputs) -> torch.Tensor:
         """Embeddings ``[B, E]`` (float32, unit norm) of already preprocessed inputs."""
-        chunk = self.chunk_size
+        parts = [self.pool(tokens, mask) for tokens, mask in self._encoded_chunks(inputs, self.chunk_size)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _encoded_chunks(
+        self, inputs: PixelInputs, chunk: int | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Backbone tokens ``[b, N, D]`` and mask ``[b, N]`` (or None) of at most ``chunk`` images at a time."""
         if chunk is None or len(inputs) <= chunk:
-            return self.pool(*self.encode_tokens(inputs))
-        parts = [self.pool(*self.encode_tokens(inputs.slice(i, i + chunk))) for i in range(0, len(inputs), chunk)]
-        return torch.cat(parts)
+            yield self.encode_tokens(inputs)
+            return
+        for start in range(0, len(inputs), chunk):
+            yield self.encode_tokens(inputs.slice(start, start + chunk))
 
     @overload
     def embed(
@@ -494,10 +501,8 @@ class NearIDModel(nn.Module):
         chunk_size = check_chunk_size(chunk_size, "chunk_size")
         inputs = self.prepare(images, value_range=value_range, check_inputs=check_inputs)
         if return_context:
-            chunk = chunk_size or self.chunk_size or len(inputs)
             embeddings, contexts = [], []
-            for start in range(0, len(inputs), chunk):
-                tokens, mask = self.encode_tokens(inputs.slice(start, start + chunk))  # [b, N, D], [b, N] or None
+            for tokens, mask in self._encoded_chunks(inputs, chunk_size or self.chunk_size):
                 embeddings.append(self.pool(tokens, mask))
                 contexts.append(mean_pool_tokens(tokens, mask))
             return torch.cat(embeddings), torch.cat(contexts)
