@@ -71,7 +71,8 @@ from nearid_reward.selection import copy_guarded_order
 from . import scenes
 from .evaluate import INSTANCE_PROMPT, Scorers, Subject, WorldAssets, load_world_pipeline, make_subject
 from .oracle import AttributeOracle, true_identity
-from .personalise import PersonaliseConfig, dreambooth, nanmean, save_grid, spearman
+from .personalise import PersonaliseConfig, dreambooth, save_grid, spearman
+from .stats import bootstrap_mean, nanmean
 
 logger = logging.getLogger(__name__)
 
@@ -255,15 +256,6 @@ def run_overfit_subject(args: PersonaliseConfig, assets: WorldAssets, pipe: Any,
     }  # fmt: skip
 
 
-def _bootstrap(values: list[float], rng: np.random.Generator, draws: int = 2000) -> list[float]:
-    """95 % percentile interval of the mean of ``values`` (subjects resampled with replacement)."""
-    finite = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
-    if finite.size == 0:
-        return [math.nan, math.nan]
-    means = finite[rng.integers(0, finite.size, size=(draws, finite.size))].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-
-
 def summarise_overfit(results: list[dict[str, Any]], *, seed: int = 0, copy_rate_bar: float = 0.5,
                       guard: float = COPY_GUARD) -> dict[str, Any]:
     """Average the arm over subjects (results of :func:`run_overfit_subject`).
@@ -278,7 +270,6 @@ def summarise_overfit(results: list[dict[str, Any]], *, seed: int = 0, copy_rate
     """
     if not results:
         raise ValueError("summarise_overfit needs at least one subject's result, got none")
-    rng = np.random.default_rng(seed)
     per_subject = []
     copying: dict[str, list[bool]] = {"context_copy_fraction": [], "copy_fraction": []}
     clean: dict[str, list[bool]] = {"context_copy_fraction": [], "copy_fraction": []}
@@ -316,7 +307,7 @@ def summarise_overfit(results: list[dict[str, Any]], *, seed: int = 0, copy_rate
         "copy_fraction_recall": share(copying["copy_fraction"]),
         "copy_fraction_false_alarms": share(clean["copy_fraction"]),
         "copying_checkpoints": len(copying["context_copy_fraction"]),
-        "intervals": {k: _bootstrap(v, rng) for k, v in columns.items()},
+        "intervals": {k: bootstrap_mean(v, seed=seed).bounds() for k, v in columns.items()},
         "per_subject": per_subject,
     }  # fmt: skip
 

@@ -48,7 +48,7 @@ from .evaluate import (
 )
 from .oracle import AttributeOracle
 
-__all__ = ["PersonaliseConfig", "personalise_subject", "class_images", "reward_dir_name", "spearman", "nanmean",
+__all__ = ["PersonaliseConfig", "personalise_subject", "class_images", "reward_dir_name", "spearman",
            "REWARD_KINDS", "SCORE_KINDS", "SELECTION_SEED_OFFSET"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,11 +253,6 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 3) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
     return path
-
-
-def nanmean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
