@@ -22,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,22 +107,14 @@ class PersonaliseConfig:
                             batch_size=16, scheduler="DDIMScheduler", render_base=False, render_class=False)
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
-    def ranks(x: list[float]) -> np.ndarray:
-        arr = np.asarray(x, dtype=np.float64)
-        order = arr.argsort(kind="stable")
-        r = np.empty(len(arr))
-        r[order] = np.arange(len(arr), dtype=np.float64)
-        for value in np.unique(arr):  # average ranks over ties
-            tie = arr == value
-            r[tie] = r[tie].mean()
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Spearman rank correlation of two short ``[C]`` vectors (average ranks for ties; nan when either is constant)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ra = (x[:, None] > x[None, :]).sum(1) + 0.5 * ((x[:, None] == x[None, :]).sum(1) - 1)  # [C] average ranks
+    rb = (y[:, None] > y[None, :]).sum(1) + 0.5 * ((y[:, None] == y[None, :]).sum(1) - 1)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
+    return float(ra @ rb) / denom if denom > 0 else math.nan
 
 
 def class_images(pipe: Any, folder: Path, config: RenderConfig, count: int = 8) -> Path:
