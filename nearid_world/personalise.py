@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nearid_reward.files import read_jsonl
 from nearid_reward.images import list_image_files, load_image, to_rgb
 from nearid_reward.rendering import RenderConfig
 from nearid_reward.run_checkpoints import LORA_WEIGHT_NAME, find_checkpoints
@@ -248,10 +249,6 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 3) -> Pa
     return path
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def _cpu_seconds(run_dir: Path) -> float:
     """The CPU seconds a training run recorded (NaN for a run made before they were recorded)."""
     path = run_dir / "cpu_seconds.txt"
@@ -295,7 +292,7 @@ def reward_runs(args: PersonaliseConfig, assets: WorldAssets, pipe: Any, oracle:
             entry[f"cpu_seconds_{tag}"] = _cpu_seconds(run_dir)
             entry[f"steps_{tag}"] = steps
             if curve:
-                history = {r["step"]: r for r in _read_jsonl(run_dir / "identity_history.jsonl")}
+                history = {r["step"]: r for r in read_jsonl(run_dir / "identity_history.jsonl")}
                 summary = run_dir / "training_summary.json"
                 entry[f"curve_{tag}"] = {
                     "steps": [0, *sorted(measured)],
@@ -366,7 +363,7 @@ def personalise_subject(args: PersonaliseConfig, assets: WorldAssets, pipe: Any,
     }  # fmt: skip
     history = run_dir / "identity_history.jsonl"
     if history.is_file():  # what the launcher itself measured during training (NearID on its own prompt set)
-        lines = _read_jsonl(history)
+        lines = read_jsonl(history)
         result["launcher_history"] = lines
         scored = {r["step"]: r.get("nearid/identity_mean") for r in lines if r.get("source") == "checkpoint"}
         if all(scored.get(r["step"]) is not None for r in rows):  # the launcher's own pick, as a user would make it
