@@ -63,7 +63,7 @@ import torch
 from nearid_reward import IdentityValidator, NearIDModel
 from nearid_reward.cli.arguments import parse_arguments
 from nearid_reward.cli.entry_points import entry_point
-from nearid_reward.files import write_json_atomic
+from nearid_reward.files import atomic_write, write_json_atomic
 from nearid_reward.rendering import RenderConfig, render_images
 from nearid_reward.run_checkpoints import LORA_WEIGHT_NAME, find_checkpoints
 from nearid_reward.selection import copy_guarded_order
@@ -169,11 +169,9 @@ def _render(pipe: Any, lora: Path | None, prompt_set: _Set, config: RenderConfig
     finally:
         if lora is not None:
             pipe.delete_adapters("overfit")
-    cache.parent.mkdir(parents=True, exist_ok=True)
     quantised = (images * 255 + 0.5).clamp(0, 255).to(torch.uint8)
-    tmp = cache.with_name(cache.name + ".tmp")
-    torch.save({"images": quantised, "seeds": prompt_set.seeds(), "prompts": prompt_set.prompts()}, tmp)
-    tmp.replace(cache)
+    with atomic_write(cache, "wb") as handle:
+        torch.save({"images": quantised, "seeds": prompt_set.seeds(), "prompts": prompt_set.prompts()}, handle)
     return quantised.float() / 255
 
 
