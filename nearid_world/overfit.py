@@ -69,7 +69,7 @@ from nearid_reward.run_checkpoints import LORA_WEIGHT_NAME, find_checkpoints
 from nearid_reward.selection import copy_guarded_order
 
 from . import scenes
-from .evaluate import INSTANCE_PROMPT, Scorers, Subject, WorldAssets, load_world_pipeline, make_subject
+from .evaluate import EvalSet, Scorers, Subject, WorldAssets, load_world_pipeline, make_subject
 from .oracle import AttributeOracle, true_identity
 from .personalise import PersonaliseConfig, dreambooth, save_grid, spearman
 from .stats import bootstrap_mean, nanmean
@@ -129,24 +129,6 @@ def selector_picks(rows: list[dict[str, Any]], *, guard: float = COPY_GUARD) -> 
     return picks
 
 
-@dataclass
-class _Set:
-    """A prompt/seed set: each context's prompt ``per_context`` times, seeds from ``seed_offset``."""
-
-    contexts: list[str]
-    per_context: int
-    seed_offset: int
-
-    def prompted(self) -> list[str]:
-        return [c for c in self.contexts for _ in range(self.per_context)]
-
-    def prompts(self) -> list[str]:
-        return [f"{INSTANCE_PROMPT} on the {c}" for c in self.prompted()]
-
-    def seeds(self) -> list[int]:
-        return [self.seed_offset + i for i in range(len(self.contexts) * self.per_context)]
-
-
 def overfit_dreambooth(args: PersonaliseConfig, assets: WorldAssets, subject: Subject, folder: Path, *,
                        steps: int = STEPS, checkpointing_steps: int = CHECKPOINTING_STEPS,
                        learning_rate: float = LEARNING_RATE) -> Path:
@@ -156,7 +138,7 @@ def overfit_dreambooth(args: PersonaliseConfig, assets: WorldAssets, subject: Su
     return dreambooth(run_args, assets, subject, folder)
 
 
-def _render(pipe: Any, lora: Path | None, prompt_set: _Set, config: RenderConfig, cache: Path) -> torch.Tensor:
+def _render(pipe: Any, lora: Path | None, prompt_set: EvalSet, config: RenderConfig, cache: Path) -> torch.Tensor:
     """Render a set with ``lora`` loaded (cached as uint8 in ``cache``): float ``[N, 3, H, W]`` in [0, 1]."""
     if cache.is_file():
         saved = torch.load(cache, weights_only=True)
@@ -175,10 +157,10 @@ def _render(pipe: Any, lora: Path | None, prompt_set: _Set, config: RenderConfig
     return quantised.float() / 255
 
 
-def _truth_figures(images: torch.Tensor, prompt_set: _Set, subject: Subject, oracle: AttributeOracle
+def _truth_figures(images: torch.Tensor, prompt_set: EvalSet, subject: Subject, oracle: AttributeOracle
                    ) -> dict[str, Any]:
     predicted = oracle.predict(images)
-    prompted = prompt_set.prompted()
+    prompted = prompt_set.prompted_contexts()
     shown = [p["context"] for p in predicted]
     truth = [true_identity(p, subject.identity) for p in predicted]
     trained = subject.contexts[0]
@@ -213,8 +195,8 @@ def run_overfit_subject(args: PersonaliseConfig, assets: WorldAssets, pipe: Any,
     folder = Path(args.out) / "overfit" / f"subject{index:02d}"
     subject = make_subject(index, folder, seed=args.seed, single_context=True)
     trained = subject.contexts[0]
-    truth_set = _Set([c for c in scenes.CONTEXTS if c != trained], args.per_context, TRUTH_SEED_OFFSET)
-    selection_set = _Set(list(scenes.CONTEXTS), args.per_context, SELECTION_SEED_OFFSET)
+    truth_set = EvalSet(args.per_context, [c for c in scenes.CONTEXTS if c != trained], TRUTH_SEED_OFFSET)
+    selection_set = EvalSet(args.per_context, list(scenes.CONTEXTS), SELECTION_SEED_OFFSET)
     started = time.perf_counter()
     run_dir = overfit_dreambooth(args, assets, subject, folder, steps=steps, checkpointing_steps=checkpointing_steps,
                                  learning_rate=learning_rate)
