@@ -193,15 +193,6 @@ def _matrix(rows: list[dict[str, Any]], key: str, selection: bool) -> np.ndarray
     return arr
 
 
-def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman correlation of two short ``[C]`` vectors (average ranks for ties; NaN when one is constant)."""
-    ra = (a[:, None] > a[None, :]).sum(1) + 0.5 * ((a[:, None] == a[None, :]).sum(1) - 1)  # [C] average ranks
-    rb = (b[:, None] > b[None, :]).sum(1) + 0.5 * ((b[:, None] == b[None, :]).sum(1) - 1)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
-    return float(ra @ rb) / denom if denom > 0 else math.nan
-
-
 def subject_figures(subject: dict[str, Any], rng: np.random.Generator | None) -> dict[str, float]:
     """One subject's figures; with ``rng``, from its samples redrawn with replacement (see the module docstring).
 
@@ -225,7 +216,7 @@ def subject_figures(subject: dict[str, Any], rng: np.random.Generator | None) ->
     group = _kind_group(subject)
     for kind in kinds:
         scores = _matrix(rows, kind, True)[:, isel].mean(1)  # [C]
-        out[f"spearman_{kind}_vs_truth"] = rank_correlation(scores, truth_arr)
+        out[f"spearman_{kind}_vs_truth"] = spearman(scores, truth_arr)
         out[f"selection_regret_{kind}"] = best - truth[int(np.argmax(scores))]
         if kind in ("nearid", "frozen", "leaveout"):
             out[f"spearman_{kind}_vs_truth_{group}"] = out[f"spearman_{kind}_vs_truth"]

@@ -63,15 +63,16 @@ import torch
 from nearid_reward import IdentityValidator, NearIDModel
 from nearid_reward.cli.arguments import parse_arguments
 from nearid_reward.cli.entry_points import entry_point
-from nearid_reward.files import write_json_atomic
+from nearid_reward.files import atomic_write, write_json_atomic
 from nearid_reward.rendering import RenderConfig, render_images
 from nearid_reward.run_checkpoints import LORA_WEIGHT_NAME, find_checkpoints
 from nearid_reward.selection import copy_guarded_order
 
 from . import scenes
-from .evaluate import INSTANCE_PROMPT, Scorers, Subject, WorldAssets, load_world_pipeline, make_subject
+from .evaluate import EvalSet, Scorers, Subject, WorldAssets, load_world_pipeline, make_subject
 from .oracle import AttributeOracle, true_identity
-from .personalise import PersonaliseConfig, dreambooth, nanmean, save_grid, spearman
+from .personalise import PersonaliseConfig, dreambooth, save_grid, spearman
+from .stats import bootstrap_mean, nanmean
 
 logger = logging.getLogger(__name__)
 
@@ -128,24 +129,6 @@ def selector_picks(rows: list[dict[str, Any]], *, guard: float = COPY_GUARD) -> 
     return picks
 
 
-@dataclass
-class _Set:
-    """A prompt/seed set: each context's prompt ``per_context`` times, seeds from ``seed_offset``."""
-
-    contexts: list[str]
-    per_context: int
-    seed_offset: int
-
-    def prompted(self) -> list[str]:
-        return [c for c in self.contexts for _ in range(self.per_context)]
-
-    def prompts(self) -> list[str]:
-        return [f"{INSTANCE_PROMPT} on the {c}" for c in self.prompted()]
-
-    def seeds(self) -> list[int]:
-        return [self.seed_offset + i for i in range(len(self.contexts) * self.per_context)]
-
-
 def overfit_dreambooth(args: PersonaliseConfig, assets: WorldAssets, subject: Subject, folder: Path, *,
                        steps: int = STEPS, checkpointing_steps: int = CHECKPOINTING_STEPS,
                        learning_rate: float = LEARNING_RATE) -> Path:
@@ -155,7 +138,7 @@ def overfit_dreambooth(args: PersonaliseConfig, assets: WorldAssets, subject: Su
     return dreambooth(run_args, assets, subject, folder)
 
 
-def _render(pipe: Any, lora: Path | None, prompt_set: _Set, config: RenderConfig, cache: Path) -> torch.Tensor:
+def _render(pipe: Any, lora: Path | None, prompt_set: EvalSet, config: RenderConfig, cache: Path) -> torch.Tensor:
     """Render a set with ``lora`` loaded (cached as uint8 in ``cache``): float ``[N, 3, H, W]`` in [0, 1]."""
     if cache.is_file():
         saved = torch.load(cache, weights_only=True)
@@ -168,18 +151,16 @@ def _render(pipe: Any, lora: Path | None, prompt_set: _Set, config: RenderConfig
     finally:
         if lora is not None:
             pipe.delete_adapters("overfit")
-    cache.parent.mkdir(parents=True, exist_ok=True)
     quantised = (images * 255 + 0.5).clamp(0, 255).to(torch.uint8)
-    tmp = cache.with_name(cache.name + ".tmp")
-    torch.save({"images": quantised, "seeds": prompt_set.seeds(), "prompts": prompt_set.prompts()}, tmp)
-    tmp.replace(cache)
+    with atomic_write(cache, "wb") as handle:
+        torch.save({"images": quantised, "seeds": prompt_set.seeds(), "prompts": prompt_set.prompts()}, handle)
     return quantised.float() / 255
 
 
-def _truth_figures(images: torch.Tensor, prompt_set: _Set, subject: Subject, oracle: AttributeOracle
+def _truth_figures(images: torch.Tensor, prompt_set: EvalSet, subject: Subject, oracle: AttributeOracle
                    ) -> dict[str, Any]:
     predicted = oracle.predict(images)
-    prompted = prompt_set.prompted()
+    prompted = prompt_set.prompted_contexts()
     shown = [p["context"] for p in predicted]
     truth = [true_identity(p, subject.identity) for p in predicted]
     trained = subject.contexts[0]
@@ -214,8 +195,8 @@ def run_overfit_subject(args: PersonaliseConfig, assets: WorldAssets, pipe: Any,
     folder = Path(args.out) / "overfit" / f"subject{index:02d}"
     subject = make_subject(index, folder, seed=args.seed, single_context=True)
     trained = subject.contexts[0]
-    truth_set = _Set([c for c in scenes.CONTEXTS if c != trained], args.per_context, TRUTH_SEED_OFFSET)
-    selection_set = _Set(list(scenes.CONTEXTS), args.per_context, SELECTION_SEED_OFFSET)
+    truth_set = EvalSet(args.per_context, [c for c in scenes.CONTEXTS if c != trained], TRUTH_SEED_OFFSET)
+    selection_set = EvalSet(args.per_context, list(scenes.CONTEXTS), SELECTION_SEED_OFFSET)
     started = time.perf_counter()
     run_dir = overfit_dreambooth(args, assets, subject, folder, steps=steps, checkpointing_steps=checkpointing_steps,
                                  learning_rate=learning_rate)
@@ -255,15 +236,6 @@ def run_overfit_subject(args: PersonaliseConfig, assets: WorldAssets, pipe: Any,
     }  # fmt: skip
 
 
-def _bootstrap(values: list[float], rng: np.random.Generator, draws: int = 2000) -> list[float]:
-    """95 % percentile interval of the mean of ``values`` (subjects resampled with replacement)."""
-    finite = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
-    if finite.size == 0:
-        return [math.nan, math.nan]
-    means = finite[rng.integers(0, finite.size, size=(draws, finite.size))].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-
-
 def summarise_overfit(results: list[dict[str, Any]], *, seed: int = 0, copy_rate_bar: float = 0.5,
                       guard: float = COPY_GUARD) -> dict[str, Any]:
     """Average the arm over subjects (results of :func:`run_overfit_subject`).
@@ -278,7 +250,6 @@ def summarise_overfit(results: list[dict[str, Any]], *, seed: int = 0, copy_rate
     """
     if not results:
         raise ValueError("summarise_overfit needs at least one subject's result, got none")
-    rng = np.random.default_rng(seed)
     per_subject = []
     copying: dict[str, list[bool]] = {"context_copy_fraction": [], "copy_fraction": []}
     clean: dict[str, list[bool]] = {"context_copy_fraction": [], "copy_fraction": []}
@@ -316,7 +287,7 @@ def summarise_overfit(results: list[dict[str, Any]], *, seed: int = 0, copy_rate
         "copy_fraction_recall": share(copying["copy_fraction"]),
         "copy_fraction_false_alarms": share(clean["copy_fraction"]),
         "copying_checkpoints": len(copying["context_copy_fraction"]),
-        "intervals": {k: _bootstrap(v, rng) for k, v in columns.items()},
+        "intervals": {k: bootstrap_mean(v, seed=seed).bounds() for k, v in columns.items()},
         "per_subject": per_subject,
     }  # fmt: skip
 

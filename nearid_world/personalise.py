@@ -22,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nearid_reward.files import read_jsonl
 from nearid_reward.images import list_image_files, load_image, to_rgb
 from nearid_reward.rendering import RenderConfig
 from nearid_reward.run_checkpoints import LORA_WEIGHT_NAME, find_checkpoints
@@ -48,7 +50,7 @@ from .evaluate import (
 )
 from .oracle import AttributeOracle
 
-__all__ = ["PersonaliseConfig", "personalise_subject", "class_images", "reward_dir_name", "spearman", "nanmean",
+__all__ = ["PersonaliseConfig", "personalise_subject", "class_images", "reward_dir_name", "spearman",
            "REWARD_KINDS", "SCORE_KINDS", "SELECTION_SEED_OFFSET"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,22 +108,14 @@ class PersonaliseConfig:
                             batch_size=16, scheduler="DDIMScheduler", render_base=False, render_class=False)
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
-    def ranks(x: list[float]) -> np.ndarray:
-        arr = np.asarray(x, dtype=np.float64)
-        order = arr.argsort(kind="stable")
-        r = np.empty(len(arr))
-        r[order] = np.arange(len(arr), dtype=np.float64)
-        for value in np.unique(arr):  # average ranks over ties
-            tie = arr == value
-            r[tie] = r[tie].mean()
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Spearman rank correlation of two short ``[C]`` vectors (average ranks for ties; nan when either is constant)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ra = (x[:, None] > x[None, :]).sum(1) + 0.5 * ((x[:, None] == x[None, :]).sum(1) - 1)  # [C] average ranks
+    rb = (y[:, None] > y[None, :]).sum(1) + 0.5 * ((y[:, None] == y[None, :]).sum(1) - 1)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
+    return float(ra @ rb) / denom if denom > 0 else math.nan
 
 
 def class_images(pipe: Any, folder: Path, config: RenderConfig, count: int = 8) -> Path:
@@ -255,15 +249,6 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 3) -> Pa
     return path
 
 
-def nanmean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def _cpu_seconds(run_dir: Path) -> float:
     """The CPU seconds a training run recorded (NaN for a run made before they were recorded)."""
     path = run_dir / "cpu_seconds.txt"
@@ -307,7 +292,7 @@ def reward_runs(args: PersonaliseConfig, assets: WorldAssets, pipe: Any, oracle:
             entry[f"cpu_seconds_{tag}"] = _cpu_seconds(run_dir)
             entry[f"steps_{tag}"] = steps
             if curve:
-                history = {r["step"]: r for r in _read_jsonl(run_dir / "identity_history.jsonl")}
+                history = {r["step"]: r for r in read_jsonl(run_dir / "identity_history.jsonl")}
                 summary = run_dir / "training_summary.json"
                 entry[f"curve_{tag}"] = {
                     "steps": [0, *sorted(measured)],
@@ -378,7 +363,7 @@ def personalise_subject(args: PersonaliseConfig, assets: WorldAssets, pipe: Any,
     }  # fmt: skip
     history = run_dir / "identity_history.jsonl"
     if history.is_file():  # what the launcher itself measured during training (NearID on its own prompt set)
-        lines = _read_jsonl(history)
+        lines = read_jsonl(history)
         result["launcher_history"] = lines
         scored = {r["step"]: r.get("nearid/identity_mean") for r in lines if r.get("source") == "checkpoint"}
         if all(scored.get(r["step"]) is not None for r in rows):  # the launcher's own pick, as a user would make it

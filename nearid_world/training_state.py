@@ -32,6 +32,7 @@ from nearid_reward.files import (
     save_safetensors_atomic,
     write_json_atomic,
 )
+from train_head.checkpointing import _optimizer_parts, _optimizer_state_dict
 
 __all__ = ["checkpoint_name", "list_checkpoints", "latest_checkpoint", "save_training_state", "load_training_state",
            "read_scalars", "module_sha256", "file_sha256", "output_sha256"]
@@ -71,25 +72,21 @@ def latest_checkpoint(folder: str | Path, stages: Iterable[str]) -> Path | None:
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for index, values in optimizer.state_dict()["state"].items():
+    tensors, meta = _optimizer_parts(optimizer.state_dict())
+    for index, values in meta["state"].items():
         for name, value in values.items():
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"optimizer state {index}.{name} is a {type(value).__name__}, expected a tensor")
-            tensors[f"state.{index}.{name}"] = value
+            raise TypeError(f"optimizer state {index}.{name} is a {type(value).__name__}, expected a tensor")
     return tensors
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], source: Path) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
     current = optimizer.state_dict()
+    restored = _optimizer_state_dict(dict(tensors), {"state": {}, "param_groups": current["param_groups"]})
     expected = {i for group in current["param_groups"] for i in group["params"]}
-    if state and set(state) != expected:
-        raise CheckpointError(f"{source}: optimizer state for {len(state)} parameters, the model has {len(expected)}")
-    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+    if restored["state"] and set(restored["state"]) != expected:
+        raise CheckpointError(f"{source}: optimizer state for {len(restored['state'])} parameters, the model has "
+                              f"{len(expected)}")
+    optimizer.load_state_dict(restored)
 
 
 def save_training_state(

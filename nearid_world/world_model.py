@@ -40,7 +40,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import shlex
 import shutil
@@ -66,6 +65,7 @@ from nearid_reward.files import (
     write_json_atomic,
     write_text_atomic,
 )
+from train_head.synthetic_backbone import warmup_cosine
 
 from . import scenes
 from .seeding import COMPONENTS, child_seed_sequence, numpy_generator, seeded_init, torch_generator
@@ -256,13 +256,6 @@ def caption(ident: scenes.Identity, context: str, rng: np.random.Generator, conf
 
 def _to_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # [B, 3, S, S] in [-1, 1]
-
-
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -487,7 +480,7 @@ def _train_vae(vae: Any, data: TrainingSet, config: WorldModelConfig, run: _Run)
     for step in tqdm(range(start, total), desc="world autoencoder", disable=not run.progress, leave=False,
                      initial=start, total=total):
         with run.timed("autoencoder"):
-            _set_learning_rate(optimizer, config.vae_learning_rate * _cosine(step, total, 50))
+            _set_learning_rate(optimizer, config.vae_learning_rate * warmup_cosine(step, total, 50, floor=0.1))
             idx = torch.randint(len(data.images), (config.vae_batch_size,), generator=generators["vae_data"])
             x = _to_pixels(data.images[idx.numpy()]).to(device)
             posterior = vae.encode(x).latent_dist
@@ -580,7 +573,8 @@ def _train_denoiser(pipe: Any, data: TrainingSet, config: WorldModelConfig, run:
     for step in tqdm(range(start, end), desc="world denoiser", disable=not run.progress, leave=False,
                      initial=start, total=end):
         with run.timed("denoiser"):
-            _set_learning_rate(optimizer, config.learning_rate * _cosine(step, total, config.warmup_steps))
+            factor = warmup_cosine(step, total, config.warmup_steps, floor=0.1)
+            _set_learning_rate(optimizer, config.learning_rate * factor)
             idx = torch.randint(len(data.images), (config.batch_size,), generator=generators["denoiser_data"])
             posterior_eps = torch.randn((config.batch_size, *means.shape[1:]), generator=generators["denoiser_noise"])
             latents = (means[idx] + stds[idx] * posterior_eps.to(device)) * scale  # [B, 4, S/2, S/2]

@@ -36,7 +36,8 @@ from .synthetic_scenes import PARTS, PATTERNS, SHAPES, SIDES, background, render
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BackbonePretrainConfig", "pretrain_synthetic_backbone", "register_scene_sampler", "scene_labels"]
+__all__ = ["BackbonePretrainConfig", "pretrain_synthetic_backbone", "register_scene_sampler", "scene_labels",
+           "warmup_cosine"]
 
 STAMP = "pretrain_config.json"
 OBJECTIVE_VERSION = 3  # bump when the pretraining task changes, so cached backbones are not reused
@@ -200,6 +201,15 @@ def _loss(readout: torch.nn.Linear, dense_readout: torch.nn.Linear, pooled: torc
     return total, correct + [reg, coverage_loss / 10.0] + dense_correct
 
 
+def warmup_cosine(step: int, total: int, warmup: int, *, floor: float = 0.0) -> float:
+    """Learning-rate factor at ``step`` of ``total``: linear warm-up over ``warmup`` steps, then a half cosine from 1
+    down to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def pretrain_synthetic_backbone(
     output_dir: str | os.PathLike[str], config: BackbonePretrainConfig | None = None, *, force: bool = False,
     progress: bool = False,
@@ -249,10 +259,7 @@ def pretrain_synthetic_backbone(
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
     def lr_at(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return warmup_cosine(step, config.steps, config.warmup_steps)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     generator = torch.Generator().manual_seed(config.seed)
