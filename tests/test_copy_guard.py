@@ -13,7 +13,7 @@ from nearid_reward.metrics import context_copy_scores, identity_metrics, metric_
 from nearid_reward.references import embed_images, embed_images_with_context
 from nearid_reward.rendering import render_validation_set
 from nearid_reward.selection import copy_guarded_order
-from nearid_reward.testing import tiny_nearid_model
+from nearid_reward.testing import random_images, tiny_nearid_model
 from nearid_reward.testing.pipelines import add_lora_adapter, build_tiny_sd_pipeline, write_lora_checkpoints
 from train_head.batching import mean_pool
 
@@ -154,6 +154,26 @@ def test_selector_with_copy_guard_ranks_by_the_guarded_rule(tmp_path):
     with pytest.raises(ValueError, match="needs the copy signal"):
         CheckpointSelector(pipe, plain, prompts, config=SelectionConfig(render=render, copy_guard=0.5)).run(
             tmp_path / "out")
+
+
+def test_selector_ranks_a_flagged_best_checkpoint_below_the_clean_ones():
+    # The end-to-end test above cannot tell the guard from the plain ranking (every tiny checkpoint copies); here
+    # the selector's ranking step gets rows that differ: the best identity copies, so the guard must pass it over.
+    rows = [
+        {"name": "checkpoint-100", "step": 100, "identity_mean": 0.40, "context_copy_fraction": 0.00},
+        {"name": "checkpoint-200", "step": 200, "identity_mean": 0.55, "context_copy_fraction": 0.25},
+        {"name": "checkpoint-300", "step": 300, "identity_mean": 0.90, "context_copy_fraction": 0.75},
+    ]
+    pipe = build_tiny_sd_pipeline(seed=0)
+    validator = IdentityValidator(tiny_nearid_model(), random_images(3, 32, seed=1), prefix="", copy_guard=0.5)
+    prompts = PromptSet(["a photo of sks dog"])
+
+    def ranked(guard: float | None) -> list[str]:
+        selector = CheckpointSelector(pipe, validator, prompts, config=SelectionConfig(copy_guard=guard, plot=False))
+        return [r["name"] for r in selector._rank(rows).rows]
+
+    assert ranked(None) == ["checkpoint-300", "checkpoint-200", "checkpoint-100"]
+    assert ranked(0.5) == ["checkpoint-200", "checkpoint-100", "checkpoint-300"]  # the copying best goes last
 
 
 def test_cli_flags():
