@@ -343,6 +343,18 @@ def test_the_client_never_raises(secured: str, caplog: pytest.LogCaptureFixture)
     assert len(scores) == 3 and scores != [0.0] * 3
 
 
+@pytest.mark.parametrize("reply", [b'{"rewards": [0.5, 0.5]}', b'{"rewards": [0.5, 0.5, 0.5, 0.5]}', b"<html>",
+                                   b'{"error": "x"}'])
+def test_the_client_falls_back_on_a_malformed_reply(reply: bytes, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A reply with the wrong number of rewards, or no rewards at all, is a failure: the fallback, never a raise."""
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: io.BytesIO(reply))
+    with caplog.at_level(logging.WARNING, logger="integrations.reward_client"):
+        result = nearid_remote_scorer("http://127.0.0.1:1")(random_images(3, 32, seed=43), ["p"] * 3, None)
+    assert result == ([0.0, 0.0, 0.0], {})
+    assert "returning 0.0 for 3 sample(s)" in caplog.text
+
+
 @pytest.mark.parametrize("level", [0, 6])
 def test_the_clients_png_writer_round_trips_through_pillow(level: int) -> None:
     array = np.random.default_rng(level).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)  # odd sizes, noise
