@@ -252,6 +252,21 @@ def test_with_a_token_every_request_must_carry_it(secured: str) -> None:
     assert status == 200 and len(body["rewards"]) == 1
 
 
+def test_an_unexpected_scoring_error_is_a_json_500_and_the_server_keeps_serving(
+        tiny_head: Path, refs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scorer = PerSampleReward(str(tiny_head), refs_dir)
+    service = RewardService(scorer, limits=LIMITS)
+    with serve_in_thread(build_app(service)) as running:
+        payload = {"image": [_png(32, 32)]}
+        with monkeypatch.context() as patch:
+            patch.setattr(scorer, "score", lambda *a: (_ for _ in ()).throw(RuntimeError("device lost")))
+            status, body = _post(running.url, payload)
+        assert status == 500 and body == {"error": "scoring failed: RuntimeError: device lost"}
+        assert _healthy(running.url)
+        status, body = _post(running.url, payload)  # the lock was released: the next batch is scored
+        assert status == 200 and len(body["rewards"]) == 1
+
+
 def test_scoring_errors_become_400_without_a_reference_set(tiny_head: Path) -> None:
     service = RewardService(PerSampleReward(str(tiny_head), None), limits=LIMITS)
     body = json.dumps({"image": [_png(32, 32)]}).encode()
