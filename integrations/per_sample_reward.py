@@ -71,7 +71,9 @@ class PerSampleReward:
             self.negatives: torch.Tensor | None = (
                 self.shared.negative_embeddings if self.shared.num_negatives else None
             )
-        else:
+        else:  # the model set-up IdentityReward does, without a reference set to build it with
+            if self.config.pooling is not None:
+                self.model = self.model.with_pooling(self.config.pooling)
             dtype = self.config.torch_backbone_dtype
             if dtype is not None and self.model.dtype != dtype:
                 self.model.backbone.to(dtype)

@@ -36,7 +36,7 @@ from integrations import reward_server
 from integrations.per_sample_reward import PerSampleReward
 from integrations.reward_client import encode_images, nearid_remote_scorer, png_bytes
 from integrations.reward_server import Limits, RequestError, RewardService, build_app, is_loopback, serve_in_thread
-from nearid_reward import IdentityReward, NearIDModel
+from nearid_reward import IdentityReward, NearIDModel, RewardConfig
 from nearid_reward.testing import random_images, write_random_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,6 +265,15 @@ def test_an_unexpected_scoring_error_is_a_json_500_and_the_server_keeps_serving(
         assert _healthy(running.url)
         status, body = _post(running.url, payload)  # the lock was released: the next batch is scored
         assert status == 200 and len(body["rewards"]) == 1
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_per_sample_rewards_follow_the_configured_pooling(model: NearIDModel, shared: bool) -> None:
+    config = RewardConfig(pooling="mean")
+    images, own = random_images(2, 64, seed=51), [random_images(2, 48, seed=52), random_images(3, 48, seed=53)]
+    scorer = PerSampleReward(model, random_images(3, 48, seed=54) if shared else None, config=config)
+    expected = torch.cat([IdentityReward(model, refs, config=config)(images[i : i + 1]) for i, refs in enumerate(own)])
+    torch.testing.assert_close(scorer.score(images, own), expected, rtol=0, atol=1e-5)
 
 
 def test_scoring_errors_become_400_without_a_reference_set(tiny_head: Path) -> None:
