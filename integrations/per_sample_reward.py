@@ -64,13 +64,16 @@ class PerSampleReward:
         self.config = config or RewardConfig()
         self.model = as_nearid_model(model, torch_dtype=self.config.torch_backbone_dtype)
         self.shared: IdentityReward | None = None
+        self._own: IdentityReward | None = None  # scores samples with their own references (see _own_reward)
         if references is not None:
             self.shared = IdentityReward(self.model, references, negatives=negatives, config=self.config)
             self.model = self.shared.model  # cast to the backbone dtype and frozen by IdentityReward
             self.negatives: torch.Tensor | None = (
                 self.shared.negative_embeddings if self.shared.num_negatives else None
             )
-        else:
+        else:  # the model set-up IdentityReward does, without a reference set to build it with
+            if self.config.pooling is not None:
+                self.model = self.model.with_pooling(self.config.pooling)
             dtype = self.config.torch_backbone_dtype
             if dtype is not None and self.model.dtype != dtype:
                 self.model.backbone.to(dtype)
@@ -92,6 +95,7 @@ class PerSampleReward:
     def to(self, device: torch.device | str) -> PerSampleReward:
         """Move the encoder and the cached embeddings to ``device``."""
         self.model.to(device)
+        self._own = None  # rebuilt on the new device when next needed
         if self.shared is not None:
             self.shared.to(device)
             self.negatives = self.shared.negative_embeddings if self.shared.num_negatives else None
@@ -182,10 +186,21 @@ class PerSampleReward:
             rewards[rows] = self.shared.score_embeddings(embeddings[rows]).reward.float()  # type: ignore[union-attr]
         if own:
             for (i, _), ref_emb in zip(own, self._embed_references(own)):
-                refs = ReferenceSet(ref_emb, self.negatives, aggregate=self.config.aggregate)
-                reward = IdentityReward(self.model, refs, config=self.config)
+                reward = self._own_reward(ref_emb)
                 rewards[i] = reward.score_embeddings(embeddings[i : i + 1]).reward.float()[0]
         return rewards
+
+    def _own_reward(self, ref_emb: torch.Tensor) -> IdentityReward:
+        """The ``IdentityReward`` of one sample's reference embeddings ``[N, E]`` (same aggregation, kind and
+        negatives). Built once and given each sample's embeddings in turn: constructing an ``IdentityReward``
+        walks every encoder weight (freezing, device and mode), too much to repeat per sample and per step. Not
+        thread-safe; the server scores one batch at a time under its lock."""
+        if self._own is None:
+            refs = ReferenceSet(ref_emb, self.negatives, aggregate=self.config.aggregate)
+            self._own = IdentityReward(self.model, refs, config=self.config)
+        else:
+            self._own.set_reference_embeddings(ref_emb)
+        return self._own
 
 
 def _is_empty(refs: Any) -> bool:

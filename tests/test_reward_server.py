@@ -36,7 +36,7 @@ from integrations import reward_server
 from integrations.per_sample_reward import PerSampleReward
 from integrations.reward_client import encode_images, nearid_remote_scorer, png_bytes
 from integrations.reward_server import Limits, RequestError, RewardService, build_app, is_loopback, serve_in_thread
-from nearid_reward import IdentityReward, NearIDModel
+from nearid_reward import IdentityReward, NearIDModel, RewardConfig
 from nearid_reward.testing import random_images, write_random_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,6 +252,30 @@ def test_with_a_token_every_request_must_carry_it(secured: str) -> None:
     assert status == 200 and len(body["rewards"]) == 1
 
 
+def test_an_unexpected_scoring_error_is_a_json_500_and_the_server_keeps_serving(
+        tiny_head: Path, refs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scorer = PerSampleReward(str(tiny_head), refs_dir)
+    service = RewardService(scorer, limits=LIMITS)
+    with serve_in_thread(build_app(service)) as running:
+        payload = {"image": [_png(32, 32)]}
+        with monkeypatch.context() as patch:
+            patch.setattr(scorer, "score", lambda *a: (_ for _ in ()).throw(RuntimeError("device lost")))
+            status, body = _post(running.url, payload)
+        assert status == 500 and body == {"error": "scoring failed: RuntimeError: device lost"}
+        assert _healthy(running.url)
+        status, body = _post(running.url, payload)  # the lock was released: the next batch is scored
+        assert status == 200 and len(body["rewards"]) == 1
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_per_sample_rewards_follow_the_configured_pooling(model: NearIDModel, shared: bool) -> None:
+    config = RewardConfig(pooling="mean")
+    images, own = random_images(2, 64, seed=51), [random_images(2, 48, seed=52), random_images(3, 48, seed=53)]
+    scorer = PerSampleReward(model, random_images(3, 48, seed=54) if shared else None, config=config)
+    expected = torch.cat([IdentityReward(model, refs, config=config)(images[i : i + 1]) for i, refs in enumerate(own)])
+    torch.testing.assert_close(scorer.score(images, own), expected, rtol=0, atol=1e-5)
+
+
 def test_scoring_errors_become_400_without_a_reference_set(tiny_head: Path) -> None:
     service = RewardService(PerSampleReward(str(tiny_head), None), limits=LIMITS)
     body = json.dumps({"image": [_png(32, 32)]}).encode()
@@ -341,6 +365,18 @@ def test_the_client_never_raises(secured: str, caplog: pytest.LogCaptureFixture)
     assert "HTTP 401" in caplog.text and "Authorization: Bearer" in caplog.text
     scores, _ = nearid_remote_scorer(secured, TOKEN)(images, ["p"] * 3, None)
     assert len(scores) == 3 and scores != [0.0] * 3
+
+
+@pytest.mark.parametrize("reply", [b'{"rewards": [0.5, 0.5]}', b'{"rewards": [0.5, 0.5, 0.5, 0.5]}', b"<html>",
+                                   b'{"error": "x"}'])
+def test_the_client_falls_back_on_a_malformed_reply(reply: bytes, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A reply with the wrong number of rewards, or no rewards at all, is a failure: the fallback, never a raise."""
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: io.BytesIO(reply))
+    with caplog.at_level(logging.WARNING, logger="integrations.reward_client"):
+        result = nearid_remote_scorer("http://127.0.0.1:1")(random_images(3, 32, seed=43), ["p"] * 3, None)
+    assert result == ([0.0, 0.0, 0.0], {})
+    assert "returning 0.0 for 3 sample(s)" in caplog.text
 
 
 @pytest.mark.parametrize("level", [0, 6])
