@@ -176,3 +176,27 @@ def test_goals_not_measured_are_not_met_or_missed() -> None:
     rows = goals({"paired": {}, "seconds": 60.0})
     assert [r["met"] for r in rows][:-1] == [None] * 15 and rows[-1]["met"] is True
     assert goals(_goal_summary())[4]["interval"] is None and goals(_goal_summary())[5]["interval"] == [0.08, 0.16]
+
+
+def test_subject_level_intervals_depend_only_on_each_subjects_measured_figures() -> None:
+    """``intervals_subjects`` resamples subjects only: shuffling the samples inside a subject (same figures as
+    measured) leaves it unchanged, while the two-level ``intervals`` see the shuffle; it brackets linear means."""
+    subjects = [_subject(i, seed=30 + i) for i in range(5)]
+    out = summarise(subjects, 1.0, n_resamples=300)
+    shuffled = json.loads(json.dumps(subjects))
+    for s in shuffled:  # the same permutation for every render of the subject keeps every figure as measured
+        n = len(s["base"]["samples"]["truth"])
+        order = np.random.default_rng(s["subject"]["index"]).permutation(n)
+        for measure in [s["base"], *s["checkpoints"], s["reward"]["before"],
+                        *[k["after_prior"] for k in s["reward"]["kinds"].values()]]:
+            measure["samples"] = {k: [v[i] for i in order] for k, v in measure["samples"].items()}
+    again = summarise(shuffled, 1.0, n_resamples=300)
+    def close(a: dict[str, list[float]], b: dict[str, list[float]]) -> bool:  # equal up to summation order
+        return a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-12, equal_nan=True) for k in a)
+
+    assert close(again["intervals_subjects"], out["intervals_subjects"])
+    assert not close(again["intervals"], out["intervals"])
+    assert set(out["paired_subjects"]) == set(PAIRED)
+    for key in ("base_truth", "best_truth", "reward_nearid_gain"):
+        low, high = out["intervals_subjects"][key]
+        assert low <= out[key] <= high
