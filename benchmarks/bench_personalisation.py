@@ -68,8 +68,11 @@ Commands (the full study: two processes side by side, then a merge that recomput
 
 The JSON holds per-subject results (with per-sample values), the averaged figures (``spearman_*_vs_truth``,
 ``selection_regret_*``, ``base_truth``, ``best_truth``, ``reward_finetune_*``, ``reward_<kind>_*``, ...),
-``intervals`` (every averaged figure -> ``[low, high]``), ``paired``, ``unseen_kinds``, ``reward_baselines``,
-``overoptimisation``, ``overfit_arm`` (when the arm ran) and ``seconds``.
+``intervals`` (every averaged figure -> ``[low, high]``), ``paired``, ``intervals_subjects`` and
+``paired_subjects`` (the same from resampling subjects only, a sensitivity analysis added after the first full
+run: see :func:`summarise`), ``unseen_kinds``, ``reward_baselines``,
+``overoptimisation``, ``overfit_arm`` (when the arm ran), ``seconds`` and ``goals`` (each of the study's
+goals, fixed before it ran, checked against the figures: :func:`goals`; also printed as a table).
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ from nearid_world.personalise import (  # noqa: E402
 )
 from nearid_world.stats import Interval, nanmean, resample_indices, two_level_bootstrap  # noqa: E402
 
-__all__ = ["main", "spearman", "subject_figures", "summarise"]
+__all__ = ["goals", "main", "spearman", "subject_figures", "summarise"]
 
 # Distractor kinds the leave-out head never trained on (fixed before it was trained).
 LEFT_OUT: tuple[str, ...] = ("part", "secondary")
@@ -327,6 +330,14 @@ def summarise(subjects: list[dict[str, Any]], seconds: float, *, n_resamples: in
     out["intervals"] = {k: v.bounds() for k, v in intervals.items()}
     nan = Interval(math.nan, math.nan, math.nan)
     out["paired"] = {k: intervals.get(k, nan).as_dict() for k in PAIRED}
+    # Sensitivity analysis, added after the study's first full run: subjects resampled, each subject's figures as
+    # measured (a one-level bootstrap). Redrawing samples within subjects adds a second round of sampling noise,
+    # which lowers rank correlations and raises regrets in every draw, so the two-level interval of such a figure
+    # can miss its own point estimate; a subject's measured figure already carries its sampling noise.
+    measured = {id(s): subject_figures(s, None) for s in subjects}
+    by_subject = two_level_bootstrap(subjects, lambda s, rng: measured[id(s)], n_resamples=n_resamples, seed=seed)
+    out["intervals_subjects"] = {k: v.bounds() for k, v in by_subject.items()}
+    out["paired_subjects"] = {k: by_subject.get(k, nan).as_dict() for k in PAIRED}
     ssr = _shipped_ssr(assets or WorldAssets())
     groups = {g: [s["subject"]["index"] for s in subjects if _kind_group(s) == g] for g in ("seen", "unseen")}
     out["unseen_kinds"] = {"left_out": list(LEFT_OUT), "subjects_seen": groups["seen"],
@@ -352,6 +363,90 @@ def summarise(subjects: list[dict[str, Any]], seconds: float, *, n_resamples: in
         out["overfit_arm"] = summarise_overfit(arm, seed=seed)
     out["seconds"] = round(seconds, 1)
     return out
+
+
+def goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The study's goals, fixed before it ran, checked against a summary: one row per goal.
+
+    Each row: ``goal`` (what it asks), ``value`` (the measured figure, NaN when it was not measured), ``interval``
+    (its 95 % interval ``[low, high]`` or None), ``met`` (True / False, None when it could not be measured).
+    A goal on an interval ("above 0") is met only when the whole interval is.
+    """
+    nan = math.nan
+    intervals = summary.get("intervals", {})
+    paired = summary.get("paired", {})
+    rows: list[dict[str, Any]] = []
+
+    def row(goal: str, value: float, met: bool | None, interval: list[float] | None = None) -> None:
+        value = float(value) if value is not None else nan
+        rows.append({"goal": goal, "value": value, "interval": interval,
+                     "met": None if math.isnan(value) else met})
+
+    def pair(key: str) -> tuple[float, list[float] | None]:
+        entry = paired.get(key, {})
+        mean = entry.get("mean", nan)
+        return mean, ([entry["low"], entry["high"]] if not math.isnan(mean) else None)
+
+    mean, bounds = pair("spearman_nearid_minus_meanpool")
+    row("tracking: Spearman NearID - mean pool >= 0.05, interval above 0", mean,
+        bool(mean >= 0.05 and bounds and bounds[0] > 0), bounds)
+    mean, bounds = pair("spearman_nearid_minus_frozen")
+    row("tracking: Spearman NearID - frozen, interval above 0", mean, bool(bounds and bounds[0] > 0), bounds)
+    unseen = summary.get("unseen_kinds", {})
+    leave, frozen = unseen.get("leaveout", {}), unseen.get("frozen", {})
+    for metric, key, better in (("spearman", "spearman_leaveout_vs_truth_unseen", "at least"),
+                                ("regret", "selection_regret_leaveout_unseen", "at most")):
+        a, b = leave.get(f"{metric}_unseen", nan), frozen.get(f"{metric}_unseen", nan)
+        met = a >= b if metric == "spearman" else a <= b
+        row(f"unseen kinds: leave-out head's {metric} on unseen-kind subjects {better} the frozen head's "
+            f"({b:.3f})", a, bool(met), intervals.get(key))
+    a, b = leave.get("ssr_unseen", nan), frozen.get("ssr_unseen", nan)
+    row(f"unseen kinds: leave-out head's SSR on unseen kinds above the frozen head's ({b:.1f})", a, bool(a > b))
+    gain = summary.get("reward_nearid_gain", nan)
+    row("reward: NearID's gain in true identity >= 0.1", gain, bool(gain >= 0.1), intervals.get("reward_nearid_gain"))
+    base_gain = summary.get("reward_meanpool_gain", nan)
+    margin = gain - 2 * base_gain
+    row(f"reward: NearID's gain - 2 x the mean-pool reward's gain ({base_gain:.3f}) >= 0", margin, bool(margin >= 0))
+    outcome = summary.get("reward_baselines", {}).get("nearid", {})
+    before, after = outcome.get("prompt_fidelity_before", nan), outcome.get("prompt_fidelity_after", nan)
+    row(f"reward: prompt fidelity within 0.05 of the start ({before:.3f}), after", after,
+        bool(after >= before - 0.05), intervals.get("reward_nearid_prompt_fidelity_after"))
+    before, after = outcome.get("copy_rate_before", nan), outcome.get("copy_rate_after", nan)
+    row(f"reward: copy rate not above the start ({before:.3f}), after", after, bool(after <= before),
+        intervals.get("reward_nearid_copy_rate_after"))
+    after = outcome.get("lookalike_rate_after", nan)
+    row("reward: look-alike rate after <= 0.05", after, bool(after <= 0.05),
+        intervals.get("reward_nearid_lookalike_rate_after"))
+    curve = summary.get("overoptimisation", {}).get("nearid_prior", {})
+    end = curve.get("truth_end", nan) - curve.get("truth_peak", nan)
+    stop = curve.get("truth_early_stop", nan) - curve.get("truth_peak", nan)
+    row("over-optimisation: NearID with the prior, truth at the end - peak >= -0.02", end, bool(end >= -0.02))
+    row("over-optimisation: NearID with the prior, truth at the validator's early stop - peak >= -0.02", stop,
+        bool(stop >= -0.02))
+    arm = summary.get("overfit_arm", {})
+    arm_intervals = arm.get("intervals", {})
+    drop = arm.get("overfit_drop", nan)
+    row("overfitting arm: useful identity best - last >= 0.15", drop, bool(drop >= 0.15),
+        arm_intervals.get("overfit_drop"))
+    regret = arm.get("regret", {}).get("copy_guard", nan)
+    row("overfitting arm: regret of selection with the copy guard <= 0.05", regret, bool(regret <= 0.05),
+        arm_intervals.get("regret_copy_guard"))
+    recall = arm.get("copy_signal_recall", nan)
+    row("overfitting arm: copy signal flags >= 80 % of checkpoints with copy rate > 0.5", recall,
+        bool(recall >= 0.8))
+    seconds = summary.get("seconds", nan)
+    row("cost: the full study <= 2 hours (seconds, slowest process)", seconds, bool(seconds <= 7200))
+    return rows
+
+
+def goals_markdown(rows: list[dict[str, Any]]) -> str:
+    """:func:`goals` as a Markdown table."""
+    lines = ["| goal | measured | 95 % interval | met |", "|---|---|---|---|"]
+    for r in rows:
+        bounds = f"[{r['interval'][0]:.3f}, {r['interval'][1]:.3f}]" if r["interval"] else ""
+        met = {True: "yes", False: "**no**", None: "not measured"}[r["met"]]
+        lines.append(f"| {r['goal']} | {r['value']:.3f} | {bounds} | {met} |")
+    return "\n".join(lines)
 
 
 def markdown(summary: dict[str, Any], subjects: list[dict[str, Any]] | None = None) -> str:
@@ -409,8 +504,11 @@ def report(subjects: list[dict[str, Any]], seconds: float, json_path: str | None
     started = time.perf_counter()
     summary = summarise(subjects, seconds, n_resamples=n_resamples, seed=seed, assets=assets)
     summary["bootstrap_seconds"] = round(time.perf_counter() - started, 1)
+    summary["goals"] = goals(summary)
     result = {**summary, **extra, "per_subject": subjects}
     print(markdown(summary, subjects))
+    print()
+    print(goals_markdown(summary["goals"]))
     if json_path:
         from nearid_reward.files import write_json_atomic
 

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from nearid_reward import NearIDModel
+from nearid_reward.files import atomic_write, write_text_atomic
 from nearid_reward.pipelines import load_pipeline
 from nearid_reward.rendering import RenderConfig, render_images
 from train_head.batching import mean_pool
@@ -126,9 +127,10 @@ def make_subject(index: int, folder: str | Path, *, seed: int = 0, image_size: i
         view_seed = int(rng.integers(2**31))
         for who, out in ((ident, inst), (lookalike, neg)):
             image = scenes.render_view(who, context, np.random.default_rng(view_seed), image_size, ctx=ctx)
-            Image.fromarray(image).save(out / f"view{v}.png")
+            with atomic_write(out / f"view{v}.png", "wb") as handle:
+                Image.fromarray(image).save(handle, format="PNG")
     subject = Subject(index, ident, lookalike, changed, contexts, inst, neg)
-    (root / "subject.json").write_text(json.dumps(subject.to_dict(), indent=2, sort_keys=True))
+    write_text_atomic(root / "subject.json", json.dumps(subject.to_dict(), indent=2, sort_keys=True))
     return subject
 
 

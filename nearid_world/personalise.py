@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nearid_reward.files import read_jsonl
+from nearid_reward.files import atomic_write, read_jsonl
 from nearid_reward.images import list_image_files, load_image, to_rgb
 from nearid_reward.rendering import RenderConfig
 from nearid_reward.run_checkpoints import LORA_WEIGHT_NAME, find_checkpoints
@@ -130,7 +130,8 @@ def class_images(pipe: Any, folder: Path, config: RenderConfig, count: int = 8) 
     images = render_images(pipe, prompts, seeds=[5 * 10**7 + i for i in range(count)], config=config)
     for i, image in enumerate(images):
         array = (image.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-        Image.fromarray(array).save(folder / f"class{i}.png")
+        with atomic_write(folder / f"class{i}.png", "wb") as handle:  # processes side by side share the folder
+            Image.fromarray(array).save(handle, format="PNG")
     return folder
 
 

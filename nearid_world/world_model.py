@@ -84,7 +84,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "WorldModelConfig", "RunOptions", "MakeWorldArguments", "build_world_pipeline", "render_training_set", "caption",
-    "pretrain_world_model", "parse_args", "main",
+    "pretrain_world_model", "denoising_loss", "parse_args", "main",
 ]
 
 CONFIG_NAME = "world_model_config.json"
@@ -92,6 +92,7 @@ CHECKPOINTS_DIR = "checkpoints"
 SNAPSHOT_DIR = "snapshot"
 CURVE_NAME = "prompt_following.jsonl"
 STAGES: tuple[str, ...] = ("autoencoder", "denoiser")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 SEEDING = "per-component: numpy SeedSequence(seed).spawn, one child per nearid_world.seeding.COMPONENTS entry"
 
 
@@ -110,6 +111,11 @@ class WorldModelConfig:
         ema_decay: EMA of the UNet and text encoder weights (what is saved).
         keep_attribute, keep_context, empty_caption: caption dropout probabilities.
         unet_channels, text_width: model sizes.
+        attention_at_full_resolution: cross-attention in the UNet's first block too (the latents' full resolution,
+            16x16 at 32 px), not only at the half resolution below it.
+        prediction_type: what the UNet predicts, ``"epsilon"`` (the noise) or ``"v_prediction"`` (the velocity
+            ``sqrt(a) * noise - sqrt(1 - a) * x0``); saved in the scheduler config, so sampling follows it.
+        snr_gamma: min-SNR loss weighting (Hang et al., 2023) with this gamma, 0 for the plain mean squared error.
         seed: every component's random stream derives from it (:mod:`nearid_world.seeding`).
     """
 
@@ -144,6 +150,13 @@ class WorldModelConfig:
         default_factory=lambda: [48, 96], metadata={"help": "the UNet's two block widths"}
     )
     text_width: int = field(default=64, metadata={"help": "width of the CLIP text encoder"})
+    attention_at_full_resolution: bool = field(
+        default=False, metadata={"help": "cross-attention also in the UNet's first block (the latents' full size)"}
+    )
+    prediction_type: str = field(
+        default="epsilon", metadata={"help": "what the UNet predicts: epsilon or v_prediction"}
+    )
+    snr_gamma: float = field(default=0.0, metadata={"help": "min-SNR loss weighting gamma (0: off)"})
     seed: int = field(default=0, metadata={"help": "everything derives from it"})
 
     def __post_init__(self) -> None:
@@ -155,6 +168,11 @@ class WorldModelConfig:
         for name in ("num_images", "vae_steps", "unet_steps", "batch_size", "vae_batch_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"WorldModelConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"WorldModelConfig.prediction_type must be one of {PREDICTION_TYPES}, "
+                             f"got {self.prediction_type!r}")
+        if self.snr_gamma < 0:
+            raise ValueError(f"WorldModelConfig.snr_gamma must be >= 0 (0: off), got {self.snr_gamma}")
         for name in ("keep_attribute", "keep_context", "empty_caption", "ema_decay"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"WorldModelConfig.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -181,11 +199,13 @@ def build_world_pipeline(config: WorldModelConfig | None = None) -> Any:
             pad_token_id=tokenizer.pad_token_id, projection_dim=config.text_width,
         ))  # fmt: skip
     c0, c1 = config.unet_channels
+    full = config.attention_at_full_resolution
+    first_down, last_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if full else ("DownBlock2D", "UpBlock2D")
     with seeded_init(config.seed, "unet_init"):
         unet = UNet2DConditionModel(
             sample_size=config.image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(c0, c1), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=config.text_width,
+            block_out_channels=(c0, c1), down_block_types=(first_down, "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", last_up), cross_attention_dim=config.text_width,
             attention_head_dim=4, norm_num_groups=16,
         )  # fmt: skip
     with seeded_init(config.seed, "vae_init"):
@@ -195,7 +215,7 @@ def build_world_pipeline(config: WorldModelConfig | None = None) -> Any:
             layers_per_block=1, norm_num_groups=8, sample_size=config.image_size, mid_block_add_attention=False,
         )  # fmt: skip
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              prediction_type="epsilon", steps_offset=1, set_alpha_to_one=False)
+                              prediction_type=config.prediction_type, steps_offset=1, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
         feature_extractor=None, image_encoder=None, requires_safety_checker=False,
@@ -540,6 +560,33 @@ def _save(pipe: Any, out: Path, unet: torch.nn.Module, text_encoder: torch.nn.Mo
     saved.save_pretrained(str(out), safe_serialization=True)
 
 
+def denoising_loss(prediction: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor,
+                   config: WorldModelConfig) -> torch.Tensor:
+    """The denoiser's loss for one batch, a scalar.
+
+    Args:
+        prediction: the UNet's output, ``[B, C, H, W]``.
+        latents: the clean latents ``x0``, ``[B, C, H, W]``.
+        noise: the noise added to them, ``[B, C, H, W]``.
+        alpha_bar: the cumulative alpha of each sample's timestep, ``[B, 1, 1, 1]`` in (0, 1).
+        config: ``prediction_type`` picks the target (the noise, or the velocity
+            ``sqrt(a) * noise - sqrt(1 - a) * x0``); ``snr_gamma`` > 0 weights each sample's squared error by
+            ``min(SNR, gamma) / SNR`` (epsilon) or ``min(SNR, gamma) / (SNR + 1)`` (velocity), ``SNR = a / (1 - a)``,
+            the min-SNR weighting expressed for each target.
+    """
+    if config.prediction_type == "v_prediction":
+        target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    else:
+        target = noise
+    if not config.snr_gamma:
+        return F.mse_loss(prediction, target)
+    snr = (alpha_bar / (1 - alpha_bar)).flatten()  # [B]
+    clipped = snr.clamp(max=config.snr_gamma)
+    weight = clipped / (snr + 1) if config.prediction_type == "v_prediction" else clipped / snr
+    per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3))  # [B]
+    return (weight * per_sample).mean()
+
+
 def _train_denoiser(pipe: Any, data: TrainingSet, config: WorldModelConfig, run: _Run) -> dict[str, float]:
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
@@ -587,7 +634,7 @@ def _train_denoiser(pipe: Any, data: TrainingSet, config: WorldModelConfig, run:
             a = alphas[t].view(-1, 1, 1, 1).to(device)
             noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
             hidden = text_encoder(ids)[0]  # [B, L, D]
-            loss = F.mse_loss(unet(noisy, t.to(device), hidden).sample, noise)
+            loss = denoising_loss(unet(noisy, t.to(device), hidden).sample, latents, noise, a, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

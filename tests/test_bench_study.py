@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_personalisation import PAIRED, main, spearman, subject_figures, summarise  # noqa: E402
+from bench_personalisation import PAIRED, goals, main, spearman, subject_figures, summarise  # noqa: E402
 
 KINDS = ("nearid", "frozen", "meanpool", "leaveout")
 
@@ -123,3 +123,80 @@ def test_overoptimisation_figure_is_drawn_from_the_summary(tmp_path: Path) -> No
         assert image.format == "PNG" and image.width > 2 * image.height
     with pytest.raises(SystemExit, match="no 'overoptimisation' curves"):
         plot({"overoptimisation": {}}, tmp_path / "none.png")
+
+
+def _goal_summary() -> dict[str, Any]:
+    """A hand-made summary that meets every goal of the study."""
+    return {
+        "paired": {"spearman_nearid_minus_meanpool": {"mean": 0.08, "low": 0.01, "high": 0.15},
+                   "spearman_nearid_minus_frozen": {"mean": 0.02, "low": 0.005, "high": 0.04}},
+        "unseen_kinds": {"leaveout": {"spearman_unseen": 0.8, "regret_unseen": 0.01, "ssr_unseen": 91.0},
+                         "frozen": {"spearman_unseen": 0.7, "regret_unseen": 0.02, "ssr_unseen": 43.0}},
+        "reward_nearid_gain": 0.12, "reward_meanpool_gain": 0.04,
+        "reward_baselines": {"nearid": {"prompt_fidelity_before": 0.9, "prompt_fidelity_after": 0.86,
+                                        "copy_rate_before": 0.1, "copy_rate_after": 0.1,
+                                        "lookalike_rate_after": 0.05}},
+        "overoptimisation": {"nearid_prior": {"truth_peak": 0.8, "truth_end": 0.79, "truth_early_stop": 0.8}},
+        "overfit_arm": {"overfit_drop": 0.2, "regret": {"copy_guard": 0.04}, "copy_signal_recall": 0.8},
+        "seconds": 7000.0, "intervals": {"reward_nearid_gain": [0.08, 0.16]},
+    }
+
+
+@pytest.mark.parametrize("change", [
+    ("paired", "spearman_nearid_minus_meanpool", "low", -0.01),     # interval touches 0
+    ("paired", "spearman_nearid_minus_meanpool", "mean", 0.04),     # below 0.05
+    ("paired", "spearman_nearid_minus_frozen", "low", -0.001),
+    ("unseen_kinds", "leaveout", "spearman_unseen", 0.69),
+    ("unseen_kinds", "leaveout", "regret_unseen", 0.021),
+    ("unseen_kinds", "leaveout", "ssr_unseen", 43.0),
+    (None, None, "reward_nearid_gain", 0.099),
+    (None, None, "reward_meanpool_gain", 0.0601),                   # 0.12 < 2 x 0.0601
+    ("reward_baselines", "nearid", "prompt_fidelity_after", 0.849),
+    ("reward_baselines", "nearid", "copy_rate_after", 0.11),
+    ("reward_baselines", "nearid", "lookalike_rate_after", 0.051),
+    ("overoptimisation", "nearid_prior", "truth_end", 0.779),
+    ("overoptimisation", "nearid_prior", "truth_early_stop", 0.779),
+    (None, "overfit_arm", "overfit_drop", 0.149),
+    ("overfit_arm", "regret", "copy_guard", 0.051),
+    (None, "overfit_arm", "copy_signal_recall", 0.79),
+    (None, None, "seconds", 7201.0),
+])
+def test_goals_are_met_exactly_at_their_bars_and_missed_beyond(change: tuple[Any, ...]) -> None:
+    assert [r["met"] for r in goals(_goal_summary())] == [True] * 16
+    summary = _goal_summary()
+    outer, inner, key, value = change
+    target = summary if outer is None else summary[outer]
+    target = target if inner is None else target[inner]
+    target[key] = value
+    rows = goals(summary)
+    assert sum(r["met"] is False for r in rows) == 1, [r["goal"] for r in rows if not r["met"]]
+
+
+def test_goals_not_measured_are_not_met_or_missed() -> None:
+    rows = goals({"paired": {}, "seconds": 60.0})
+    assert [r["met"] for r in rows][:-1] == [None] * 15 and rows[-1]["met"] is True
+    assert goals(_goal_summary())[4]["interval"] is None and goals(_goal_summary())[5]["interval"] == [0.08, 0.16]
+
+
+def test_subject_level_intervals_depend_only_on_each_subjects_measured_figures() -> None:
+    """``intervals_subjects`` resamples subjects only: shuffling the samples inside a subject (same figures as
+    measured) leaves it unchanged, while the two-level ``intervals`` see the shuffle; it brackets linear means."""
+    subjects = [_subject(i, seed=30 + i) for i in range(5)]
+    out = summarise(subjects, 1.0, n_resamples=300)
+    shuffled = json.loads(json.dumps(subjects))
+    for s in shuffled:  # the same permutation for every render of the subject keeps every figure as measured
+        n = len(s["base"]["samples"]["truth"])
+        order = np.random.default_rng(s["subject"]["index"]).permutation(n)
+        for measure in [s["base"], *s["checkpoints"], s["reward"]["before"],
+                        *[k["after_prior"] for k in s["reward"]["kinds"].values()]]:
+            measure["samples"] = {k: [v[i] for i in order] for k, v in measure["samples"].items()}
+    again = summarise(shuffled, 1.0, n_resamples=300)
+    def close(a: dict[str, list[float]], b: dict[str, list[float]]) -> bool:  # equal up to summation order
+        return a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-12, equal_nan=True) for k in a)
+
+    assert close(again["intervals_subjects"], out["intervals_subjects"])
+    assert not close(again["intervals"], out["intervals"])
+    assert set(out["paired_subjects"]) == set(PAIRED)
+    for key in ("base_truth", "best_truth", "reward_nearid_gain"):
+        low, high = out["intervals_subjects"][key]
+        assert low <= out[key] <= high
