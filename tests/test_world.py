@@ -6,6 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -298,3 +299,31 @@ def test_benchmark_quick_path_end_to_end(tmp_path: Path) -> None:
     assert arm["useful_identity_best"] == max(useful) and arm["useful_identity_last"] == useful[-1]
     for selector, regret in arm["regret"].items():
         assert 0.0 <= regret <= arm["useful_identity_best"], selector
+
+
+def test_class_images_never_leave_a_torn_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Study processes share the class-image folder: a crash mid-save leaves no half-written PNG that a later
+    run would count and read."""
+    import nearid_reward.rendering
+    from PIL import Image
+
+    from nearid_reward.rendering import RenderConfig
+    from nearid_world.personalise import class_images
+
+    monkeypatch.setattr(nearid_reward.rendering, "render_images",
+                        lambda pipe, prompts, seeds, config: torch.rand(len(prompts), 3, 8, 8))
+    real_save = Image.Image.save
+
+    def torn_save(self: Image.Image, fp: Any, format: str | None = None, **kw: Any) -> None:
+        fp.write(b"\x89PNG partial")  # some bytes reach the file, then the process dies
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        class_images(None, tmp_path / "classes", RenderConfig(), count=2)
+    assert [p.name for p in (tmp_path / "classes").iterdir()] == []
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    folder = class_images(None, tmp_path / "classes", RenderConfig(), count=2)
+    assert sorted(p.name for p in folder.iterdir()) == ["class0.png", "class1.png"]
+    for p in folder.iterdir():
+        Image.open(p).load()
