@@ -37,7 +37,8 @@ from train_head.batching import mean_pool
 from . import scenes
 from .oracle import AttributeOracle, lookalike_hits, true_identity
 
-__all__ = ["WorldAssets", "Subject", "make_subject", "Scorers", "EvalSet", "evaluate_images", "render_eval_set"]
+__all__ = ["WorldAssets", "Subject", "make_subject", "Scorers", "EvalSet", "evaluate_images", "render_eval_set",
+           "prompt_following", "attribute_rates", "autoencoder_ceiling"]
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 PROMPTS = Path(__file__).resolve().parent / "prompts.json"
@@ -229,10 +230,56 @@ def prompt_following(pipeline: Any, oracle: AttributeOracle, *, count: int = 64,
     prompts = [scenes.prompt_for(i, c) for i, c in zip(idents, contexts)]
     cfg = config or RenderConfig(num_inference_steps=20, guidance_scale=4.0, batch_size=32)
     images = render_images(pipeline, prompts, seeds=[seed * 10**6 + i for i in range(count)], config=cfg)
-    predicted = oracle.predict(images)
-    out = {name: float(np.mean([p[name] == getattr(i, name) for p, i in zip(predicted, idents)]))
+    return attribute_rates(oracle.predict(images), idents, contexts)
+
+
+def attribute_rates(predicted: Sequence[dict[str, str]], identities: Sequence[scenes.Identity],
+                    contexts: Sequence[str]) -> dict[str, float]:
+    """Share of images in which the oracle reads each attribute it should, in [0, 1].
+
+    Keys: the identity attributes, ``context``, and ``all_identity_attributes`` (all five read at once).
+    """
+    out = {name: float(np.mean([p[name] == getattr(i, name) for p, i in zip(predicted, identities)]))
            for name in scenes.IDENTITY_ATTRIBUTES}
     out["context"] = float(np.mean([p["context"] == c for p, c in zip(predicted, contexts)]))
     out["all_identity_attributes"] = float(np.mean([all(p[n] == getattr(i, n) for n in scenes.IDENTITY_ATTRIBUTES)
-                                                    for p, i in zip(predicted, idents)]))
+                                                    for p, i in zip(predicted, identities)]))
     return out
+
+
+@torch.no_grad()
+def autoencoder_ceiling(vae: Any, oracle: AttributeOracle, *, count: int = 480, seed: int = 0,
+                        image_size: int = 32, batch_size: int = 96) -> dict[str, float]:
+    """What the oracle still reads after the autoencoder: a ceiling on the world model's prompt following.
+
+    ``count`` freshly rendered views (random identities that are not held out, random contexts; their own seed, never
+    a training view) go through ``vae`` (encode, the posterior mean, decode) and the oracle reads the
+    reconstructions. A denoiser can draw no better than its autoencoder decodes, so a rate here below a
+    prompt-following goal means the autoencoder, not the denoiser, must improve.
+
+    Args:
+        vae: a diffusers ``AutoencoderKL`` (or anything with ``encode(x).latent_dist.mean`` and ``decode(z).sample``)
+            taking images in [-1, 1]; used on its own device and dtype.
+        oracle: reads the reconstructions.
+        count: views rendered.
+        seed: draws the views.
+        image_size: pixels of the views.
+        batch_size: views per autoencoder pass.
+
+    Returns:
+        :func:`attribute_rates` of the reconstructions.
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    rng = np.random.default_rng([seed, 7300])
+    idents = [scenes.sample_identity(rng, scenes.held_out_identities()) for _ in range(count)]
+    contexts = [list(scenes.CONTEXTS)[int(rng.integers(len(scenes.CONTEXTS)))] for _ in range(count)]
+    views = np.stack([scenes.render_view(i, c, rng, image_size) for i, c in zip(idents, contexts)])
+    pixels = torch.from_numpy(views).permute(0, 3, 1, 2).float() / 255.0  # [N, 3, S, S] in [0, 1]
+    param = next(vae.parameters())
+    recon = []
+    for start in range(0, count, batch_size):
+        x = (pixels[start:start + batch_size] * 2 - 1).to(param.device, param.dtype)
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        recon.append(((y.float().cpu() + 1) / 2).clamp(0, 1))
+    return attribute_rates(oracle.predict(torch.cat(recon)), idents, contexts)

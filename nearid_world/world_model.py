@@ -26,7 +26,8 @@ every generator's state) to ``OUTPUT_DIR/checkpoints/<stage>-<step>`` every N st
 boundary between the autoencoder and denoiser stages; ``--resume`` continues from the newest complete checkpoint and
 ends with the same bytes as an uninterrupted run. ``--eval_every N`` measures prompt following
 (:func:`nearid_world.evaluate.prompt_following`, read by the shipped oracle) every N denoiser steps and appends it to
-``OUTPUT_DIR/prompt_following.jsonl``.
+``OUTPUT_DIR/prompt_following.jsonl``; once, it also measures the autoencoder's ceiling
+(:func:`nearid_world.evaluate.autoencoder_ceiling`), recorded in the config's metrics.
 
 Command (the shipped ``nearid_world/weights/world_model`` predates per-component seeding; see docs/world.md)::
 
@@ -296,7 +297,9 @@ class RunOptions:
         keep_checkpoints: keep ``OUTPUT_DIR/checkpoints`` after the run (default: removed once the model is saved,
             unless ``stop_after`` ended the denoiser stage early).
         snapshot_every: save the EMA weights so far to ``OUTPUT_DIR/snapshot`` every this many denoiser steps.
-        eval_every: measure prompt following every this many denoiser steps and at the end (0: never).
+        eval_every: measure prompt following every this many denoiser steps and at the end (0: never), and once
+            the autoencoder's ceiling (the oracle's reading of its reconstructions, ``5 * eval_count`` views;
+            ``metrics.autoencoder_ceiling`` of the config).
         eval_count: prompts of each prompt-following measurement (96 is the documented measure).
         eval_oracle: the oracle folder that reads the samples (None: the shipped one).
         device: torch device of the training (``cpu``, ``cuda``, ``cuda:1``); random numbers are always drawn on
@@ -438,12 +441,10 @@ class _Run:
 
     def measure(self, pipe: Any, ema_unet: torch.nn.Module, ema_text: torch.nn.Module, step: int) -> None:
         """Append the prompt following of the weights as they would be saved now (EMA, float16-rounded)."""
-        from .evaluate import WorldAssets, prompt_following
-        from .oracle import AttributeOracle
+        from .evaluate import prompt_following
 
-        with self.timed("eval"), _forked_rng(self.device):  # building the oracle draws from the global generator
-            if self._oracle is None:
-                self._oracle = AttributeOracle.from_pretrained(self.options.eval_oracle or WorldAssets().oracle).eval()
+        with self.timed("eval"), _forked_rng(self.device):
+            self._load_oracle()
             shipped = copy.copy(pipe)
             shipped.register_modules(unet=_float16_rounded(ema_unet), vae=_float16_rounded(pipe.vae),
                                      text_encoder=ema_text)
@@ -451,6 +452,24 @@ class _Run:
             append_jsonl(self.curve, {"step": step, "count": self.options.eval_count,
                                       **{k: round(v, 6) for k, v in rates.items()}})
         logger.info("world denoiser step %d: prompt following %s", step, rates)
+
+    def measure_autoencoder(self, vae: Any) -> dict[str, float]:
+        """What the oracle reads in the saved (float16-rounded) autoencoder's reconstructions: the curve's ceiling."""
+        from .evaluate import autoencoder_ceiling
+
+        with self.timed("eval"), _forked_rng(self.device):
+            self._load_oracle()
+            rates = autoencoder_ceiling(_float16_rounded(vae), self._oracle, count=5 * self.options.eval_count,
+                                        image_size=self.config.image_size)
+        logger.info("world autoencoder: the oracle reads in its reconstructions %s", rates)
+        return {k: round(v, 6) for k, v in rates.items()}
+
+    def _load_oracle(self) -> None:
+        from .evaluate import WorldAssets
+        from .oracle import AttributeOracle
+
+        if self._oracle is None:  # building the oracle draws from the global generator: callers fork it
+            self._oracle = AttributeOracle.from_pretrained(self.options.eval_oracle or WorldAssets().oracle).eval()
 
 
 def _float16_rounded(module: torch.nn.Module) -> torch.nn.Module:
@@ -723,7 +742,8 @@ def _pretrain(out: Path, config: WorldModelConfig, options: RunOptions, progress
         run.save_checkpoint("denoiser", 0, {"loss_ema": None, **_vae_scalars(pipe.vae, run)},
                             modules={"vae": pipe.vae})
     pipe.vae.requires_grad_(False)
-    metrics = run.vae_metrics | _train_denoiser(pipe, data, config, run)
+    ceiling = {"autoencoder_ceiling": run.measure_autoencoder(pipe.vae)} if options.eval_every else {}
+    metrics = run.vae_metrics | ceiling | _train_denoiser(pipe, data, config, run)
     _save(pipe, out, pipe.unet, pipe.text_encoder)
     hashes = output_sha256(out, exclude=(CONFIG_NAME, CHECKPOINTS_DIR, SNAPSHOT_DIR))
     per_step = {stage: round(run.seconds.get(stage, 0.0) / run.steps_run[stage], 4)
@@ -780,7 +800,8 @@ class MakeWorldArguments:
     )
     eval_every: int = field(
         default=0, metadata={"help": "measure prompt following every N denoiser steps and at the end, appended to "
-                                     "OUTPUT_DIR/prompt_following.jsonl (0: never)"}
+                                     "OUTPUT_DIR/prompt_following.jsonl, and once what the oracle reads in the "
+                                     "autoencoder's reconstructions (0: never)"}
     )
     eval_count: int = field(default=96, metadata={"help": "prompts per prompt-following measurement"})
     eval_oracle: str | None = field(

@@ -6,6 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -169,6 +170,33 @@ def test_shipped_world_model_draws_the_prompted_colour_and_context(oracle: Attri
     assert shape_hits >= 0.5, shape_hits  # chance: 1/5
 
 
+class _Autoencoder(torch.nn.Module):
+    """``encode(x).latent_dist.mean`` / ``decode(z).sample`` like AutoencoderKL: the identity, or a flat grey."""
+
+    def __init__(self, flat: bool) -> None:
+        super().__init__()
+        self.flat = flat
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # gives the device and dtype
+
+    def encode(self, x: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+    def decode(self, z: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(sample=torch.zeros_like(z) if self.flat else z)
+
+
+def test_autoencoder_ceiling_reads_the_reconstructions(oracle: AttributeOracle) -> None:
+    from nearid_world.evaluate import autoencoder_ceiling
+
+    perfect = autoencoder_ceiling(_Autoencoder(flat=False), oracle, count=64, batch_size=24)
+    assert min(perfect.values()) >= 0.95  # the oracle reads renders themselves (its goal: >= 0.95 per attribute)
+    grey = autoencoder_ceiling(_Autoencoder(flat=True), oracle, count=64, batch_size=24)
+    # one grey image for all 64 views: one reading, so each attribute is right only where the views agree with it
+    assert grey["all_identity_attributes"] <= 0.05 and grey["shape"] <= 0.5 and grey["context"] <= 0.5
+    with pytest.raises(ValueError, match="count"):
+        autoencoder_ceiling(_Autoencoder(flat=False), oracle, count=0)
+
+
 def test_eval_set_is_fixed() -> None:
     a, b = EvalSet(per_context=2), EvalSet(per_context=2)
     assert a.prompts() == b.prompts() and a.seeds() == b.seeds()
@@ -304,9 +332,9 @@ def test_benchmark_quick_path_end_to_end(tmp_path: Path) -> None:
 def test_class_images_never_leave_a_torn_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Study processes share the class-image folder: a crash mid-save leaves no half-written PNG that a later
     run would count and read."""
-    import nearid_reward.rendering
     from PIL import Image
 
+    import nearid_reward.rendering
     from nearid_reward.rendering import RenderConfig
     from nearid_world.personalise import class_images
 

@@ -139,7 +139,7 @@ def test_rerun_writes_the_same_bytes_and_records_their_hashes(reference: Path, t
 
 def test_prompt_following_curve_measures_the_weights_as_saved(reference: Path) -> None:
     from nearid_reward.pipelines import load_pipeline
-    from nearid_world.evaluate import WorldAssets, prompt_following
+    from nearid_world.evaluate import WorldAssets, autoencoder_ceiling, prompt_following
     from nearid_world.oracle import AttributeOracle
 
     rows = [json.loads(line) for line in (reference / CURVE_NAME).read_text().splitlines()]
@@ -150,8 +150,13 @@ def test_prompt_following_curve_measures_the_weights_as_saved(reference: Path) -
         assert all(0.0 <= row[k] <= 1.0 for k in keys)
     oracle = AttributeOracle.from_pretrained(WorldAssets().oracle).eval()
     # the last row is what the saved files draw, read back from disk
-    final = prompt_following(load_pipeline(reference, torch_dtype=torch.float32), oracle, count=4)
+    saved = load_pipeline(reference, torch_dtype=torch.float32)
+    final = prompt_following(saved, oracle, count=4)
     assert {k: round(v, 6) for k, v in final.items()} == {k: rows[-1][k] for k in keys}
+    # the autoencoder's ceiling is measured once, on the autoencoder as saved, with 5 x --eval_count views
+    ceiling = json.loads((reference / CONFIG_NAME).read_text())["metrics"]["autoencoder_ceiling"]
+    again = autoencoder_ceiling(saved.vae, oracle, count=20)
+    assert ceiling == {k: round(v, 6) for k, v in again.items()} and set(ceiling) == keys
 
 
 def test_settings_of_one_component_leave_the_others_alone(reference: Path, tmp_path: Path) -> None:
