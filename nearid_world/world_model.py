@@ -29,9 +29,9 @@ ends with the same bytes as an uninterrupted run. ``--eval_every N`` measures pr
 ``OUTPUT_DIR/prompt_following.jsonl``; once, it also measures the autoencoder's ceiling
 (:func:`nearid_world.evaluate.autoencoder_ceiling`), recorded in the config's metrics.
 
-Command (the shipped ``nearid_world/weights/world_model`` predates per-component seeding; see docs/world.md)::
+Command that made the shipped ``nearid_world/weights/world_model`` (a rerun gives the same bytes; docs/world.md)::
 
-    nearid-make-world --output_dir nearid_world/weights/world_model --seed 0 --threads 1
+    nearid-make-world --output_dir nearid_world/weights/world_model --seed 0 --threads 1 --eval_every 1000
 """
 
 from __future__ import annotations
