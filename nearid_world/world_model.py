@@ -29,9 +29,9 @@ ends with the same bytes as an uninterrupted run. ``--eval_every N`` measures pr
 ``OUTPUT_DIR/prompt_following.jsonl``; once, it also measures the autoencoder's ceiling
 (:func:`nearid_world.evaluate.autoencoder_ceiling`), recorded in the config's metrics.
 
-Command (the shipped ``nearid_world/weights/world_model`` predates per-component seeding; see docs/world.md)::
+Command that made the shipped ``nearid_world/weights/world_model`` (a rerun gives the same bytes; docs/world.md)::
 
-    nearid-make-world --output_dir nearid_world/weights/world_model --seed 0 --threads 1
+    nearid-make-world --output_dir nearid_world/weights/world_model --seed 0 --threads 1 --eval_every 1000
 """
 
 from __future__ import annotations
@@ -127,10 +127,10 @@ class WorldModelConfig:
     held_out: int = field(
         default=48, metadata={"help": "held-out identities never rendered (the benchmark's subjects)"}
     )
-    vae_steps: int = field(default=500, metadata={"help": "autoencoder steps"})
+    vae_steps: int = field(default=1500, metadata={"help": "autoencoder steps"})
     vae_batch_size: int = field(default=32, metadata={"help": "autoencoder batch size"})
     vae_learning_rate: float = field(default=2e-3, metadata={"help": "autoencoder learning rate"})
-    unet_steps: int = field(default=2500, metadata={"help": "denoiser steps (AdamW, cosine decay to 10 %%)"})
+    unet_steps: int = field(default=6000, metadata={"help": "denoiser steps (AdamW, cosine decay to 10 %%)"})
     stop_after: int = field(
         default=0, metadata={"help": "end the denoiser stage after this many steps of its schedule (0: run it all)"}
     )
@@ -155,9 +155,9 @@ class WorldModelConfig:
         default=False, metadata={"help": "cross-attention also in the UNet's first block (the latents' full size)"}
     )
     prediction_type: str = field(
-        default="epsilon", metadata={"help": "what the UNet predicts: epsilon or v_prediction"}
+        default="v_prediction", metadata={"help": "what the UNet predicts: epsilon or v_prediction"}
     )
-    snr_gamma: float = field(default=0.0, metadata={"help": "min-SNR loss weighting gamma (0: off)"})
+    snr_gamma: float = field(default=5.0, metadata={"help": "min-SNR loss weighting gamma (0: off)"})
     seed: int = field(default=0, metadata={"help": "everything derives from it"})
 
     def __post_init__(self) -> None:

@@ -257,37 +257,37 @@ def test_denoising_loss_targets_and_min_snr_weights_by_hand() -> None:
     # two samples, one value each: alpha_bar 0.25 (SNR 1/3) and 0.9 (SNR 9); x0 = 1, noise = 2, prediction 0
     a = torch.tensor([0.25, 0.9]).view(2, 1, 1, 1)
     x0, noise, zero = torch.ones(2, 1, 1, 1), torch.full((2, 1, 1, 1), 2.0), torch.zeros(2, 1, 1, 1)
-    eps = WorldModelConfig()
+    eps = WorldModelConfig(prediction_type="epsilon", snr_gamma=0.0)
     assert denoising_loss(zero, x0, noise, a, eps).item() == pytest.approx(4.0)  # (0 - 2)^2
-    v = WorldModelConfig(prediction_type="v_prediction")
+    v = WorldModelConfig(prediction_type="v_prediction", snr_gamma=0.0)
     # v = sqrt(a) * 2 - sqrt(1 - a) * 1: 1 - sqrt(0.75) and 2 sqrt(0.9) - sqrt(0.1)
     v0, v1 = 1 - 0.75**0.5, 2 * 0.9**0.5 - 0.1**0.5
     assert denoising_loss(zero, x0, noise, a, v).item() == pytest.approx((v0**2 + v1**2) / 2)
     # gamma 5: the low-SNR sample keeps weight 1 (eps) or 1/3 / (4/3) = 1/4 (v); the high-SNR one 5/9 or 5/10
-    assert denoising_loss(zero, x0, noise, a, WorldModelConfig(snr_gamma=5)).item() == pytest.approx(
-        (4.0 + 5 / 9 * 4.0) / 2)
+    eps5 = WorldModelConfig(prediction_type="epsilon", snr_gamma=5)
+    assert denoising_loss(zero, x0, noise, a, eps5).item() == pytest.approx((4.0 + 5 / 9 * 4.0) / 2)
     assert denoising_loss(zero, x0, noise, a, WorldModelConfig(prediction_type="v_prediction", snr_gamma=5)).item() \
         == pytest.approx((0.25 * v0**2 + 0.5 * v1**2) / 2)
 
 
 def test_levers_reach_the_saved_pipeline(tmp_path: Path) -> None:
-    """Full-resolution cross-attention and v-prediction are in the saved UNet and scheduler, so sampling uses them;
-    the defaults keep the shipped architecture (attention only in the second block, epsilon)."""
+    """Full-resolution cross-attention and the prediction type are in the saved UNet and scheduler, so sampling uses
+    them; the defaults are the shipped recipe (attention only in the second block, v-prediction, min-SNR 5)."""
     from diffusers import StableDiffusionPipeline
 
     default = build_world_pipeline(WorldModelConfig(unet_channels=[16, 32], text_width=32))
     assert not hasattr(default.unet.down_blocks[0], "attentions")
-    assert default.scheduler.config.prediction_type == "epsilon"
+    assert (default.scheduler.config.prediction_type, WorldModelConfig().snr_gamma) == ("v_prediction", 5.0)
     out = tmp_path / "levers"
     argv = [*TINY, "--eval_every", "0", "--checkpoint_every", "0", "--unet_steps", "3", "--vae_steps", "2",
-            "--attention_at_full_resolution", "--prediction_type", "v_prediction", "--snr_gamma", "5"]
+            "--attention_at_full_resolution", "--prediction_type", "epsilon", "--snr_gamma", "2"]
     assert main([*argv, "--output_dir", str(out)]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
-    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.prediction_type == "epsilon"
     assert len(pipe.unet.down_blocks[0].attentions) == 1 and len(pipe.unet.up_blocks[1].attentions) == 2
     config = json.loads((out / CONFIG_NAME).read_text())["config"]
     assert (config["prediction_type"], config["snr_gamma"], config["attention_at_full_resolution"]) == (
-        "v_prediction", 5.0, True)
+        "epsilon", 2.0, True)
 
 
 def test_bad_lever_values_name_the_field() -> None:
