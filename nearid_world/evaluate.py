@@ -35,7 +35,7 @@ from nearid_reward.rendering import RenderConfig, render_images
 from train_head.batching import mean_pool
 
 from . import scenes
-from .oracle import AttributeOracle, lookalike_hits, true_identity
+from .oracle import AttributeOracle, _unit, lookalike_hits, true_identity
 
 __all__ = ["WorldAssets", "Subject", "make_subject", "Scorers", "EvalSet", "evaluate_images", "render_eval_set",
            "prompt_following", "attribute_rates", "autoencoder_ceiling"]
@@ -222,15 +222,21 @@ def prompt_following(pipeline: Any, oracle: AttributeOracle, *, count: int = 64,
     ``count`` random identities (the held-out ones with ``held_out``, never seen in training) in random contexts,
     each prompted with every attribute ("a red and blue striped star with a hat on the beach").
     """
-    rng = np.random.default_rng([seed, 7200])
-    pool = scenes.held_out_identities() if held_out else None
-    idents = [pool[int(rng.integers(len(pool)))] if pool else scenes.sample_identity(rng, scenes.held_out_identities())
-              for _ in range(count)]
-    contexts = [list(scenes.CONTEXTS)[int(rng.integers(len(scenes.CONTEXTS)))] for _ in range(count)]
+    idents, contexts = _draw_identities(np.random.default_rng([seed, 7200]), count, held_out=held_out)
     prompts = [scenes.prompt_for(i, c) for i, c in zip(idents, contexts)]
     cfg = config or RenderConfig(num_inference_steps=20, guidance_scale=4.0, batch_size=32)
     images = render_images(pipeline, prompts, seeds=[seed * 10**6 + i for i in range(count)], config=cfg)
     return attribute_rates(oracle.predict(images), idents, contexts)
+
+
+def _draw_identities(rng: np.random.Generator, count: int, *,
+                     held_out: bool = False) -> tuple[list[scenes.Identity], list[str]]:
+    """``count`` random identities (held-out ones with ``held_out``, else never held-out ones), then their contexts."""
+    pool = scenes.held_out_identities()
+    idents = [pool[int(rng.integers(len(pool)))] if held_out else scenes.sample_identity(rng, pool)
+              for _ in range(count)]
+    contexts = [list(scenes.CONTEXTS)[int(rng.integers(len(scenes.CONTEXTS)))] for _ in range(count)]
+    return idents, contexts
 
 
 def attribute_rates(predicted: Sequence[dict[str, str]], identities: Sequence[scenes.Identity],
@@ -272,10 +278,8 @@ def autoencoder_ceiling(vae: Any, oracle: AttributeOracle, *, count: int = 480, 
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     rng = np.random.default_rng([seed, 7300])
-    idents = [scenes.sample_identity(rng, scenes.held_out_identities()) for _ in range(count)]
-    contexts = [list(scenes.CONTEXTS)[int(rng.integers(len(scenes.CONTEXTS)))] for _ in range(count)]
-    views = np.stack([scenes.render_view(i, c, rng, image_size) for i, c in zip(idents, contexts)])
-    pixels = torch.from_numpy(views).permute(0, 3, 1, 2).float() / 255.0  # [N, 3, S, S] in [0, 1]
+    idents, contexts = _draw_identities(rng, count)
+    pixels = _unit(np.stack([scenes.render_view(i, c, rng, image_size) for i, c in zip(idents, contexts)]))
     param = next(vae.parameters())
     recon = []
     for start in range(0, count, batch_size):
