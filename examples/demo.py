@@ -1,6 +1,8 @@
 """The main job (``make demo``): NearID from head training to a personalised LoRA, offline, on built-in tiny models.
 
-Stages, each timed and cached under ``demo_out/`` (a rerun reuses what is already built):
+Stages, each timed and cached under ``demo_out/``: a rerun reuses a finished stage when its inputs (the stage's
+settings, the sha256 of the shipped world weights it reads, the stages it builds on) are those it was built from,
+and rebuilds it otherwise:
 
 1. train a NearID head on the synthetic NearID benchmark and compare it with the frozen backbone (SSR/PA on
    held-out identities);
@@ -17,6 +19,8 @@ non-zero exit code.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -64,16 +68,51 @@ def _reset_accelerate() -> None:
     PartialState._reset_state()
 
 
-def _done(folder: Path) -> dict[str, Any] | None:
+def stage_key(inputs: dict[str, Any]) -> str:
+    """sha256 of a stage's inputs (settings, weights' hashes, upstream keys) as canonical JSON: the cache key."""
+    text = json.dumps(inputs, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _head_inputs() -> dict[str, Any]:
+    import train_head_demo as thd
+
+    return {"data": dataclasses.asdict(thd.DATA), "backbone": dataclasses.asdict(thd.BACKBONE),
+            "head_steps": thd.HEAD_STEPS, "temperature": thd.TEMPERATURE}
+
+
+def _world_inputs() -> dict[str, Any]:
+    """What the world stage reads: its settings and the sha256 of every shipped world file (model, NearID, oracle)."""
+    from nearid_world.evaluate import WorldAssets
+    from nearid_world.training_state import output_sha256
+
+    root = WorldAssets().root
+    weights = output_sha256(root) if root.is_dir() else {}
+    return {"subject": WORLD_SUBJECT, "run": WORLD_RUN, "weights": weights}
+
+
+def _done(folder: Path, key: str) -> dict[str, Any] | None:
+    """The finished stage's record if it was built from the same inputs (``key``); else ``None``.
+
+    A stage built from other inputs (an updated world model, changed settings) or by a version that recorded no key
+    is removed, with a line saying so, and built again."""
     marker = folder / "stage_done.json"
-    return json.loads(marker.read_text()) if marker.is_file() else None
+    if not marker.is_file():
+        return None
+    info = json.loads(marker.read_text())
+    if info.get("key") == key:
+        return info
+    print(f"{folder}: built from other inputs than today's (settings or shipped weights changed); rebuilding it",
+          flush=True)
+    shutil.rmtree(folder)
+    return None
 
 
-def _mark_done(folder: Path, info: dict[str, Any], started: float) -> dict[str, Any]:
-    """Record a finished stage (with how long it took) so that a rerun reuses it."""
+def _mark_done(folder: Path, info: dict[str, Any], started: float, key: str) -> dict[str, Any]:
+    """Record a finished stage (with its inputs' key and how long it took) so that a rerun reuses it."""
     from nearid_reward.files import write_json_atomic
 
-    info = {**info, "seconds": time.perf_counter() - started}
+    info = {**info, "key": key, "seconds": time.perf_counter() - started}
     write_json_atomic(folder / "stage_done.json", info)
     return info
 
@@ -84,7 +123,8 @@ def stage_head(out: Path) -> dict[str, Any]:
     import train_head_demo as thd
 
     folder = out / "train_head"
-    if (info := _done(folder)) is not None:
+    key = stage_key(_head_inputs())
+    if (info := _done(folder, key)) is not None:
         return info
     started = time.perf_counter()
     thd.OUT = folder
@@ -94,7 +134,7 @@ def stage_head(out: Path) -> dict[str, Any]:
                for name in ("frozen", "trained")}
     info = {"data": str(folder / "data"), "backbone": str(backbone), "head": str(folder / "run" / "best"),
             "levels": list(thd.LEVELS), "metrics": metrics}
-    return _mark_done(folder, info, started)
+    return _mark_done(folder, info, started, key)
 
 
 # --------------------------------------------------------------------------------------------- stage 2
@@ -124,7 +164,8 @@ def stage_projection(out: Path, head: dict[str, Any]) -> dict[str, Any]:
     from nearid_reward import NearIDModel
 
     folder = out / "projection"
-    if (info := _done(folder)) is not None:
+    key = stage_key({"head": head["key"]})
+    if (info := _done(folder, key)) is not None:
         return info
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
@@ -143,7 +184,7 @@ def stage_projection(out: Path, head: dict[str, Any]) -> dict[str, Any]:
                         for b in range(v.shape[1]) if a != b])
         fake = np.mean([v[i, a] @ f[i, a] for i in range(len(v)) for a in range(v.shape[1])])
         gaps[name] = {"same_identity": float(same), "own_distractor": float(fake)}
-    return _mark_done(folder, {"embeddings": str(folder / "embeddings.npz"), "cosines": gaps}, started)
+    return _mark_done(folder, {"embeddings": str(folder / "embeddings.npz"), "cosines": gaps}, started, key)
 
 
 # --------------------------------------------------------------------------------------------- stage 3
@@ -154,7 +195,8 @@ def stage_world(out: Path) -> dict[str, Any]:
     from nearid_world.personalise import PersonaliseConfig, class_images, personalise_subject
 
     folder = out / "world"
-    if (info := _done(folder)) is not None:
+    key = stage_key(_world_inputs())
+    if (info := _done(folder, key)) is not None:
         return info
     started = time.perf_counter()
     if folder.exists():
@@ -168,7 +210,7 @@ def stage_world(out: Path) -> dict[str, Any]:
     classes = class_images(pipe, folder / "class_images", render)
     result = personalise_subject(config, assets, pipe, oracle, WORLD_SUBJECT, classes, render)
     result["assets"] = {"world_model": str(assets.world_model), "nearid": str(assets.nearid)}
-    return _mark_done(folder, result, started)
+    return _mark_done(folder, result, started, key)
 
 
 # --------------------------------------------------------------------------------------------- stage 4
@@ -178,7 +220,8 @@ def stage_select(out: Path, world: dict[str, Any]) -> dict[str, Any]:
     from nearid_world.evaluate import PROMPTS
 
     folder = out / "selection"
-    if (info := _done(folder)) is not None:
+    key = stage_key({"world": world["key"]})
+    if (info := _done(folder, key)) is not None:
         return info
     started = time.perf_counter()
     run = Path(world["folder"]) / "dreambooth"
@@ -191,7 +234,7 @@ def stage_select(out: Path, world: dict[str, Any]) -> dict[str, Any]:
                  "--images_per_prompt", str(WORLD_RUN["per_context"]), "--scheduler", "DDIMScheduler",
                  "--copy_winner", "--winner_dir", str(folder / "winner")])
     result = json.loads((run / "identity_selection.json").read_text())
-    return _mark_done(folder, {"selection": result, "winner_dir": str(folder / "winner")}, started)
+    return _mark_done(folder, {"selection": result, "winner_dir": str(folder / "winner")}, started, key)
 
 
 # --------------------------------------------------------------------------------------------- stage 6
