@@ -71,7 +71,8 @@ The JSON holds per-subject results (with per-sample values), the averaged figure
 ``intervals`` (every averaged figure -> ``[low, high]``), ``paired``, ``intervals_subjects`` and
 ``paired_subjects`` (the same from resampling subjects only, a sensitivity analysis added after the first full
 run: see :func:`summarise`), ``unseen_kinds``, ``reward_baselines``,
-``overoptimisation``, ``overfit_arm`` (when the arm ran), ``seconds`` and ``goals`` (each of the study's
+``overoptimisation``, ``best_checkpoint_attributes`` (which attributes the oracle-best checkpoints draw),
+``overfit_arm`` (when the arm ran), ``seconds`` and ``goals`` (each of the study's
 goals, fixed before it ran, checked against the figures: :func:`goals`; also printed as a table).
 """
 
@@ -315,6 +316,26 @@ def _curves(subjects: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def best_checkpoint_attributes(subjects: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which of the subject's attributes its oracle-best checkpoint draws: a descriptive figure, no interval.
+
+    Per identity attribute, the share of the best checkpoint's evaluation samples in which the oracle reads the
+    subject's value (``match_<attribute>``), averaged over the subjects; ``per_subject`` keeps each subject's rates
+    (keyed by index). The best checkpoint is the one with the highest measured true identity (the first on a tie).
+    Added after the study's rerun on the rebuilt world, to say what the subjects that stay short of 1.0 miss.
+    """
+    per_subject: dict[str, dict[str, float]] = {}
+    for s in subjects:
+        rows = s["checkpoints"]
+        if not all(f"match_{a}" in rows[0] for a in scenes.IDENTITY_ATTRIBUTES):
+            continue
+        best = rows[int(np.argmax([r["truth"] for r in rows]))]
+        per_subject[str(s["subject"]["index"])] = {a: float(best[f"match_{a}"]) for a in scenes.IDENTITY_ATTRIBUTES}
+    mean = {a: nanmean([r[a] for r in per_subject.values()]) if per_subject else math.nan
+            for a in scenes.IDENTITY_ATTRIBUTES}
+    return {"mean": mean, "per_subject": per_subject}
+
+
 def summarise(subjects: list[dict[str, Any]], seconds: float, *, n_resamples: int = 2000, seed: int = 0,
               assets: WorldAssets | None = None) -> dict[str, Any]:
     """The averaged figures with their intervals, and the study's grouped keys (see the module docstring)."""
@@ -358,6 +379,7 @@ def summarise(subjects: list[dict[str, Any]], seconds: float, *, n_resamples: in
                 entry[f"{name}_{when}"] = intervals.get(f"reward_{kind}_{name}_{when}", nan).mean
         out["reward_baselines"][kind] = entry
     out["overoptimisation"] = _curves(subjects)
+    out["best_checkpoint_attributes"] = best_checkpoint_attributes(subjects)
     arm = [s["overfit"] for s in subjects if "overfit" in s]
     if arm:
         out["overfit_arm"] = summarise_overfit(arm, seed=seed)
@@ -449,6 +471,14 @@ def goals_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _missed(rates: dict[str, float] | None) -> str:
+    """The attributes drawn in fewer than half of the samples (with their rates), ``none``, or ``-`` if unmeasured."""
+    if rates is None:
+        return "-"
+    missed = [f"{a} {r:.2f}" for a, r in rates.items() if r < 0.5]
+    return ", ".join(missed) if missed else "none"
+
+
 def markdown(summary: dict[str, Any], subjects: list[dict[str, Any]] | None = None) -> str:
     """The averaged figures with their intervals, then (with ``subjects``) one row per subject."""
     lines = ["| figure | value | 95 % interval |", "|---|---|---|"]
@@ -463,8 +493,9 @@ def markdown(summary: dict[str, Any], subjects: list[dict[str, Any]] | None = No
         lines += ["", "| subject | look-alike changes | base truth | best truth "
                   "| Spearman NearID / frozen / mean pool | regret NearID / frozen / mean pool / last "
                   "| reward NearID / frozen / mean pool: truth before -> after "
-                  "| look-alike rate before -> after (NearID reward) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| look-alike rate before -> after (NearID reward) | drawn in < half the best samples |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        attributes = best_checkpoint_attributes(subjects)["per_subject"]
         for s in subjects:
             sp, rg = s["spearman"], s["regret"]
             kinds = s.get("reward", {}).get("kinds", {})
@@ -481,7 +512,8 @@ def markdown(summary: dict[str, Any], subjects: list[dict[str, Any]] | None = No
                 f"| {s['best_truth']:.2f} "
                 f"| {sp['nearid']:.2f} / {sp['frozen']:.2f} / {sp['meanpool']:.2f} "
                 f"| {rg['nearid']:.2f} / {rg['frozen']:.2f} / {rg['meanpool']:.2f} / {rg['last']:.2f} "
-                f"| {gains} | {f(before, 'lookalike_rate')} -> {f(near, 'lookalike_rate')} |")
+                f"| {gains} | {f(before, 'lookalike_rate')} -> {f(near, 'lookalike_rate')} "
+                f"| {_missed(attributes.get(str(s['subject']['index'])))} |")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_personalisation as bench  # noqa: E402
 from bench_personalisation import PAIRED, goals, main, spearman, subject_figures, summarise  # noqa: E402
 
 KINDS = ("nearid", "frozen", "meanpool", "leaveout")
@@ -200,3 +201,22 @@ def test_subject_level_intervals_depend_only_on_each_subjects_measured_figures()
     for key in ("base_truth", "best_truth", "reward_nearid_gain"):
         low, high = out["intervals_subjects"][key]
         assert low <= out[key] <= high
+
+
+def test_best_checkpoint_attributes_read_the_oracle_best_checkpoint() -> None:
+    attrs = ("shape", "primary", "secondary", "pattern", "part")
+
+    def row(truth: float, rates: tuple[float, ...]) -> dict[str, Any]:
+        return {"truth": truth, **{f"match_{a}": r for a, r in zip(attrs, rates)}}
+
+    first = {"subject": {"index": 3}, "checkpoints": [row(0.4, (1, 1, 0, 0, 0)), row(0.8, (1, 1, 1, 1, 0)),
+                                                       row(0.6, (1, 1, 1, 0, 0))]}
+    second = {"subject": {"index": 7}, "checkpoints": [row(1.0, (1, 1, 1, 1, 1)), row(1.0, (0, 0, 0, 0, 0))]}
+    unmeasured = {"subject": {"index": 9}, "checkpoints": [{"truth": 0.5}]}
+    out = bench.best_checkpoint_attributes([first, second, unmeasured])
+    assert out["per_subject"] == {"3": dict(zip(attrs, (1.0, 1.0, 1.0, 1.0, 0.0))),
+                                  "7": dict.fromkeys(attrs, 1.0)}  # a tie keeps the first checkpoint
+    assert out["mean"] == {"shape": 1.0, "primary": 1.0, "secondary": 1.0, "pattern": 1.0, "part": 0.5}
+    assert bench._missed(out["per_subject"]["3"]) == "part 0.00"
+    assert bench._missed(out["per_subject"]["7"]) == "none"
+    assert bench._missed(None) == "-"
