@@ -331,8 +331,7 @@ def best_checkpoint_attributes(subjects: list[dict[str, Any]]) -> dict[str, Any]
             continue
         best = rows[int(np.argmax([r["truth"] for r in rows]))]
         per_subject[str(s["subject"]["index"])] = {a: float(best[f"match_{a}"]) for a in scenes.IDENTITY_ATTRIBUTES}
-    mean = {a: nanmean([r[a] for r in per_subject.values()]) if per_subject else math.nan
-            for a in scenes.IDENTITY_ATTRIBUTES}
+    mean = {a: nanmean([r[a] for r in per_subject.values()]) for a in scenes.IDENTITY_ATTRIBUTES}
     return {"mean": mean, "per_subject": per_subject}
 
 
@@ -495,7 +494,7 @@ def markdown(summary: dict[str, Any], subjects: list[dict[str, Any]] | None = No
                   "| reward NearID / frozen / mean pool: truth before -> after "
                   "| look-alike rate before -> after (NearID reward) | drawn in < half the best samples |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        attributes = best_checkpoint_attributes(subjects)["per_subject"]
+        attributes = summary["best_checkpoint_attributes"]["per_subject"]
         for s in subjects:
             sp, rg = s["spearman"], s["regret"]
             kinds = s.get("reward", {}).get("kinds", {})

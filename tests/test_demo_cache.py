@@ -55,7 +55,15 @@ def test_unfinished_stage_is_left_to_the_stage(demo, tmp_path):
     assert (tmp_path / "train_head" / "partial").exists()  # the head stage resumes its own caches
 
 
-def test_world_key_follows_the_shipped_weights(demo, monkeypatch, tmp_path):
+def test_a_marked_stage_is_reused_by_the_same_key_only(demo, tmp_path):
+    folder = tmp_path / "projection"
+    folder.mkdir()
+    written = demo._mark_done(folder, {"value": 3}, 0.0, "abc")
+    assert demo._done(folder, "abc") == written and written["key"] == "abc"
+    assert demo._done(folder, "abd") is None and not folder.exists()
+
+
+def test_world_key_follows_the_shipped_weights(demo, monkeypatch):
     inputs = demo._world_inputs()
     recorded = json.loads((ROOT / "nearid_world/weights/world_model/world_model_config.json").read_text())["sha256"]
     for name, digest in recorded.items():  # the world model's own record of its bytes
